@@ -1,0 +1,220 @@
+//! The data model of SPEC.md section 2: identities, events and their properties.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::time::Timestamp;
+use crate::value::Value;
+
+macro_rules! string_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $name(Arc<str>);
+
+        impl $name {
+            /// Wraps a string.
+            pub fn new(id: impl Into<Arc<str>>) -> Self {
+                $name(id.into())
+            }
+
+            /// The id as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(id: &str) -> Self {
+                $name(id.into())
+            }
+        }
+
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
+string_id!(
+    /// A user: the event's `user_id`, or its `anonymous_id` when it has none.
+    UserId
+);
+string_id!(
+    /// A segment's stable id, such as `repeat_buyers`.
+    SegmentId
+);
+string_id!(
+    /// The name of a track event, such as `order_completed`.
+    EventName
+);
+string_id!(
+    /// The client's idempotency key for one event.
+    MessageId
+);
+
+/// One accepted event of one user.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    /// Idempotency key; the node drops repeats before the engine sees them.
+    pub message_id: MessageId,
+    /// Whose event this is.
+    pub user: UserId,
+    /// Event time (when it happened, not when it arrived).
+    pub timestamp: Timestamp,
+    /// What happened.
+    pub body: EventBody,
+}
+
+/// The kinds of event.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EventBody {
+    /// A named behavioural event with properties.
+    Track {
+        /// The event name aggregates select on.
+        name: EventName,
+        /// The event's properties.
+        properties: Properties,
+    },
+    /// An update of the user's profile traits.
+    Identify {
+        /// Traits to set; a key with null sets the trait to null, an absent key
+        /// leaves it unchanged.
+        traits: Properties,
+    },
+    /// Links another id to this user. Identity merge is the node's job; the rule
+    /// engine only records that the user exists.
+    Alias {
+        /// The id being merged into this user.
+        previous_id: UserId,
+    },
+}
+
+impl Event {
+    /// A track event.
+    pub fn track(
+        message_id: impl Into<MessageId>,
+        user: impl Into<UserId>,
+        name: impl Into<EventName>,
+        timestamp: Timestamp,
+        properties: Properties,
+    ) -> Event {
+        Event {
+            message_id: message_id.into(),
+            user: user.into(),
+            timestamp,
+            body: EventBody::Track {
+                name: name.into(),
+                properties,
+            },
+        }
+    }
+
+    /// An identify event.
+    pub fn identify(
+        message_id: impl Into<MessageId>,
+        user: impl Into<UserId>,
+        timestamp: Timestamp,
+        traits: Properties,
+    ) -> Event {
+        Event {
+            message_id: message_id.into(),
+            user: user.into(),
+            timestamp,
+            body: EventBody::Identify { traits },
+        }
+    }
+}
+
+/// A small map of keys to values, kept sorted by key (events have few properties,
+/// so a sorted vector beats a hash map in both memory and lookup time).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Properties(Vec<(Box<str>, Value)>);
+
+impl Properties {
+    /// No properties.
+    pub const fn new() -> Self {
+        Properties(Vec::new())
+    }
+
+    /// The value of `key`; a missing key reads as null.
+    pub fn get(&self, key: &str) -> &Value {
+        const NULL: &Value = &Value::Null;
+        match self.0.binary_search_by(|(k, _)| (**k).cmp(key)) {
+            Ok(i) => &self.0[i].1,
+            Err(_) => NULL,
+        }
+    }
+
+    /// True when `key` is present (even with a null value).
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.0.binary_search_by(|(k, _)| (**k).cmp(key)).is_ok()
+    }
+
+    /// Sets `key` to `value`, replacing an earlier value.
+    pub fn insert(&mut self, key: impl Into<Box<str>>, value: Value) {
+        let key = key.into();
+        match self.0.binary_search_by(|(k, _)| k.cmp(&key)) {
+            Ok(i) => self.0[i].1 = value,
+            Err(i) => self.0.insert(i, (key, value)),
+        }
+    }
+
+    /// The entries in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.0.iter().map(|(k, v)| (&**k, v))
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when there are no keys.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<K: Into<Box<str>>> FromIterator<(K, Value)> for Properties {
+    /// Builds the map; when a key repeats, the last value wins.
+    fn from_iter<I: IntoIterator<Item = (K, Value)>>(iter: I) -> Self {
+        let mut props = Properties::new();
+        for (k, v) in iter {
+            props.insert(k, v);
+        }
+        props
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_keys_read_as_null_and_last_write_wins() {
+        let props: Properties = [
+            ("b", Value::Number(1.0)),
+            ("a", Value::from("x")),
+            ("b", Value::Number(2.0)),
+            ("c", Value::Null),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(props.len(), 3);
+        assert_eq!(props.get("b"), &Value::Number(2.0));
+        assert!(props.get("zzz").is_null());
+        assert!(props.contains_key("c"));
+        assert!(!props.contains_key("zzz"));
+        let keys: Vec<_> = props.iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["a", "b", "c"]);
+    }
+}
