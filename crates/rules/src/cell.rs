@@ -1,10 +1,9 @@
 //! Per-user aggregate state ("cells") and its compact storage.
 //!
 //! A cell is the state one aggregate needs for one user, shared by every reader
-//! that can be answered from it (see `plan`). All cells of a user live in one
-//! [`CellArena`]: a single `Vec<u64>` of records `[header, payload...]`, sorted by
-//! cell id, where the header holds the cell id and the payload length. A user pays
-//! only for the cells it has data in, and one allocation holds them all.
+//! that can be answered from it (see `plan`). All cells of a user are records of
+//! one [`Arena`], keyed by cell index: a user pays only for the cells it has data
+//! in, and one allocation holds them all.
 //!
 //! Payload layouts (timestamps and f64 values stored as their 64 bits):
 //!
@@ -17,13 +16,14 @@
 //! | `SumWindow` | `[t0, v0, t1, v1, ...]` ascending by time |
 //! | `Extreme` | `[value]` |
 //! | `Staircase` | `[t0, v0, ...]` ascending by time, values strictly improving |
+//! | `DistinctAll`, `DistinctRecent` | entries `[last seen, value...]` (values in the `codec` encoding) |
 //!
-//! `distinct` keeps arbitrary values, so its cells live outside the arena in
-//! [`DistinctCell`]s.
+//! The same arena also holds the user's traits and bookkeeping (see `state`).
 
+use crate::arena::Arena;
 use crate::exact_sum::ExactSum;
 use crate::time::Timestamp;
-use crate::value::{Value, ValueKey};
+use crate::value::Value;
 
 /// Which state a cell keeps, chosen by the compiler from the aggregate and its
 /// window class (whole history, or a suffix of it that slides).
@@ -73,11 +73,6 @@ impl CellKind {
                 | CellKind::DistinctRecent
         )
     }
-
-    /// True when the kind lives in a [`DistinctCell`] rather than the arena.
-    pub(crate) fn is_distinct(self) -> bool {
-        matches!(self, CellKind::DistinctAll | CellKind::DistinctRecent)
-    }
 }
 
 fn ts_word(t: Timestamp) -> u64 {
@@ -88,133 +83,13 @@ fn word_ts(w: u64) -> Timestamp {
     Timestamp(w as i64)
 }
 
-/// The records of one user's cells; see the module documentation.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct CellArena {
-    words: Vec<u64>,
-}
-
-impl CellArena {
-    fn header(cell: u32, len: usize) -> u64 {
-        (u64::from(cell) << 32) | len as u64
-    }
-
-    /// The payload range of `cell`'s record, or where a record for it would go.
-    fn locate(&self, cell: u32) -> Result<(usize, usize), usize> {
-        let mut at = 0;
-        while at < self.words.len() {
-            let header = self.words[at];
-            let id = (header >> 32) as u32;
-            let len = (header & 0xffff_ffff) as usize;
-            if id == cell {
-                return Ok((at + 1, len));
-            }
-            if id > cell {
-                return Err(at);
-            }
-            at += 1 + len;
-        }
-        Err(at)
-    }
-
-    /// The payload of `cell`; empty when the cell holds nothing.
-    pub(crate) fn get(&self, cell: u32) -> &[u64] {
-        match self.locate(cell) {
-            Ok((start, len)) => &self.words[start..start + len],
-            Err(_) => &[],
-        }
-    }
-
-    /// Replaces `cell`'s payload (an empty payload removes the record).
-    pub(crate) fn set(&mut self, cell: u32, payload: &[u64]) {
-        match self.locate(cell) {
-            Ok((start, len)) if payload.is_empty() => {
-                self.words.drain(start - 1..start + len);
-            }
-            Ok((start, len)) => {
-                self.words[start - 1] = Self::header(cell, payload.len());
-                if len == payload.len() {
-                    self.words[start..start + len].copy_from_slice(payload);
-                } else {
-                    self.words
-                        .splice(start..start + len, payload.iter().copied());
-                }
-            }
-            Err(_) if payload.is_empty() => {}
-            Err(at) => {
-                let record = std::iter::once(Self::header(cell, payload.len()))
-                    .chain(payload.iter().copied());
-                self.words.splice(at..at, record);
-            }
-        }
-    }
-
-    /// Inserts `new` into `cell`'s payload at word `offset` (creating the record).
-    pub(crate) fn insert_at(&mut self, cell: u32, offset: usize, new: &[u64]) {
-        match self.locate(cell) {
-            Ok((start, len)) => {
-                self.words[start - 1] = Self::header(cell, len + new.len());
-                let at = start + offset;
-                self.words.splice(at..at, new.iter().copied());
-            }
-            Err(at) => {
-                let record =
-                    std::iter::once(Self::header(cell, new.len())).chain(new.iter().copied());
-                self.words.splice(at..at, record);
-            }
-        }
-    }
-
-    /// Removes the first `count` words of `cell`'s payload.
-    pub(crate) fn remove_front(&mut self, cell: u32, count: usize) {
-        if let Ok((start, len)) = self.locate(cell) {
-            if count >= len {
-                self.words.drain(start - 1..start + len);
-            } else if count > 0 {
-                self.words[start - 1] = Self::header(cell, len - count);
-                self.words.drain(start..start + count);
-            }
-        }
-    }
-
-    /// Mutable payload of `cell` when its length does not change.
-    pub(crate) fn get_mut(&mut self, cell: u32) -> Option<&mut [u64]> {
-        let (start, len) = self.locate(cell).ok()?;
-        Some(&mut self.words[start..start + len])
-    }
-
-    /// Bytes held on the heap.
-    pub(crate) fn heap_bytes(&self) -> usize {
-        self.words.capacity() * 8
-    }
-
-    /// Frees slack capacity left by pruning.
-    pub(crate) fn shrink(&mut self) {
-        if self.words.capacity() > self.words.len() + 4 {
-            self.words.shrink_to_fit();
-        }
-    }
-
-    /// The ids of cells that hold data.
-    pub(crate) fn cell_ids(&self) -> Vec<u32> {
-        let mut ids = Vec::new();
-        let mut at = 0;
-        while at < self.words.len() {
-            let header = self.words[at];
-            ids.push((header >> 32) as u32);
-            at += 1 + (header & 0xffff_ffff) as usize;
-        }
-        ids
-    }
-}
-
 /// The newest timestamps, ascending, at most `cap`; keeps what `count >= k` needs
 /// for any `k <= cap` over any window that is a suffix of time.
 pub(crate) mod recent {
     use super::*;
 
     /// Inserts `t`, keeping only the `cap` newest (`None`: unbounded).
-    pub(crate) fn insert(arena: &mut CellArena, cell: u32, cap: Option<u32>, t: Timestamp) {
+    pub(crate) fn insert(arena: &mut Arena, cell: u32, cap: Option<u32>, t: Timestamp) {
         let old = arena.get(cell);
         let at = old.partition_point(|w| word_ts(*w) <= t);
         let cap = cap.map_or(usize::MAX, |c| c as usize);
@@ -255,10 +130,12 @@ pub(crate) mod recent {
     }
 
     /// Drops timestamps before `bound`.
-    pub(crate) fn prune(arena: &mut CellArena, cell: u32, bound: Timestamp) {
+    pub(crate) fn prune(arena: &mut Arena, cell: u32, bound: Timestamp) {
         let words = arena.get(cell);
         let cut = first_from(words, bound);
-        arena.remove_front(cell, cut);
+        if cut > 0 {
+            arena.remove_front(cell, cut);
+        }
     }
 }
 
@@ -267,7 +144,7 @@ pub(crate) mod extreme_ts {
     use super::*;
 
     /// Keeps the later (or earlier, when `min`) of the stored time and `t`.
-    pub(crate) fn insert(arena: &mut CellArena, cell: u32, min: bool, t: Timestamp) {
+    pub(crate) fn insert(arena: &mut Arena, cell: u32, min: bool, t: Timestamp) {
         match arena.get_mut(cell) {
             Some([w]) => {
                 let old = word_ts(*w);
@@ -290,7 +167,7 @@ pub(crate) mod counter {
     use super::*;
 
     /// Adds one.
-    pub(crate) fn increment(arena: &mut CellArena, cell: u32) {
+    pub(crate) fn increment(arena: &mut Arena, cell: u32) {
         match arena.get_mut(cell) {
             Some([n]) => *n = n.saturating_add(1),
             _ => arena.set(cell, &[1]),
@@ -308,12 +185,22 @@ pub(crate) mod sum_total {
     use super::*;
 
     /// Adds `x`.
-    pub(crate) fn insert(arena: &mut CellArena, cell: u32, x: f64) {
+    pub(crate) fn insert(arena: &mut Arena, cell: u32, x: f64) {
         let (count, mut sum) = get(arena.get(cell));
         sum.add(x);
-        let mut words = vec![count + 1];
-        words.extend(sum.partials().iter().map(|p| p.to_bits()));
-        arena.set(cell, &words);
+        let partials = sum.partials();
+        let mut record = [0u64; 9];
+        if partials.len() < record.len() {
+            record[0] = count + 1;
+            for (slot, p) in record[1..].iter_mut().zip(partials) {
+                *slot = p.to_bits();
+            }
+            arena.set(cell, &record[..1 + partials.len()]);
+        } else {
+            let mut words = vec![count + 1];
+            words.extend(partials.iter().map(|p| p.to_bits()));
+            arena.set(cell, &words);
+        }
     }
 
     /// The count and the exact sum.
@@ -333,7 +220,7 @@ pub(crate) mod sum_window {
     use super::*;
 
     /// Inserts `(t, x)` in time order.
-    pub(crate) fn insert(arena: &mut CellArena, cell: u32, t: Timestamp, x: f64) {
+    pub(crate) fn insert(arena: &mut Arena, cell: u32, t: Timestamp, x: f64) {
         let old = arena.get(cell);
         let pairs = old.len() / 2;
         let at = partition_pairs(old, pairs, |pt| pt <= t);
@@ -353,7 +240,7 @@ pub(crate) mod sum_window {
     }
 
     /// Drops pairs before `bound`.
-    pub(crate) fn prune(arena: &mut CellArena, cell: u32, bound: Timestamp) {
+    pub(crate) fn prune(arena: &mut Arena, cell: u32, bound: Timestamp) {
         prune_pairs(arena, cell, bound);
     }
 }
@@ -385,10 +272,12 @@ pub(crate) fn earliest_pair_from(words: &[u64], lower: Timestamp) -> Option<Time
         .map(|w| word_ts(*w))
 }
 
-fn prune_pairs(arena: &mut CellArena, cell: u32, bound: Timestamp) {
+fn prune_pairs(arena: &mut Arena, cell: u32, bound: Timestamp) {
     let words = arena.get(cell);
     let cut = first_pair_from(words, bound);
-    arena.remove_front(cell, 2 * cut);
+    if cut > 0 {
+        arena.remove_front(cell, 2 * cut);
+    }
 }
 
 /// The least or greatest value over the whole history.
@@ -396,7 +285,7 @@ pub(crate) mod extreme {
     use super::*;
 
     /// Keeps the better of the stored value and `x`.
-    pub(crate) fn insert(arena: &mut CellArena, cell: u32, max: bool, x: f64) {
+    pub(crate) fn insert(arena: &mut Arena, cell: u32, max: bool, x: f64) {
         match arena.get_mut(cell) {
             Some([w]) => {
                 let old = f64::from_bits(*w);
@@ -426,7 +315,7 @@ pub(crate) mod staircase {
 
     /// Inserts `(t, x)` unless a pair at least as new is at least as good, and
     /// drops the pairs it makes useless.
-    pub(crate) fn insert(arena: &mut CellArena, cell: u32, max: bool, t: Timestamp, x: f64) {
+    pub(crate) fn insert(arena: &mut Arena, cell: u32, max: bool, t: Timestamp, x: f64) {
         let old = arena.get(cell);
         let dominated = old
             .chunks_exact(2)
@@ -461,88 +350,132 @@ pub(crate) mod staircase {
     }
 
     /// Drops pairs before `bound`.
-    pub(crate) fn prune(arena: &mut CellArena, cell: u32, bound: Timestamp) {
+    pub(crate) fn prune(arena: &mut Arena, cell: u32, bound: Timestamp) {
         prune_pairs(arena, cell, bound);
     }
 }
 
-/// Distinct values of a property, each with the last time it was seen.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub(crate) struct DistinctCell {
-    /// `(value, last seen)`, in no particular order.
-    entries: Vec<(ValueKey, Timestamp)>,
-}
+/// Distinct values of a property, each with the last time it was seen: entries
+/// `[last seen, value...]` in the arena, in no particular order.
+pub(crate) mod distinct {
+    use super::*;
+    use crate::codec;
 
-impl DistinctCell {
+    /// Iterates `(last seen, encoded value)` over a distinct cell's payload.
+    fn entries(words: &[u64]) -> impl Iterator<Item = (Timestamp, &[u64])> {
+        let mut rest = words;
+        std::iter::from_fn(move || {
+            let (&t, tail) = rest.split_first()?;
+            let n = codec::encoded_len(tail);
+            let value = &tail[..n];
+            rest = &tail[n..];
+            Some((word_ts(t), value))
+        })
+    }
+
     /// Records `value` seen at `t`, keeping at most `cap` values: the most recently
-    /// seen ones (for lifetime cells every time is `Timestamp::MIN`, so the first
-    /// `cap` values stay, which is all a lifetime `distinct >= k` needs).
-    pub(crate) fn insert(&mut self, value: &Value, t: Timestamp, cap: Option<u32>) {
-        if let Some(entry) = self.entries.iter_mut().find(|(v, _)| v.0 == *value) {
-            entry.1 = entry.1.max(t);
-            return;
+    /// seen ones. (Lifetime cells store every time as `Timestamp::MIN`, so their
+    /// first `cap` values stay, which is all a lifetime `distinct >= k` needs.)
+    pub(crate) fn insert(
+        arena: &mut Arena,
+        cell: u32,
+        value: &Value,
+        t: Timestamp,
+        cap: Option<u32>,
+    ) {
+        let mut encoded = Vec::with_capacity(4);
+        codec::encode(value, &mut encoded);
+        let old = arena.get(cell);
+        let mut count = 0;
+        let mut oldest: Option<(Timestamp, usize)> = None;
+        let mut offset = 0;
+        let mut found = None;
+        for (seen, words) in entries(old) {
+            if words == encoded.as_slice() {
+                found = Some((seen, offset));
+                break;
+            }
+            if oldest.is_none_or(|(o, _)| seen < o) {
+                oldest = Some((seen, offset));
+            }
+            count += 1;
+            offset += 1 + words.len();
         }
-        let cap = cap.map_or(usize::MAX, |c| c as usize);
-        if self.entries.len() >= cap {
-            // Replace the least recently seen value if this one is more recent.
-            let Some((oldest, _)) = self.entries.iter().enumerate().min_by_key(|(_, (_, t))| *t)
-            else {
-                return;
-            };
-            if self.entries[oldest].1 < t {
-                self.entries[oldest] = (ValueKey(value.clone()), t);
+        if let Some((seen, at)) = found {
+            if t > seen
+                && let Some(slot) = arena.get_mut(cell)
+            {
+                slot[at] = ts_word(t);
             }
             return;
         }
-        self.entries.push((ValueKey(value.clone()), t));
+        let mut new = Vec::with_capacity(old.len() + 1 + encoded.len());
+        match (cap, oldest) {
+            (Some(cap), _) if count < cap as usize => new.extend_from_slice(old),
+            (None, _) => new.extend_from_slice(old),
+            (Some(_), Some((seen, at))) if seen < t => {
+                // Replace the least recently seen value.
+                let n = 1 + codec::encoded_len(&old[at + 1..]);
+                new.extend_from_slice(&old[..at]);
+                new.extend_from_slice(&old[at + n..]);
+            }
+            _ => return,
+        }
+        new.push(ts_word(t));
+        new.extend_from_slice(&encoded);
+        arena.set(cell, &new);
     }
 
     /// Number of values last seen at or after `lower`.
-    pub(crate) fn count_from(&self, lower: Timestamp) -> usize {
-        self.entries.iter().filter(|(_, t)| *t >= lower).count()
+    pub(crate) fn count_from(words: &[u64], lower: Timestamp) -> usize {
+        entries(words).filter(|(t, _)| *t >= lower).count()
+    }
+
+    /// Fills `newest` with the newest last-seen times at or after `lower`, newest
+    /// first, and returns how many values were last seen at or after `lower`.
+    pub(crate) fn newest_from(words: &[u64], lower: Timestamp, newest: &mut [Timestamp]) -> usize {
+        let mut count = 0;
+        for (t, _) in entries(words).filter(|(t, _)| *t >= lower) {
+            // Insertion into a short descending list.
+            let filled = count.min(newest.len());
+            let at = newest[..filled].partition_point(|x| *x >= t);
+            if at < newest.len() {
+                let end = (filled + 1).min(newest.len());
+                newest.copy_within(at..end - 1, at + 1);
+                newest[at] = t;
+            }
+            count += 1;
+        }
+        count
     }
 
     /// The earliest last-seen time at or after `lower`.
-    pub(crate) fn earliest_from(&self, lower: Timestamp) -> Option<Timestamp> {
-        self.entries
-            .iter()
-            .map(|(_, t)| *t)
-            .filter(|t| *t >= lower)
-            .min()
+    pub(crate) fn earliest_from(words: &[u64], lower: Timestamp) -> Option<Timestamp> {
+        entries(words).map(|(t, _)| t).filter(|t| *t >= lower).min()
     }
 
-    /// Drops values last seen before `bound`.
-    pub(crate) fn prune(&mut self, bound: Timestamp) {
-        self.entries.retain(|(_, t)| *t >= bound);
-    }
-
-    /// True when no value is kept.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// Keeps at most `cap` of the most recently seen values.
-    pub(crate) fn truncate(&mut self, cap: Option<u32>) {
-        let Some(cap) = cap else { return };
-        while self.entries.len() > cap as usize {
-            if let Some((oldest, _)) = self.entries.iter().enumerate().min_by_key(|(_, (_, t))| *t)
-            {
-                self.entries.swap_remove(oldest);
-            }
+    /// Keeps the values last seen at or after `bound`, at most `cap` of the most
+    /// recently seen.
+    pub(crate) fn retain(arena: &mut Arena, cell: u32, bound: Timestamp, cap: Option<u32>) {
+        let words = arena.get(cell);
+        let mut kept: Vec<(Timestamp, &[u64])> =
+            entries(words).filter(|(t, _)| *t >= bound).collect();
+        let total = entries(words).count();
+        if let Some(cap) = cap
+            && kept.len() > cap as usize
+        {
+            kept.sort_by_key(|(t, _)| std::cmp::Reverse(*t));
+            kept.truncate(cap as usize);
         }
-    }
-
-    /// Bytes held on the heap (values' own heap parts are estimated).
-    pub(crate) fn heap_bytes(&self) -> usize {
-        self.entries.capacity() * std::mem::size_of::<(ValueKey, Timestamp)>()
-            + self
-                .entries
-                .iter()
-                .map(|(v, _)| match &v.0 {
-                    Value::String(s) => s.len(),
-                    _ => 0,
-                })
-                .sum::<usize>()
+        if kept.len() == total {
+            return;
+        }
+        let mut new = Vec::with_capacity(words.len());
+        for (t, value) in kept {
+            new.push(ts_word(t));
+            new.extend_from_slice(value);
+        }
+        arena.set(cell, &new);
     }
 }
 
@@ -555,25 +488,8 @@ mod tests {
     }
 
     #[test]
-    fn arena_keeps_records_sorted_and_independent() {
-        let mut arena = CellArena::default();
-        arena.set(5, &[50, 51]);
-        arena.set(1, &[10]);
-        arena.set(3, &[30, 31, 32]);
-        assert_eq!(arena.cell_ids(), vec![1, 3, 5]);
-        assert_eq!(arena.get(3), &[30, 31, 32]);
-        arena.set(3, &[33]);
-        assert_eq!(arena.get(3), &[33]);
-        assert_eq!(arena.get(5), &[50, 51]);
-        arena.set(1, &[]);
-        assert_eq!(arena.cell_ids(), vec![3, 5]);
-        assert_eq!(arena.get(1), &[] as &[u64]);
-        assert_eq!(arena.get(4), &[] as &[u64]);
-    }
-
-    #[test]
     fn recent_keeps_the_newest_cap_timestamps_in_order() {
-        let mut arena = CellArena::default();
+        let mut arena = Arena::default();
         for ms in [50, 10, 30, 20, 40] {
             recent::insert(&mut arena, 0, Some(3), t(ms));
         }
@@ -593,7 +509,7 @@ mod tests {
 
     #[test]
     fn staircase_keeps_only_pairs_that_can_still_be_the_minimum() {
-        let mut arena = CellArena::default();
+        let mut arena = Arena::default();
         for (ms, v) in [(10, 5.0), (20, 3.0), (30, 4.0), (25, 9.0), (5, 1.0)] {
             staircase::insert(&mut arena, 0, false, t(ms), v);
         }
@@ -610,7 +526,7 @@ mod tests {
 
     #[test]
     fn sum_total_round_trips_exact_partials() {
-        let mut arena = CellArena::default();
+        let mut arena = Arena::default();
         for x in [1e16, 1.0, 1.0, -1e16] {
             sum_total::insert(&mut arena, 0, x);
         }
@@ -620,14 +536,21 @@ mod tests {
 
     #[test]
     fn distinct_keeps_the_most_recently_seen_values() {
-        let mut cell = DistinctCell::default();
+        let mut arena = Arena::default();
         for (v, ms) in [("a", 10), ("b", 20), ("a", 30), ("c", 40), ("d", 5)] {
-            cell.insert(&Value::from(v), t(ms), Some(3));
+            distinct::insert(&mut arena, 0, &Value::from(v), t(ms), Some(3));
         }
-        assert_eq!(cell.count_from(t(0)), 3);
-        assert_eq!(cell.count_from(t(25)), 2);
-        assert_eq!(cell.earliest_from(t(0)), Some(t(20)));
-        cell.insert(&Value::from("e"), t(50), Some(3));
-        assert_eq!(cell.earliest_from(t(0)), Some(t(30)));
+        assert_eq!(distinct::count_from(arena.get(0), t(0)), 3);
+        assert_eq!(distinct::count_from(arena.get(0), t(25)), 2);
+        assert_eq!(distinct::earliest_from(arena.get(0), t(0)), Some(t(20)));
+        distinct::insert(&mut arena, 0, &Value::from("e"), t(50), Some(3));
+        assert_eq!(distinct::earliest_from(arena.get(0), t(0)), Some(t(30)));
+        distinct::retain(&mut arena, 0, t(35), Some(3));
+        assert_eq!(distinct::count_from(arena.get(0), t(0)), 2);
+        let mut newest = [Timestamp::MIN; 2];
+        assert_eq!(distinct::newest_from(arena.get(0), t(0), &mut newest), 2);
+        assert_eq!(newest, [t(50), t(40)]);
+        distinct::retain(&mut arena, 0, Timestamp::MIN, Some(1));
+        assert_eq!(distinct::earliest_from(arena.get(0), t(0)), Some(t(50)));
     }
 }

@@ -13,12 +13,13 @@ use std::borrow::Cow;
 use std::cmp::Ordering;
 
 use crate::cell::{
-    self, CellKind, counter, extreme, extreme_ts, recent, staircase, sum_total, sum_window,
+    self, CellKind, counter, distinct, extreme, extreme_ts, recent, staircase, sum_total,
+    sum_window,
 };
 use crate::change::{Cause, Change, ChangeKind};
 use crate::event::{Event, EventBody, EventName, Properties, UserId};
 use crate::plan::{Bound, Cond, Plan, ReaderWindow, Route, Val};
-use crate::state::{Pending, TraitSlot, UserState};
+use crate::state::{UserState, cell_record};
 use crate::syntax::{AggFunc, CmpOp};
 use crate::time::Timestamp;
 use crate::value::Value;
@@ -50,7 +51,7 @@ impl Plan {
         let user = &event.user;
         let first = state.is_new();
         let now = if first { now } else { now.max(state.now) };
-        if !first {
+        if !first && state.wakeup <= now {
             self.advance(state, user, now, out);
         }
         state.now = now;
@@ -69,7 +70,8 @@ impl Plan {
             // segment from then on.
             self.evaluate_all(state, user, now, Cause::Event, out);
         } else if let Touched::Segments(segments) = touched {
-            self.evaluate(state, user, segments, now, Cause::Event, false, out);
+            let segments = segments.iter().copied();
+            self.evaluate(state, user, segments, now, Cause::Event, out);
         }
     }
 
@@ -89,9 +91,30 @@ impl Plan {
         while state.wakeup <= target {
             let at = state.wakeup.max(state.now);
             state.now = at;
-            self.fold_due(state, at);
-            self.evaluate_all(state, user, at, Cause::Time, out);
-            self.prune_all(state, at);
+            // What can change at `at`: segments whose wake-up is due, the segments
+            // that reference them, and whatever held events falling due touch.
+            let mut due: Vec<u32> = Vec::new();
+            for s in state.segments_due(at) {
+                due.extend(&self.closures[s as usize]);
+            }
+            if state.first_pending().is_some_and(|t| t <= at) {
+                for p in state.take_due(at) {
+                    if let Touched::Segments(touched) =
+                        self.fold(state, &p.body, p.timestamp, p.arrival, at)
+                    {
+                        due.extend(touched);
+                    }
+                }
+            }
+            due.sort_unstable();
+            due.dedup();
+            self.evaluate(state, user, due.iter().copied(), at, Cause::Time, out);
+            for &s in &due {
+                for &c in &self.sliding_cells[s as usize] {
+                    self.prune_cell(state, c, at);
+                }
+            }
+            state.tidy();
             if state.wakeup <= at {
                 // Unreachable: wake-ups are computed strictly after `at`. Guard the
                 // loop anyway.
@@ -152,6 +175,8 @@ impl Plan {
     // ---------------------------------------------------------------------
     // Folding inputs into state.
 
+    /// An arrival number for an identify that sets a trait the rules read (0 for
+    /// anything else: only those are ordered by arrival).
     pub(crate) fn next_arrival(&self, state: &mut UserState, body: &EventBody) -> u64 {
         let reads_traits = match body {
             EventBody::Identify { traits } => {
@@ -159,12 +184,11 @@ impl Plan {
             }
             _ => false,
         };
-        if !reads_traits {
-            return 0;
+        if reads_traits {
+            state.next_arrival()
+        } else {
+            0
         }
-        let extra = state.extra_mut();
-        extra.arrivals += 1;
-        extra.arrivals
     }
 
     /// Holds a future-dated event until it is due.
@@ -172,32 +196,9 @@ impl Plan {
         if matches!(event.body, EventBody::Alias { .. }) {
             return;
         }
-        let extra = state.extra_mut();
-        extra.arrivals += 1;
-        let pending = Pending {
-            timestamp: event.timestamp,
-            arrival: extra.arrivals,
-            body: event.body.clone(),
-        };
-        let at = extra
-            .pending
-            .partition_point(|p| p.timestamp <= event.timestamp);
-        extra.pending.insert(at, pending);
+        let arrival = state.next_arrival();
+        state.push_pending(event.timestamp, arrival, &event.body);
         state.wakeup = state.wakeup.min(event.timestamp);
-    }
-
-    /// Folds the pending events due at `now`.
-    fn fold_due(&self, state: &mut UserState, now: Timestamp) {
-        let due: Vec<Pending> = match state.extra.as_mut() {
-            Some(extra) => {
-                let n = extra.pending.partition_point(|p| p.timestamp <= now);
-                extra.pending.drain(..n).collect()
-            }
-            None => return,
-        };
-        for p in due {
-            self.fold(state, &p.body, p.timestamp, p.arrival, now);
-        }
     }
 
     fn fold<'p>(
@@ -265,7 +266,7 @@ impl Plan {
             now: state.now,
             wake: Timestamp::MAX,
         };
-        eval.cond(filter)
+        eval.cond(filter).0
     }
 
     /// Applies an identify's referenced traits where it is newer (by timestamp, then
@@ -286,30 +287,7 @@ impl Plan {
             if only.is_some_and(|only| !only[index as usize]) {
                 continue;
             }
-            let slots = &mut state.extra_mut().traits;
-            match slots.binary_search_by_key(&index, |t| t.index) {
-                Ok(i) => {
-                    let slot = &mut slots[i];
-                    if (ts, arrival) > (slot.timestamp, slot.arrival) {
-                        changed |= slot.value != *value;
-                        slot.timestamp = ts;
-                        slot.arrival = arrival;
-                        slot.value = value.clone();
-                    }
-                }
-                Err(i) => {
-                    slots.insert(
-                        i,
-                        TraitSlot {
-                            index,
-                            timestamp: ts,
-                            arrival,
-                            value: value.clone(),
-                        },
-                    );
-                    changed = true;
-                }
-            }
+            changed |= state.set_trait(index, ts, arrival, value);
         }
         changed
     }
@@ -328,32 +306,43 @@ impl Plan {
         {
             return;
         }
+        // A late event that every sliding window reading this cell has already let
+        // go of changes nothing.
+        let bound = if spec.kind.is_suffix() {
+            self.prune_bound(state, c, now)
+        } else {
+            Timestamp::MIN
+        };
+        if ts < bound {
+            return;
+        }
         let property = spec.property.as_deref().map(|p| props.get(p));
         let number = property.and_then(Value::as_number);
-        let arena = &mut state.cells;
+        let arena = &mut state.arena;
+        let id = cell_record(c);
         match spec.kind {
-            CellKind::Counter => counter::increment(arena, c),
-            CellKind::MaxTs => extreme_ts::insert(arena, c, false, ts),
-            CellKind::MinTs => extreme_ts::insert(arena, c, true, ts),
-            CellKind::Recent | CellKind::Anchor => recent::insert(arena, c, spec.cap, ts),
+            CellKind::Counter => counter::increment(arena, id),
+            CellKind::MaxTs => extreme_ts::insert(arena, id, false, ts),
+            CellKind::MinTs => extreme_ts::insert(arena, id, true, ts),
+            CellKind::Recent | CellKind::Anchor => recent::insert(arena, id, spec.cap, ts),
             CellKind::SumTotal => {
                 if let Some(x) = number {
-                    sum_total::insert(arena, c, x);
+                    sum_total::insert(arena, id, x);
                 }
             }
             CellKind::SumWindow => {
                 if let Some(x) = number {
-                    sum_window::insert(arena, c, ts, x);
+                    sum_window::insert(arena, id, ts, x);
                 }
             }
             CellKind::Extreme { max } => {
                 if let Some(x) = number {
-                    extreme::insert(arena, c, max, x);
+                    extreme::insert(arena, id, max, x);
                 }
             }
             CellKind::Staircase { max } => {
                 if let Some(x) = number {
-                    staircase::insert(arena, c, max, ts, x);
+                    staircase::insert(arena, id, max, ts, x);
                 }
             }
             CellKind::DistinctAll | CellKind::DistinctRecent => {
@@ -365,12 +354,10 @@ impl Plan {
                 } else {
                     ts
                 };
-                state.distinct_mut(c).insert(value, seen, spec.cap);
+                distinct::insert(arena, id, value, seen, spec.cap);
             }
         }
-        if spec.kind.is_suffix() {
-            self.prune_cell(state, c, now);
-        }
+        self.prune_to(state, c, bound);
     }
 
     /// The oldest time a sliding cell must still keep at `now`: the widest of its
@@ -383,7 +370,7 @@ impl Plan {
             let lower = match *b {
                 Bound::Last(d) => now.minus(d).next(),
                 Bound::Since { anchor, nth } => {
-                    let anchors = state.cells.get(anchor);
+                    let anchors = state.cell(anchor);
                     if anchors.len() >= nth as usize {
                         recent::nth_newest_or_oldest(anchors, nth).unwrap_or(Timestamp::MIN)
                     } else {
@@ -402,46 +389,23 @@ impl Plan {
 
     fn prune_cell(&self, state: &mut UserState, c: u32, now: Timestamp) {
         let bound = self.prune_bound(state, c, now);
+        self.prune_to(state, c, bound);
+    }
+
+    /// Drops what cell `c` keeps from before `bound`.
+    fn prune_to(&self, state: &mut UserState, c: u32, bound: Timestamp) {
         if bound == Timestamp::MIN {
             return;
         }
         match self.cells[c as usize].kind {
-            CellKind::Recent => recent::prune(&mut state.cells, c, bound),
-            CellKind::SumWindow => sum_window::prune(&mut state.cells, c, bound),
-            CellKind::Staircase { .. } => staircase::prune(&mut state.cells, c, bound),
+            CellKind::Recent => recent::prune(&mut state.arena, cell_record(c), bound),
+            CellKind::SumWindow => sum_window::prune(&mut state.arena, cell_record(c), bound),
+            CellKind::Staircase { .. } => staircase::prune(&mut state.arena, cell_record(c), bound),
             CellKind::DistinctRecent => {
-                if let Some(extra) = state.extra.as_mut()
-                    && let Ok(i) = extra.distinct.binary_search_by_key(&c, |(id, _)| *id)
-                {
-                    extra.distinct[i].1.prune(bound);
-                    if extra.distinct[i].1.is_empty() {
-                        extra.distinct.remove(i);
-                    }
-                }
+                distinct::retain(&mut state.arena, cell_record(c), bound, None)
             }
             _ => {}
         }
-    }
-
-    fn prune_all(&self, state: &mut UserState, now: Timestamp) {
-        for c in state.cells.cell_ids() {
-            if self
-                .cells
-                .get(c as usize)
-                .is_some_and(|s| s.kind.is_suffix())
-            {
-                self.prune_cell(state, c, now);
-            }
-        }
-        let distinct: Vec<u32> = state
-            .extra
-            .as_ref()
-            .map(|e| e.distinct.iter().map(|(c, _)| *c).collect())
-            .unwrap_or_default();
-        for c in distinct {
-            self.prune_cell(state, c, now);
-        }
-        state.tidy();
     }
 
     // ---------------------------------------------------------------------
@@ -455,30 +419,22 @@ impl Plan {
         cause: Cause,
         out: &mut Vec<Change>,
     ) {
-        let all: Vec<u32> = (0..self.segments.len() as u32).collect();
-        self.evaluate(state, user, &all, now, cause, true, out);
+        let all = 0..self.segments.len() as u32;
+        self.evaluate(state, user, all, now, cause, out);
     }
 
-    /// Re-evaluates `segments` (in evaluation order) at `now`. With `full`, the
-    /// wake-up is recomputed from scratch; otherwise it can only move earlier (the
-    /// untouched segments' wake-ups still stand).
-    #[allow(clippy::too_many_arguments)]
+    /// Re-evaluates `segments` (in evaluation order) at `now`, records each one's
+    /// next wake-up, and appends the membership changes.
     pub(crate) fn evaluate(
         &self,
         state: &mut UserState,
         user: &UserId,
-        segments: &[u32],
+        segments: impl IntoIterator<Item = u32>,
         now: Timestamp,
         cause: Cause,
-        full: bool,
         out: &mut Vec<Change>,
     ) {
-        let mut wake = if full {
-            state.first_pending().unwrap_or(Timestamp::MAX)
-        } else {
-            state.wakeup
-        };
-        for &s in segments {
+        for s in segments {
             let mut eval = Evaluator {
                 plan: self,
                 state,
@@ -486,8 +442,8 @@ impl Plan {
                 now,
                 wake: Timestamp::MAX,
             };
-            let member = eval.cond(&self.segments[s as usize].cond);
-            wake = wake.min(eval.wake);
+            let (member, segment_wake) = eval.cond(&self.segments[s as usize].cond);
+            state.set_segment_wake(s, segment_wake);
             if member != state.is_member(s) {
                 state.set_member(s, member);
                 out.push(Change {
@@ -504,7 +460,7 @@ impl Plan {
                 });
             }
         }
-        state.wakeup = wake;
+        state.wakeup = state.earliest_wake();
     }
 }
 
@@ -527,20 +483,67 @@ impl<'a> Evaluator<'a> {
         }
     }
 
-    /// Evaluates every sub-condition (no short cut), so that wake-ups of branches
-    /// that do not decide the answer now are still seen.
-    fn cond(&mut self, cond: &'a Cond) -> bool {
+    /// Evaluates `cond` at `now`: its truth, and the earliest instant after `now`
+    /// at which that truth could change with no new event (`MAX`: never).
+    ///
+    /// Instants combine by what they can do to the result: a conjunction with a
+    /// false side stays false until that side can turn true; with two false sides,
+    /// until both can. A side that is false (in `and`; true in `or`) and can never
+    /// turn without a new event settles the result, and the other side is not
+    /// evaluated at all.
+    fn cond(&mut self, cond: &'a Cond) -> (bool, Timestamp) {
         match cond {
             Cond::And(a, b) => {
-                let (x, y) = (self.cond(a), self.cond(b));
-                x && y
+                let (x, wx) = self.cond(a);
+                if !x && wx == Timestamp::MAX {
+                    // False until a new event: the other side cannot matter.
+                    return (false, Timestamp::MAX);
+                }
+                let (y, wy) = self.cond(b);
+                let wake = match (x, y) {
+                    (true, true) => wx.min(wy),
+                    (true, false) => wy,
+                    (false, true) => wx,
+                    (false, false) => wx.max(wy),
+                };
+                (x && y, wake)
             }
             Cond::Or(a, b) => {
-                let (x, y) = (self.cond(a), self.cond(b));
-                x || y
+                let (x, wx) = self.cond(a);
+                if x && wx == Timestamp::MAX {
+                    // True until a new event: the other side cannot matter.
+                    return (true, Timestamp::MAX);
+                }
+                let (y, wy) = self.cond(b);
+                let wake = match (x, y) {
+                    (false, false) => wx.min(wy),
+                    (false, true) => wy,
+                    (true, false) => wx,
+                    (true, true) => wx.max(wy),
+                };
+                (x || y, wake)
             }
-            Cond::Not(a) => !self.cond(a),
+            Cond::Not(a) => {
+                let (x, w) = self.cond(a);
+                (!x, w)
+            }
+            leaf => {
+                let outer = std::mem::replace(&mut self.wake, Timestamp::MAX);
+                let truth = self.leaf(leaf);
+                let wake = std::mem::replace(&mut self.wake, outer);
+                (truth, wake)
+            }
+        }
+    }
+
+    /// A condition without `and`, `or`, `not`; its wake-ups go to `self.wake`.
+    fn leaf(&mut self, cond: &'a Cond) -> bool {
+        match cond {
+            Cond::And(..) | Cond::Or(..) | Cond::Not(_) => self.cond(cond).0,
             Cond::Compare(op, a, b) => {
+                if let Some(truth) = self.threshold(*op, a, b) {
+                    return truth;
+                }
                 let (x, y) = (self.val(a), self.val(b));
                 compare(*op, &x, &y)
             }
@@ -561,6 +564,23 @@ impl<'a> Evaluator<'a> {
                 let rhs = Value::Timestamp(self.now.plus(*offset));
                 compare(*op, &Value::Timestamp(x), &rhs)
             }
+            Cond::TraitIs {
+                index,
+                literal,
+                negated,
+            } => {
+                let words = self.state.trait_words(*index);
+                if *negated {
+                    // `!=` holds only between values of one type.
+                    let same_type = words
+                        .first()
+                        .zip(literal.first())
+                        .is_some_and(|(a, b)| a & 0xff == b & 0xff);
+                    same_type && words != &literal[..]
+                } else {
+                    words == &literal[..]
+                }
+            }
             Cond::In(a, list) => {
                 let x = self.val(a);
                 list.iter().any(|v| x.equals(v) == Some(true))
@@ -578,11 +598,69 @@ impl<'a> Evaluator<'a> {
         }
     }
 
+    /// A sliding-window `count` or `distinct` compared with a number. Such a value
+    /// only falls as time passes, so `value >= m` turns false exactly when the
+    /// m-th newest event (or value) leaves the window, and never when fewer than m
+    /// are in it. Waking only then, instead of at every expiry, spares most users
+    /// most wake-ups (a user with 3 logins needs none for `count(login) >= 20`).
+    fn threshold(&mut self, op: CmpOp, a: &'a Val, b: &'a Val) -> Option<bool> {
+        let (reader, op, k) = match (a, b) {
+            (Val::Reader(r), Val::Lit(Value::Number(k))) => (*r, op, *k),
+            (Val::Lit(Value::Number(k)), Val::Reader(r)) => (*r, op.flipped(), *k),
+            _ => return None,
+        };
+        let reader_spec = &self.plan.readers[reader as usize];
+        let ReaderWindow::Last(d) = reader_spec.window else {
+            return None;
+        };
+        let words = self.state.cell(reader_spec.cell);
+        let lower = self.now.minus(d).next();
+        let kind = self.plan.cells[reader_spec.cell as usize].kind;
+        let mut newest_first: [Timestamp; 2] = [Timestamp::MIN; 2];
+        let thresholds = crossing_thresholds(op, k);
+        let count = match (reader_spec.func, kind) {
+            (AggFunc::Count, CellKind::Recent) => {
+                let count = recent::count_from(words, lower);
+                for (slot, m) in newest_first.iter_mut().zip(thresholds) {
+                    if let Some(m) = m.filter(|m| *m >= 1 && *m <= count) {
+                        *slot = Timestamp(words[words.len() - m] as i64);
+                    }
+                }
+                count
+            }
+            (AggFunc::Distinct, CellKind::DistinctRecent) => {
+                let deepest = thresholds.iter().flatten().copied().max().unwrap_or(0);
+                let mut stack = [Timestamp::MIN; 16];
+                let mut heap = Vec::new();
+                let newest = if deepest <= stack.len() {
+                    &mut stack[..deepest]
+                } else {
+                    heap.resize(deepest, Timestamp::MIN);
+                    &mut heap[..]
+                };
+                let count = distinct::newest_from(words, lower, newest);
+                for (slot, m) in newest_first.iter_mut().zip(thresholds) {
+                    if let Some(m) = m.filter(|m| *m >= 1 && *m <= count) {
+                        *slot = newest[m - 1];
+                    }
+                }
+                count
+            }
+            _ => return None,
+        };
+        for t in newest_first {
+            if t != Timestamp::MIN {
+                self.wake_at(t.plus(d));
+            }
+        }
+        Some(compare(op, &Value::Number(count as f64), &Value::Number(k)))
+    }
+
     fn val(&mut self, val: &'a Val) -> Cow<'a, Value> {
         match val {
             Val::Lit(v) => Cow::Borrowed(v),
             Val::Now => Cow::Owned(Value::Timestamp(self.now)),
-            Val::Trait(i) => Cow::Borrowed(self.state.trait_value(*i)),
+            Val::Trait(i) => Cow::Owned(self.state.trait_value(*i)),
             Val::Prop(name) => Cow::Borrowed(self.props.map_or(NULL, |p| p.get(name))),
             Val::Reader(r) => Cow::Owned(self.read(*r)),
             Val::Segment(s) => Cow::Owned(Value::Bool(self.state.is_member(*s))),
@@ -602,15 +680,14 @@ impl<'a> Evaluator<'a> {
             ReaderWindow::All => Timestamp::MIN,
             ReaderWindow::Last(d) => self.now.minus(d).next(),
             ReaderWindow::Since { anchor, nth } => {
-                match recent::nth_newest_or_oldest(self.state.cells.get(anchor), nth) {
+                match recent::nth_newest_or_oldest(self.state.cell(anchor), nth) {
                     Some(t) => t,
                     None => return empty_value(reader.func),
                 }
             }
         };
         let state = self.state;
-        let words = state.cells.get(reader.cell);
-        let distinct = || state.distinct(reader.cell);
+        let words = state.cell(reader.cell);
         if let ReaderWindow::Last(d) = reader.window {
             let oldest_inside = match spec.kind {
                 CellKind::MaxTs => extreme_ts::get(words).filter(|t| *t >= lower),
@@ -618,7 +695,7 @@ impl<'a> Evaluator<'a> {
                 CellKind::SumWindow | CellKind::Staircase { .. } => {
                     cell::earliest_pair_from(words, lower)
                 }
-                CellKind::DistinctRecent => distinct().and_then(|d| d.earliest_from(lower)),
+                CellKind::DistinctRecent => distinct::earliest_from(words, lower),
                 _ => None,
             };
             if let Some(t) = oldest_inside {
@@ -652,7 +729,7 @@ impl<'a> Evaluator<'a> {
             (AggFunc::Min | AggFunc::Max, _) => {
                 staircase::best_from(words, lower).map_or(Value::Null, Value::Number)
             }
-            (AggFunc::Distinct, _) => number(distinct().map_or(0, |d| d.count_from(lower))),
+            (AggFunc::Distinct, _) => number(distinct::count_from(words, lower)),
         }
     }
 }
@@ -666,6 +743,18 @@ fn empty_value(func: AggFunc) -> Value {
         AggFunc::Avg | AggFunc::Min | AggFunc::Max | AggFunc::FirstSeen | AggFunc::LastSeen => {
             Value::Null
         }
+    }
+}
+
+/// The counts at which `count op k` can change truth as the count falls: `m` such
+/// that the truth differs between `count >= m` and `count < m`.
+fn crossing_thresholds(op: CmpOp, k: f64) -> [Option<usize>; 2] {
+    let at = |m: f64| (m >= 1.0 && m <= usize::MAX as f64).then_some(m as usize);
+    match op {
+        CmpOp::Ge | CmpOp::Lt => [at(k.ceil()), None],
+        CmpOp::Gt | CmpOp::Le => [at(k.floor() + 1.0), None],
+        CmpOp::Eq | CmpOp::Ne if k.fract() == 0.0 => [at(k), at(k + 1.0)],
+        CmpOp::Eq | CmpOp::Ne => [None, None],
     }
 }
 

@@ -1,8 +1,8 @@
 //! The data model of SPEC.md section 2: identities, events and their properties.
 
 use std::fmt;
-use std::sync::Arc;
 
+use crate::id::IdStr;
 use crate::time::Timestamp;
 use crate::value::Value;
 
@@ -10,23 +10,23 @@ macro_rules! string_id {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
         #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-        pub struct $name(Arc<str>);
+        pub struct $name(IdStr);
 
         impl $name {
             /// Wraps a string.
-            pub fn new(id: impl Into<Arc<str>>) -> Self {
+            pub fn new(id: impl Into<IdStr>) -> Self {
                 $name(id.into())
             }
 
             /// The id as text.
             pub fn as_str(&self) -> &str {
-                &self.0
+                self.0.as_str()
             }
         }
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
+                f.write_str(self.as_str())
             }
         }
 
@@ -38,7 +38,7 @@ macro_rules! string_id {
 
         impl std::borrow::Borrow<str> for $name {
             fn borrow(&self) -> &str {
-                &self.0
+                self.as_str()
             }
         }
     };
@@ -148,6 +148,15 @@ impl Properties {
     /// The value of `key`; a missing key reads as null.
     pub fn get(&self, key: &str) -> &Value {
         const NULL: &Value = &Value::Null;
+        // Events carry a handful of properties: a scan that compares lengths
+        // first beats a binary search of string comparisons.
+        if self.0.len() <= 8 {
+            return self
+                .0
+                .iter()
+                .find(|(k, _)| k.len() == key.len() && **k == *key)
+                .map_or(NULL, |(_, v)| v);
+        }
         match self.0.binary_search_by(|(k, _)| (**k).cmp(key)) {
             Ok(i) => &self.0[i].1,
             Err(_) => NULL,

@@ -12,27 +12,90 @@
 //! Inputs must be finite and well inside the f64 range (event validation bounds
 //! numbers to |x| <= 1e300); then no intermediate sum overflows.
 
+/// Partials kept inline before spilling to the heap: sums of everyday values need
+/// one to three, so reading a stored sum or summing a window never allocates.
+const INLINE: usize = 8;
+
 /// An exact sum; see the module documentation.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default)]
 pub struct ExactSum {
-    /// Non-overlapping partials, increasing in magnitude; their exact sum is the total.
-    partials: Vec<f64>,
+    /// Number of partials in `inline` (when `spill` is empty).
+    len: usize,
+    inline: [f64; INLINE],
+    /// All partials, once there are more than `INLINE`.
+    spill: Vec<f64>,
+}
+
+impl PartialEq for ExactSum {
+    fn eq(&self, other: &Self) -> bool {
+        self.partials() == other.partials()
+    }
 }
 
 impl ExactSum {
     /// The empty sum (zero).
     pub const fn new() -> Self {
         ExactSum {
-            partials: Vec::new(),
+            len: 0,
+            inline: [0.0; INLINE],
+            spill: Vec::new(),
         }
+    }
+
+    /// The partials: non-overlapping, increasing in magnitude, summing exactly to
+    /// the total. [`ExactSum::from_partials`] restores a sum from them.
+    pub fn partials(&self) -> &[f64] {
+        if self.spill.is_empty() {
+            &self.inline[..self.len]
+        } else {
+            &self.spill
+        }
+    }
+
+    fn partials_mut(&mut self) -> &mut [f64] {
+        if self.spill.is_empty() {
+            &mut self.inline[..self.len]
+        } else {
+            &mut self.spill
+        }
+    }
+
+    fn truncate(&mut self, n: usize) {
+        if self.spill.is_empty() {
+            self.len = self.len.min(n);
+        } else {
+            self.spill.truncate(n);
+        }
+    }
+
+    fn push(&mut self, x: f64) {
+        if !self.spill.is_empty() {
+            self.spill.push(x);
+        } else if self.len < INLINE {
+            self.inline[self.len] = x;
+            self.len += 1;
+        } else {
+            self.spill.extend_from_slice(&self.inline);
+            self.spill.push(x);
+        }
+    }
+
+    /// Restores a sum from partials that [`ExactSum::partials`] returned.
+    pub fn from_partials(partials: impl IntoIterator<Item = f64>) -> Self {
+        let mut sum = ExactSum::new();
+        for p in partials {
+            sum.push(p);
+        }
+        sum
     }
 
     /// Adds `x` exactly.
     pub fn add(&mut self, x: f64) {
         let mut x = x;
         let mut kept = 0;
-        for j in 0..self.partials.len() {
-            let mut y = self.partials[j];
+        let parts = self.partials_mut();
+        for j in 0..parts.len() {
+            let mut y = parts[j];
             if x.abs() < y.abs() {
                 std::mem::swap(&mut x, &mut y);
             }
@@ -40,15 +103,15 @@ impl ExactSum {
             let hi = x + y;
             let lo = y - (hi - x);
             if lo != 0.0 {
-                self.partials[kept] = lo;
+                parts[kept] = lo;
                 kept += 1;
             }
             x = hi;
         }
-        self.partials.truncate(kept);
+        self.truncate(kept);
         // Zero partials carry nothing; dropping them keeps "empty" meaning "zero".
         if x != 0.0 {
-            self.partials.push(x);
+            self.push(x);
         }
     }
 
@@ -59,7 +122,7 @@ impl ExactSum {
 
     /// The exact sum rounded to the nearest f64 (ties to even).
     pub fn value(&self) -> f64 {
-        let p = &self.partials;
+        let p = self.partials();
         let Some(&top) = p.last() else {
             return 0.0;
         };
@@ -89,21 +152,9 @@ impl ExactSum {
         hi
     }
 
-    /// The partials, for storage: [`ExactSum::from_partials`] restores the sum.
-    pub fn partials(&self) -> &[f64] {
-        &self.partials
-    }
-
-    /// Restores a sum from partials that [`ExactSum::partials`] returned.
-    pub fn from_partials(partials: impl IntoIterator<Item = f64>) -> Self {
-        ExactSum {
-            partials: partials.into_iter().collect(),
-        }
-    }
-
     /// True when nothing (or values summing to exactly zero) has been added.
     pub fn is_zero(&self) -> bool {
-        self.partials.is_empty()
+        self.partials().is_empty()
     }
 }
 
@@ -136,6 +187,22 @@ mod tests {
         fresh.add(0.3);
         assert_eq!(sum.value(), fresh.value());
         assert_eq!(fresh.value(), 0.5);
+    }
+
+    #[test]
+    fn many_partials_spill_to_the_heap_and_stay_exact() {
+        // Powers of two far apart cannot merge: each needs its own partial.
+        let values: Vec<f64> = (0..20).map(|i| 2f64.powi(i * 60 - 600)).collect();
+        let mut sum = ExactSum::new();
+        for v in &values {
+            sum.add(*v);
+        }
+        assert!(sum.partials().len() > INLINE);
+        for v in values.iter().skip(1) {
+            sum.remove(*v);
+        }
+        assert_eq!(sum.value(), values[0]);
+        assert_eq!(ExactSum::from_partials(sum.partials().iter().copied()), sum);
     }
 
     #[test]

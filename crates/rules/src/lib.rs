@@ -23,7 +23,7 @@
 //! | `cell`, `state` | compact per-user state: [`UserState`] |
 //! | `eval` | `apply`, `advance`, `next_wakeup`, `rebuild` on a [`Plan`] |
 //! | `migrate` | moving states to a new rule set: [`Migration`] |
-//! | [`reference`] | the brute-force evaluator the tests hold the engine to |
+//! | [`reference`](mod@reference) | the brute-force evaluator the tests hold the engine to |
 //! | [`exact_sum`] | order-independent exact sums for `sum` and `avg` |
 //! | [`change`], [`error`] | what the engine emits, and what can go wrong |
 //!
@@ -46,13 +46,16 @@
 //! assert_eq!(state.next_wakeup().unwrap().to_string(), "2026-03-22T00:00:00Z");
 //! ```
 
+mod arena;
 mod cell;
 pub mod change;
 pub mod check;
+mod codec;
 pub mod error;
 mod eval;
 pub mod event;
 pub mod exact_sum;
+mod id;
 pub mod limits;
 mod migrate;
 mod plan;
@@ -66,6 +69,7 @@ pub mod value;
 pub use change::{Cause, Change, ChangeKind};
 pub use error::{Error, RuleError, RuleErrorKind};
 pub use event::{Event, EventBody, EventName, MessageId, Properties, SegmentId, UserId};
+pub use id::IdStr;
 pub use limits::Limits;
 pub use migrate::Migration;
 pub use plan::Plan;

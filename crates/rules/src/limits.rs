@@ -19,7 +19,7 @@ pub struct Limits {
     /// The largest threshold a windowed `count` or `distinct` may be compared with:
     /// each user keeps up to that many timestamps for it.
     pub max_window_threshold: u32,
-    /// Segments in one rule set.
+    /// Segments in one rule set (at most 65,535 whatever this says).
     pub max_segments: usize,
 }
 

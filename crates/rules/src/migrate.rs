@@ -10,11 +10,11 @@
 
 use std::collections::HashMap;
 
-use crate::cell::CellKind;
+use crate::cell::{CellKind, distinct};
 use crate::change::{Cause, Change, ChangeKind};
 use crate::event::{Event, EventBody, SegmentId, UserId};
 use crate::plan::{Bound, Plan};
-use crate::state::UserState;
+use crate::state::{UserState, cell_record};
 use crate::time::Timestamp;
 
 /// How to move states from `old` to `new`.
@@ -116,6 +116,7 @@ fn seg_reads_fresh_trait(cond: &crate::plan::Cond, fresh: &[bool]) -> bool {
         }
         Cond::CompareNow { other, .. } => val(other, fresh),
         Cond::In(a, _) | Cond::IsNull(a, _) | Cond::Truthy(a) => val(a, fresh),
+        Cond::TraitIs { index, .. } => fresh[*index as usize],
     }
 }
 
@@ -218,44 +219,29 @@ impl Migration<'_> {
         next.now = state.now;
         for (n, from) in self.cell_from.iter().enumerate() {
             let Some(o) = *from else { continue };
-            let spec = &self.new.cells[n];
-            if spec.kind.is_distinct() {
-                if let Some(cell) = state.distinct(o) {
-                    let mut cell = cell.clone();
-                    cell.truncate(spec.cap);
-                    *next.distinct_mut(n as u32) = cell;
+            let n = n as u32;
+            let spec = &self.new.cells[n as usize];
+            next.arena.set(cell_record(n), state.cell(o));
+            // A smaller cap keeps only the newest values.
+            match spec.kind {
+                CellKind::Recent | CellKind::Anchor => {
+                    if let Some(cap) = spec.cap {
+                        let excess = next.cell(n).len().saturating_sub(cap as usize);
+                        next.arena.remove_front(cell_record(n), excess);
+                    }
                 }
-                continue;
+                CellKind::DistinctAll | CellKind::DistinctRecent => {
+                    distinct::retain(&mut next.arena, cell_record(n), Timestamp::MIN, spec.cap);
+                }
+                _ => {}
             }
-            let words = state.cells.get(o);
-            let keep = match (spec.kind, spec.cap) {
-                (CellKind::Recent | CellKind::Anchor, Some(cap)) => {
-                    words.len().saturating_sub(cap as usize)
-                }
-                _ => 0,
-            };
-            next.cells.set(n as u32, &words[keep..]);
         }
-        if let Some(extra) = &state.extra {
-            let slots: Vec<_> = extra
-                .traits
-                .iter()
-                .filter_map(|slot| {
-                    let n = self
-                        .trait_from
-                        .iter()
-                        .position(|f| *f == Some(slot.index))?;
-                    let mut slot = slot.clone();
-                    slot.index = n as u32;
-                    Some(slot)
-                })
-                .collect();
-            let next_extra = next.extra_mut();
-            next_extra.traits = slots;
-            next_extra.traits.sort_by_key(|t| t.index);
-            next_extra.pending = extra.pending.clone();
-            next_extra.arrivals = extra.arrivals;
+        for (n, from) in self.trait_from.iter().enumerate() {
+            if let Some(o) = *from {
+                next.set_trait_record(n as u32, state.trait_record(o));
+            }
         }
+        next.set_pending_record(state.pending_record());
         for (n, from) in self.segment_from.iter().enumerate() {
             if let Some(o) = *from {
                 next.set_member(n as u32, state.is_member(o));
@@ -273,13 +259,11 @@ impl Migration<'_> {
                 });
             }
         }
-        let ready: Vec<u32> = (0..self.new.segments.len() as u32)
-            .filter(|s| !self.needs_backfill[*s as usize])
-            .collect();
+        let ready =
+            (0..self.new.segments.len() as u32).filter(|s| !self.needs_backfill[*s as usize]);
         let at = next.now;
         self.new
-            .evaluate(&mut next, user, &ready, at, Cause::Rule, true, out);
-        // Segments awaiting backfill must still be woken by pending events.
+            .evaluate(&mut next, user, ready, at, Cause::Rule, out);
         next.tidy();
         *state = next;
     }

@@ -30,6 +30,9 @@ use crate::syntax::{
 use crate::time::{Span, Timestamp};
 use crate::value::Value;
 
+/// Hash maps looked up once per event: a fast hasher, seeded per process.
+pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// A compiled rule set: what every user's state is evaluated against.
 #[derive(Debug)]
 pub struct Plan {
@@ -40,10 +43,16 @@ pub struct Plan {
     pub(crate) readers: Vec<Reader>,
     /// Trait names the rules read; a user keeps only these traits.
     pub(crate) traits: Vec<Arc<str>>,
-    pub(crate) trait_index: HashMap<Arc<str>, u32>,
-    pub(crate) routes: HashMap<EventName, Route>,
+    pub(crate) trait_index: FastMap<Arc<str>, u32>,
+    pub(crate) routes: FastMap<EventName, Route>,
     /// Segments an identify can change (readers of traits and their dependents).
     pub(crate) trait_segments: Vec<u32>,
+    /// Per segment: itself and every segment that references it, transitively,
+    /// in evaluation order (what to re-evaluate when it may have changed).
+    pub(crate) closures: Vec<Vec<u32>>,
+    /// Per segment: the sliding cells its aggregates read (what to prune after
+    /// evaluating it at a wake-up).
+    pub(crate) sliding_cells: Vec<Vec<u32>>,
 }
 
 /// One segment, compiled.
@@ -132,6 +141,13 @@ pub(crate) enum Cond {
         op: CmpOp,
         other: Val,
         offset: Span,
+    },
+    /// `trait == literal` (or `!=` when `negated`) for a string, number or bool
+    /// literal, compared on the canonical encoding without decoding the trait.
+    TraitIs {
+        index: u32,
+        literal: Box<[u64]>,
+        negated: bool,
     },
     In(Val, Box<[Value]>),
     Contains(Val, Val),
@@ -235,7 +251,7 @@ struct Compiler<'a> {
     cell_index: HashMap<CellKey, u32>,
     readers: Vec<Reader>,
     traits: Vec<Arc<str>>,
-    trait_index: HashMap<Arc<str>, u32>,
+    trait_index: FastMap<Arc<str>, u32>,
     trait_readers: BTreeSet<u32>,
     /// Index of the segment being compiled.
     segment: u32,
@@ -261,7 +277,7 @@ impl<'a> Compiler<'a> {
             cell_index: HashMap::new(),
             readers: Vec::new(),
             traits: Vec::new(),
-            trait_index: HashMap::new(),
+            trait_index: FastMap::default(),
             trait_readers: BTreeSet::new(),
             segment: 0,
             segment_ids: HashMap::new(),
@@ -289,7 +305,7 @@ impl<'a> Compiler<'a> {
             });
         }
         let dependents = dependents_of(&segments);
-        let mut routes: HashMap<EventName, Route> = HashMap::new();
+        let mut routes: FastMap<EventName, Route> = FastMap::default();
         let mut cell_segments: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); self.cells.len()];
         for reader in &self.readers {
             let seg = reader.segment;
@@ -308,6 +324,16 @@ impl<'a> Compiler<'a> {
             route.segments = with_dependents(touched, &dependents);
         }
         let trait_segments = with_dependents(self.trait_readers.clone(), &dependents);
+        let closures = (0..segments.len() as u32)
+            .map(|s| with_dependents(BTreeSet::from([s]), &dependents))
+            .collect();
+        let mut sliding_cells: Vec<Vec<u32>> = vec![Vec::new(); segments.len()];
+        for reader in &self.readers {
+            let cells = &mut sliding_cells[reader.segment as usize];
+            if self.cells[reader.cell as usize].kind.is_suffix() && !cells.contains(&reader.cell) {
+                cells.push(reader.cell);
+            }
+        }
         Ok(Plan {
             version,
             segments,
@@ -318,6 +344,8 @@ impl<'a> Compiler<'a> {
             trait_index: self.trait_index,
             routes,
             trait_segments,
+            closures,
+            sliding_cells,
         })
     }
 
@@ -355,6 +383,12 @@ impl<'a> Compiler<'a> {
     }
 
     fn comparison(&mut self, op: CmpOp, a: &Operand, b: &Operand) -> Result<Cond, RuleError> {
+        if let Some(cond) = self
+            .trait_equality(op, a, b)
+            .or_else(|| self.trait_equality(op, b, a))
+        {
+            return Ok(cond);
+        }
         let (need_a, need_b) = (literal_need(op, b), literal_need(op.flipped(), a));
         match (now_offset(a), now_offset(b)) {
             (Some(offset), None) => Ok(Cond::CompareNow {
@@ -373,6 +407,29 @@ impl<'a> Compiler<'a> {
                 self.operand(b, need_b)?,
             )),
         }
+    }
+
+    /// `trait == literal` or `trait != literal` where equal values have equal
+    /// encodings: a string, number or bool literal (a timestamp literal can equal
+    /// a string trait, so it takes the general path).
+    fn trait_equality(&mut self, op: CmpOp, a: &Operand, b: &Operand) -> Option<Cond> {
+        let (OperandKind::Trait(name), OperandKind::Literal(v)) = (&a.kind, &b.kind) else {
+            return None;
+        };
+        if !matches!(op, CmpOp::Eq | CmpOp::Ne)
+            || !matches!(v, Value::String(_) | Value::Number(_) | Value::Bool(_))
+        {
+            return None;
+        }
+        self.trait_readers.insert(self.segment);
+        let index = self.trait_slot(name);
+        let mut literal = Vec::new();
+        crate::codec::encode(v, &mut literal);
+        Some(Cond::TraitIs {
+            index,
+            literal: literal.into(),
+            negated: op == CmpOp::Ne,
+        })
     }
 
     fn operand(&mut self, op: &Operand, need: Need) -> Result<Val, RuleError> {

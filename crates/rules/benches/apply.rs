@@ -1,0 +1,90 @@
+//! Events per second through `apply` for the nine SPEC segments over a large user
+//! base with a realistic event mix (see `common`). Two variants: `direct` finds
+//! each user's state by index (the engine alone), `user_map` looks it up in a hash
+//! map keyed by user id, as a node would. Generating the events is not timed.
+//!
+//! `cargo bench -p dynseg-rules --bench apply` (set DYNSEG_BENCH_USERS to change
+//! the user count, 1,000,000 by default).
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod common;
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use common::{Users, Workload, spec_plan};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use dynseg_rules::{Event, Span, Timestamp, UserState};
+
+fn users() -> usize {
+    std::env::var("DYNSEG_BENCH_USERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000)
+}
+
+fn bench_apply(c: &mut Criterion) {
+    let plan = spec_plan();
+    let n = users();
+    // 30 simulated days of history: 25 events per user.
+    let warm_events = n * 25;
+    let per_event = Span(Span::days(30).millis() / warm_events as i64);
+    let mut workload = Workload::new(n, per_event, 7);
+    let mut direct: Vec<UserState> = (0..n).map(|_| plan.new_state()).collect();
+    let mut users = Users::default();
+    let mut changes = Vec::new();
+    for _ in 0..warm_events {
+        let (index, event) = workload.next_indexed();
+        plan.apply(&mut direct[index], &event, workload.now(), &mut changes);
+        users.apply(&plan, &event, workload.now(), &mut changes);
+        changes.clear();
+    }
+    let mut group = c.benchmark_group("apply");
+    group.throughput(Throughput::Elements(1));
+    group.measurement_time(Duration::from_secs(10));
+    group.bench_function(format!("direct/{n}_users"), |b| {
+        b.iter_custom(|iters| {
+            timed_chunks(iters, &mut workload, |(index, event), now| {
+                plan.apply(&mut direct[*index], event, now, &mut changes);
+                changes.clear();
+            })
+        });
+    });
+    group.bench_function(format!("user_map/{n}_users"), |b| {
+        b.iter_custom(|iters| {
+            timed_chunks(iters, &mut workload, |(_, event), now| {
+                users.apply(&plan, event, now, &mut changes);
+                changes.clear();
+            })
+        });
+    });
+    group.finish();
+    black_box((&direct, &users));
+}
+
+/// Runs `apply` over `iters` fresh events, generated in chunks outside the timing.
+fn timed_chunks(
+    iters: u64,
+    workload: &mut Workload,
+    mut apply: impl FnMut(&(usize, Event), Timestamp),
+) -> Duration {
+    let mut total = Duration::ZERO;
+    let mut left = iters;
+    while left > 0 {
+        let chunk = left.min(100_000);
+        let events: Vec<_> = (0..chunk)
+            .map(|_| (workload.next_indexed(), workload.now()))
+            .collect();
+        let start = Instant::now();
+        for (event, now) in &events {
+            apply(event, *now);
+        }
+        total += start.elapsed();
+        left -= chunk;
+    }
+    total
+}
+
+criterion_group!(benches, bench_apply);
+criterion_main!(benches);

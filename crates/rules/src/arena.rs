@@ -1,0 +1,353 @@
+//! [`Arena`]: all of one user's variable-size state in a single allocation.
+//!
+//! The arena holds records, each a run of `u64` words under a `u32` id. It lives
+//! in one boxed slice, so the handle is 16 bytes, a user with no data allocates
+//! nothing, and growth leaves little slack: with millions of users, per-user
+//! overhead is what memory is spent on.
+//!
+//! Layout of the slice:
+//!
+//! ```text
+//! [used, n, dir_0 .. dir_{n-1}, payload_0, payload_1, ...]
+//! ```
+//!
+//! `used` counts the words after it; `n` is the number of records; `dir_i` is
+//! `id << 32 | offset`, sorted by id, where the offset is where record `i`'s
+//! payload starts, counted from the first payload word (so adding a directory
+//! entry moves no offset). A record ends where the next begins. Finding a record
+//! scans the directory, a few contiguous words, then jumps once.
+
+use std::ops::Range;
+
+/// Records in one boxed slice; see the module documentation.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Arena {
+    /// Empty: nothing allocated.
+    words: Box<[u64]>,
+}
+
+impl PartialEq for Arena {
+    fn eq(&self, other: &Self) -> bool {
+        self.data() == other.data()
+    }
+}
+
+const OFFSET_MASK: u64 = 0xffff_ffff;
+
+/// Capacity (in data words) for `needed` words: an eighth more (at least two),
+/// rounded so that the allocation, with malloc's 8-byte header, fills a 16-byte
+/// chunk exactly.
+fn capacity_for(needed: usize) -> usize {
+    let total = needed + 1 + (needed / 8).max(2);
+    (total | 1) - 1
+}
+
+impl Arena {
+    fn used(&self) -> usize {
+        self.words.first().map_or(0, |n| *n as usize)
+    }
+
+    /// The words after `used`: `[n, directory..., payloads...]`.
+    fn data(&self) -> &[u64] {
+        let used = self.used();
+        self.words.get(1..1 + used).unwrap_or(&[])
+    }
+
+    fn records(&self) -> usize {
+        self.data().first().map_or(0, |n| *n as usize)
+    }
+
+    fn directory(&self) -> &[u64] {
+        let n = self.records();
+        self.data().get(1..1 + n).unwrap_or(&[])
+    }
+
+    /// Data index of the first payload word.
+    fn payload_base(&self) -> usize {
+        1 + self.records()
+    }
+
+    /// Data range of record `i`'s payload.
+    fn span(&self, i: usize) -> Range<usize> {
+        let dir = self.directory();
+        let base = self.payload_base();
+        let start = base + (dir[i] & OFFSET_MASK) as usize;
+        let end = dir
+            .get(i + 1)
+            .map_or(self.used(), |e| base + (e & OFFSET_MASK) as usize);
+        start..end.max(start)
+    }
+
+    /// The directory index of record `id`, or where it would go.
+    fn locate(&self, id: u32) -> Result<usize, usize> {
+        let key = u64::from(id);
+        let dir = self.directory();
+        for (i, entry) in dir.iter().enumerate() {
+            let here = entry >> 32;
+            if here == key {
+                return Ok(i);
+            }
+            if here > key {
+                return Err(i);
+            }
+        }
+        Err(dir.len())
+    }
+
+    /// Replaces `data[range]` with `new`, reallocating only when it does not fit.
+    fn splice(&mut self, range: Range<usize>, new: &[u64]) {
+        let used = self.used();
+        let new_used = used - range.len() + new.len();
+        if new_used < self.words.len() {
+            let (start, end) = (1 + range.start, 1 + range.end);
+            self.words.copy_within(end..1 + used, start + new.len());
+            self.words[start..start + new.len()].copy_from_slice(new);
+            self.words[0] = new_used as u64;
+            return;
+        }
+        let capacity = capacity_for(new_used);
+        let mut grown = Vec::with_capacity(capacity + 1);
+        grown.push(new_used as u64);
+        grown.extend_from_slice(&self.data()[..range.start]);
+        grown.extend_from_slice(new);
+        grown.extend_from_slice(&self.data()[range.end..]);
+        grown.resize(capacity + 1, 0);
+        self.words = grown.into_boxed_slice();
+    }
+
+    /// Moves the payload offsets of directory entries `from..` by `delta`.
+    fn shift_offsets(&mut self, from: usize, delta: isize) {
+        let n = self.records();
+        for entry in &mut self.words[2 + from..2 + n] {
+            let offset = (*entry & OFFSET_MASK) as isize + delta;
+            *entry = (*entry & !OFFSET_MASK) | offset as u64;
+        }
+    }
+
+    /// The payload of record `id`; empty when there is none.
+    pub(crate) fn get(&self, id: u32) -> &[u64] {
+        match self.locate(id) {
+            Ok(i) => &self.data()[self.span(i)],
+            Err(_) => &[],
+        }
+    }
+
+    /// Mutable payload of record `id`, for changes that keep its length.
+    pub(crate) fn get_mut(&mut self, id: u32) -> Option<&mut [u64]> {
+        let span = self.span(self.locate(id).ok()?);
+        Some(&mut self.words[1 + span.start..1 + span.end])
+    }
+
+    /// Replaces record `id`'s payload (an empty payload removes the record).
+    pub(crate) fn set(&mut self, id: u32, payload: &[u64]) {
+        match self.locate(id) {
+            Ok(i) => {
+                let span = self.span(i);
+                if payload.is_empty() {
+                    self.remove_record(i, span);
+                } else if payload.len() == span.len() {
+                    self.words[1 + span.start..1 + span.end].copy_from_slice(payload);
+                } else {
+                    let delta = payload.len() as isize - span.len() as isize;
+                    self.splice(span, payload);
+                    self.shift_offsets(i + 1, delta);
+                }
+            }
+            Err(_) if payload.is_empty() => {}
+            Err(i) => self.add_record(i, id, payload),
+        }
+    }
+
+    fn add_record(&mut self, i: usize, id: u32, payload: &[u64]) {
+        if self.words.is_empty() {
+            self.splice(0..0, &[0]);
+        }
+        let base = self.payload_base();
+        let offset = self
+            .directory()
+            .get(i)
+            .map_or(self.used() - base, |e| (e & OFFSET_MASK) as usize);
+        self.splice(base + offset..base + offset, payload);
+        self.shift_offsets(i, payload.len() as isize);
+        self.splice(1 + i..1 + i, &[(u64::from(id) << 32) | offset as u64]);
+        self.words[1] += 1;
+    }
+
+    fn remove_record(&mut self, i: usize, span: Range<usize>) {
+        let len = span.len() as isize;
+        self.splice(span, &[]);
+        self.shift_offsets(i + 1, -len);
+        self.splice(1 + i..2 + i, &[]);
+        self.words[1] -= 1;
+        if self.words[1] == 0 {
+            self.words = Box::default();
+        }
+    }
+
+    /// Inserts `new` into record `id`'s payload at word `offset` (creating the
+    /// record).
+    pub(crate) fn insert_at(&mut self, id: u32, offset: usize, new: &[u64]) {
+        match self.locate(id) {
+            Ok(i) => {
+                let span = self.span(i);
+                let at = span.start + offset.min(span.len());
+                self.splice(at..at, new);
+                self.shift_offsets(i + 1, new.len() as isize);
+            }
+            Err(_) => self.set(id, new),
+        }
+    }
+
+    /// Removes the first `count` words of record `id`'s payload.
+    pub(crate) fn remove_front(&mut self, id: u32, count: usize) {
+        if let Ok(i) = self.locate(id) {
+            let span = self.span(i);
+            if count >= span.len() {
+                self.remove_record(i, span);
+            } else if count > 0 {
+                self.splice(span.start..span.start + count, &[]);
+                self.shift_offsets(i + 1, -(count as isize));
+            }
+        }
+    }
+
+    /// The id of the first record whose id is at least `min`.
+    pub(crate) fn next_id_from(&self, min: u32) -> Option<u32> {
+        self.directory()
+            .iter()
+            .map(|e| (e >> 32) as u32)
+            .find(|id| *id >= min)
+    }
+
+    /// Bytes held on the heap.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.words.len() * 8
+    }
+
+    /// Frees slack that pruning left, well past what growth leaves, so that
+    /// growing and shrinking do not alternate.
+    pub(crate) fn shrink(&mut self) {
+        let used = self.used();
+        if self.words.len() > capacity_for(used) + used / 4 + 4 {
+            let mut fitted = Vec::with_capacity(capacity_for(used) + 1);
+            fitted.push(used as u64);
+            fitted.extend_from_slice(self.data());
+            fitted.resize(capacity_for(used) + 1, 0);
+            self.words = fitted.into_boxed_slice();
+        }
+    }
+
+    /// The ids of records that hold data.
+    #[cfg(test)]
+    pub(crate) fn ids(&self) -> Vec<u32> {
+        self.directory().iter().map(|e| (e >> 32) as u32).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_stay_sorted_and_independent() {
+        let mut arena = Arena::default();
+        assert_eq!(arena.heap_bytes(), 0);
+        arena.set(5, &[50, 51]);
+        arena.set(1, &[10]);
+        arena.set(3, &[30, 31, 32]);
+        arena.set(u32::MAX, &[9]);
+        assert_eq!(arena.ids(), vec![1, 3, 5, u32::MAX]);
+        assert_eq!(arena.get(3), &[30, 31, 32]);
+        arena.set(3, &[33]);
+        assert_eq!(arena.get(3), &[33]);
+        assert_eq!(arena.get(5), &[50, 51]);
+        arena.insert_at(5, 1, &[55]);
+        assert_eq!(arena.get(5), &[50, 55, 51]);
+        assert_eq!(arena.get(u32::MAX), &[9]);
+        arena.remove_front(5, 2);
+        assert_eq!(arena.get(5), &[51]);
+        arena.set(1, &[]);
+        assert_eq!(arena.ids(), vec![3, 5, u32::MAX]);
+        assert_eq!(arena.get(1), &[] as &[u64]);
+        assert_eq!(arena.get(3), &[33]);
+        if let Some(w) = arena.get_mut(u32::MAX) {
+            w[0] = 99;
+        }
+        assert_eq!(arena.get(u32::MAX), &[99]);
+        assert_eq!(arena.next_id_from(4), Some(5));
+        arena.set(3, &[]);
+        arena.remove_front(5, 1);
+        arena.set(u32::MAX, &[]);
+        assert_eq!(
+            arena.heap_bytes(),
+            0,
+            "an emptied arena frees its allocation"
+        );
+    }
+
+    #[test]
+    fn random_edits_match_a_model() {
+        use std::collections::BTreeMap;
+        let mut arena = Arena::default();
+        let mut model: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        let mut x: u64 = 12345;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for step in 0..20_000u64 {
+            let id = (next() % 12) as u32;
+            let entry = model.entry(id).or_default();
+            match next() % 4 {
+                0 => {
+                    let len = (next() % 5) as usize;
+                    let payload: Vec<u64> = (0..len as u64).map(|k| step * 10 + k).collect();
+                    arena.set(id, &payload);
+                    *entry = payload;
+                }
+                1 => {
+                    let offset = (next() % 6) as usize;
+                    arena.insert_at(id, offset, &[step]);
+                    let at = offset.min(entry.len());
+                    entry.insert(at, step);
+                }
+                2 => {
+                    let count = (next() % 3) as usize;
+                    arena.remove_front(id, count);
+                    entry.drain(..count.min(entry.len()));
+                }
+                _ => arena.shrink(),
+            }
+            model.retain(|_, v| !v.is_empty());
+            for (id, payload) in &model {
+                assert_eq!(arena.get(*id), payload.as_slice(), "step {step} id {id}");
+            }
+            assert_eq!(
+                arena.ids(),
+                model.keys().copied().collect::<Vec<_>>(),
+                "step {step}"
+            );
+        }
+    }
+
+    #[test]
+    fn growth_leaves_little_slack_and_fills_malloc_chunks() {
+        for needed in 1..200 {
+            let cap = capacity_for(needed);
+            assert!(cap >= needed);
+            assert!(cap <= needed + needed / 8 + 3, "{needed} -> {cap}");
+            assert_eq!(((cap + 1) * 8 + 8) % 16, 0, "{needed} -> {cap}");
+        }
+        let mut arena = Arena::default();
+        for i in 0..100 {
+            arena.insert_at(7, i, &[i as u64]);
+        }
+        assert_eq!(arena.get(7).len(), 100);
+        arena.remove_front(7, 95);
+        arena.shrink();
+        assert!(arena.heap_bytes() <= 8 * (capacity_for(8) + 1));
+        assert_eq!(arena.get(7), &[95, 96, 97, 98, 99]);
+    }
+}
