@@ -103,6 +103,9 @@ impl fmt::Display for Span {
     /// (`90d`, `36h`), which is also how the rule language spells it.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0;
+        if ms == 0 {
+            return f.write_str("0s");
+        }
         for (per, unit) in [(DAY, "d"), (HOUR, "h"), (MINUTE, "m"), (SECOND, "s")] {
             if ms != 0 && ms % per == 0 {
                 return write!(f, "{}{unit}", ms / per);
@@ -326,6 +329,7 @@ mod tests {
         assert_eq!(Span::from_unit(2, "w"), Some(Span::days(14)));
         assert_eq!(Span::hours(36).to_string(), "36h");
         assert_eq!(Span(1500).to_string(), "1500ms");
+        assert_eq!(Span::ZERO.to_string(), "0s");
         assert_eq!(Span::from_unit(5, "m"), Some(Span::minutes(5)));
         assert_eq!(Span::from_unit(i64::MAX, "d"), None);
         assert_eq!(Span::from_unit(1, "y"), None);
