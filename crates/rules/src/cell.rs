@@ -90,20 +90,19 @@ pub(crate) mod recent {
 
     /// Inserts `t`, keeping only the `cap` newest (`None`: unbounded).
     pub(crate) fn insert(arena: &mut Arena, cell: u32, cap: Option<u32>, t: Timestamp) {
-        let old = arena.get(cell);
-        let at = old.partition_point(|w| word_ts(*w) <= t);
         let cap = cap.map_or(usize::MAX, |c| c as usize);
-        if old.len() >= cap {
-            if at == 0 || cap == 0 {
-                return; // older than every kept timestamp of a full cell
-            }
-            // Drop the oldest, shift the older part down, insert.
-            if let Some(words) = arena.get_mut(cell) {
+        if let Some(words) = arena.get_mut(cell)
+            && words.len() >= cap
+        {
+            // Full: drop the oldest and slide the older part down, in place.
+            let at = words.partition_point(|w| word_ts(*w) <= t);
+            if at > 0 && cap > 0 {
                 words.copy_within(1..at, 0);
                 words[at - 1] = ts_word(t);
             }
             return;
         }
+        let at = arena.get(cell).partition_point(|w| word_ts(*w) <= t);
         arena.insert_at(cell, at, &[ts_word(t)]);
     }
 

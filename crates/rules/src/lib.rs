@@ -66,6 +66,8 @@ pub mod syntax;
 pub mod time;
 pub mod value;
 
+#[doc(hidden)]
+pub use arena::prefetch_line;
 pub use change::{Cause, Change, ChangeKind};
 pub use error::{Error, RuleError, RuleErrorKind};
 pub use event::{Event, EventBody, EventName, MessageId, Properties, SegmentId, UserId};
