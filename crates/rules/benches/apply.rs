@@ -82,30 +82,22 @@ fn bench_apply(c: &mut Criterion) {
     black_box((&direct, &users));
 }
 
-/// Runs `apply` over `iters` fresh events, generated in chunks outside the timing.
+/// Runs `apply` on each of `iters` fresh events, generated in chunks outside the
+/// timing.
 fn timed_chunks(
     iters: u64,
     workload: &mut Workload,
     mut apply: impl FnMut(&(usize, Event), Timestamp),
 ) -> Duration {
-    let mut total = Duration::ZERO;
-    let mut left = iters;
-    while left > 0 {
-        let chunk = left.min(100_000);
-        let events: Vec<_> = (0..chunk)
-            .map(|_| (workload.next_indexed(), workload.now()))
-            .collect();
-        let start = Instant::now();
-        for (event, now) in &events {
+    timed_batches(iters, workload, |batch| {
+        for (event, now) in batch {
             apply(event, *now);
         }
-        total += start.elapsed();
-        left -= chunk;
-    }
-    total
+    })
 }
 
-/// Like `timed_chunks`, handing the timed closure a whole chunk at a time.
+/// Runs `apply` on chunks of `iters` fresh events in total; generating them is
+/// not timed.
 fn timed_batches(
     iters: u64,
     workload: &mut Workload,
