@@ -255,6 +255,45 @@ impl Arena {
         }
     }
 
+    /// The raw words (used count, directory, payloads), for storage.
+    pub(crate) fn raw(&self) -> &[u64] {
+        let used = self.used();
+        self.words.get(..1 + used).unwrap_or(&[])
+    }
+
+    /// Restores an arena from [`Arena::raw`] words, checking that the directory is
+    /// consistent (sorted ids, offsets inside the payload, in order): the words
+    /// come from disk.
+    pub(crate) fn from_raw(words: &[u64]) -> Option<Arena> {
+        let Some((&used, data)) = words.split_first() else {
+            return Some(Arena::default());
+        };
+        if used as usize != data.len() || data.is_empty() {
+            return None;
+        }
+        let n = data[0] as usize;
+        let directory = data.get(1..1 + n)?;
+        let payload_len = data.len() - 1 - n;
+        let mut last: Option<(u64, u64)> = None;
+        for entry in directory {
+            let (id, offset) = (entry >> 32, entry & OFFSET_MASK);
+            if offset as usize > payload_len || last.is_some_and(|(i, o)| id <= i || offset < o) {
+                return None;
+            }
+            last = Some((id, offset));
+        }
+        if n == 0 {
+            return None;
+        }
+        let capacity = capacity_for(used as usize);
+        let mut fitted = Vec::with_capacity(capacity + 1);
+        fitted.extend_from_slice(words);
+        fitted.resize(capacity + 1, 0);
+        Some(Arena {
+            words: fitted.into_boxed_slice(),
+        })
+    }
+
     /// The ids of records that hold data.
     #[cfg(test)]
     pub(crate) fn ids(&self) -> Vec<u32> {
@@ -363,6 +402,27 @@ mod tests {
                 "step {step}"
             );
         }
+    }
+
+    #[test]
+    fn raw_words_round_trip_and_corrupt_ones_are_refused() {
+        let mut arena = Arena::default();
+        assert_eq!(Arena::from_raw(arena.raw()), Some(Arena::default()));
+        arena.set(3, &[30, 31]);
+        arena.set(9, &[90]);
+        let raw = arena.raw().to_vec();
+        assert_eq!(Arena::from_raw(&raw), Some(arena));
+        // Wrong used count, unsorted directory, offset past the end, empty directory.
+        let mut bad = raw.clone();
+        bad[0] += 1;
+        assert_eq!(Arena::from_raw(&bad), None);
+        let mut bad = raw.clone();
+        bad.swap(2, 3);
+        assert_eq!(Arena::from_raw(&bad), None);
+        let mut bad = raw.clone();
+        bad[3] = (9 << 32) | 100;
+        assert_eq!(Arena::from_raw(&bad), None);
+        assert_eq!(Arena::from_raw(&[1, 0]), None);
     }
 
     #[test]

@@ -76,6 +76,6 @@ pub use limits::Limits;
 pub use migrate::Migration;
 pub use plan::Plan;
 pub use segment::{RuleVersion, SegmentDef};
-pub use state::UserState;
+pub use state::{StateDecodeError, UserState};
 pub use time::{Span, Timestamp};
 pub use value::Value;

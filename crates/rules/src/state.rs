@@ -70,6 +70,14 @@ pub struct UserState {
     pub(crate) arena: Arena,
 }
 
+/// Version of [`UserState::encode`]'s layout.
+const STATE_FORMAT: u8 = 1;
+
+/// Why stored bytes are not a user state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid stored user state: {0}")]
+pub struct StateDecodeError(&'static str);
+
 /// An event that was not due when it arrived.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Pending {
@@ -316,6 +324,46 @@ impl UserState {
         self.arena.set(PENDING, record);
     }
 
+    /// Appends the state's bytes (little-endian words) to `out`; [`UserState::decode`]
+    /// restores it. The layout is versioned by its first byte.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.push(STATE_FORMAT);
+        for word in [
+            self.now.millis() as u64,
+            self.wakeup.millis() as u64,
+            self.members,
+        ] {
+            out.extend_from_slice(&word.to_le_bytes());
+        }
+        for word in self.arena.raw() {
+            out.extend_from_slice(&word.to_le_bytes());
+        }
+    }
+
+    /// Restores a state from [`UserState::encode`]'s bytes. Bytes that are not a
+    /// valid state (wrong version, truncated, an inconsistent arena) are an error.
+    pub fn decode(bytes: &[u8]) -> Result<UserState, StateDecodeError> {
+        let (&format, rest) = bytes.split_first().ok_or(StateDecodeError("empty"))?;
+        if format != STATE_FORMAT {
+            return Err(StateDecodeError("unknown state format"));
+        }
+        if rest.len() % 8 != 0 || rest.len() < 24 {
+            return Err(StateDecodeError("truncated state"));
+        }
+        let words: Vec<u64> = rest
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect();
+        let arena =
+            Arena::from_raw(&words[3..]).ok_or(StateDecodeError("inconsistent state arena"))?;
+        Ok(UserState {
+            now: Timestamp(words[0] as i64),
+            wakeup: Timestamp(words[1] as i64),
+            members: words[2],
+            arena,
+        })
+    }
+
     /// Frees what pruning left unused.
     pub(crate) fn tidy(&mut self) {
         self.arena.shrink();
@@ -353,6 +401,25 @@ fn pending_entries(words: &[u64]) -> impl Iterator<Item = PendingEntry<'_>> {
 mod tests {
     use super::*;
     use crate::event::Properties;
+
+    #[test]
+    fn states_encode_and_decode() {
+        let mut state = UserState::new();
+        let mut bytes = Vec::new();
+        state.encode(&mut bytes);
+        assert_eq!(UserState::decode(&bytes), Ok(state.clone()));
+        state.now = Timestamp(1234);
+        state.wakeup = Timestamp(99_999);
+        state.set_member(3, true);
+        state.set_member(100, true);
+        state.set_trait(0, Timestamp(5), 1, &Value::from("trial"));
+        bytes.clear();
+        state.encode(&mut bytes);
+        assert_eq!(UserState::decode(&bytes), Ok(state));
+        for bad in [&[][..], &[9][..], &bytes[..bytes.len() - 3], &bytes[..20]] {
+            assert!(UserState::decode(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn membership_bits_beyond_64_live_in_the_arena() {

@@ -1,0 +1,19 @@
+//! # dynseg-proto: the gRPC API of dynseg
+//!
+//! - [`pb`]: the messages and services of package `dynseg.v1`, generated from
+//!   `proto/dynseg/v1/*.proto` at build time.
+//! - [`convert`]: the one place wire types become domain types (`TryFrom`, which
+//!   rejects malformed input with a reason) and domain types become wire types.
+//! - [`routing`]: which shard a user belongs to.
+
+pub mod convert;
+pub mod routing;
+
+/// Generated code for package `dynseg.v1`.
+#[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+pub mod pb {
+    tonic::include_proto!("dynseg.v1");
+}
+
+pub use convert::ConvertError;
+pub use routing::shard_for;
