@@ -1,0 +1,742 @@
+//! One shard's state machine: its users, their timers, dedupe, and its change
+//! sequence. Synchronous and deterministic: given the same inputs (batches,
+//! ticks, rule changes, each with the `now` it was applied at) it produces the
+//! same changes with the same sequence numbers. That is what makes recovery
+//! exact: replaying the write-ahead log after a checkpoint regenerates exactly
+//! what was acknowledged and published before the crash.
+//!
+//! The async shell (`runtime`) owns one `Shard` per task and decides when inputs
+//! are durable and their changes published.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use dynseg_proto::{convert::change_to_wire, pb};
+use dynseg_rules::{Change, Event, Plan, SegmentId, Span, Timestamp, UserId, UserState};
+use prost::Message;
+
+use crate::store::{Checkpoint, ShardMeta, ShardStore, StoreError, UserRecord};
+use crate::wal::Lsn;
+
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
+
+const DAY_MS: i64 = 86_400_000;
+
+fn day_of(t: Timestamp) -> u32 {
+    t.millis().div_euclid(DAY_MS).clamp(0, i64::from(u32::MAX)) as u32
+}
+
+/// A message id's identity for dedupe: 96 bits of FNV-1a-128 of the id (a fixed
+/// function, so stored ids stay valid across versions). Two different ids of one
+/// user collide with probability about n²/2⁹⁷ for n ids in the horizon.
+fn message_hash(message_id: &str) -> u128 {
+    const OFFSET: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
+    const PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013b;
+    let h = message_id
+        .bytes()
+        .fold(OFFSET, |h, b| (h ^ u128::from(b)).wrapping_mul(PRIME));
+    h >> 32
+}
+
+/// Settings of a shard.
+#[derive(Clone, Debug)]
+pub struct ShardConfig {
+    /// How long a message id is remembered.
+    pub dedupe_horizon: Span,
+    /// How long events are kept for backfilling new rules.
+    pub event_retention: Span,
+    /// How long changes are kept for subscribers to resume from.
+    pub change_retention: Span,
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        ShardConfig {
+            dedupe_horizon: Span::days(7),
+            event_retention: Span::days(7),
+            change_retention: Span::days(7),
+        }
+    }
+}
+
+/// One active user.
+struct Entry {
+    state: UserState,
+    /// Recent message ids: `hash << 32 | day first seen`.
+    seen: Vec<u128>,
+    /// Logical time of the last access, for passivation.
+    touched: u64,
+}
+
+/// A change with its place in the shard's log.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Logged {
+    /// Sequence in the shard's change log.
+    pub sequence: u64,
+    /// The change as the wire and the store carry it (with its cursor).
+    pub change: pb::MembershipChange,
+}
+
+/// What applying a batch did.
+#[derive(Debug, Default)]
+pub struct BatchOutcome {
+    /// Events applied.
+    pub applied: u32,
+    /// Events ignored as repeats of a message id.
+    pub duplicates: u32,
+    /// Membership changes, in order.
+    pub changes: Vec<Logged>,
+}
+
+/// One shard; see the module documentation.
+pub struct Shard {
+    id: u32,
+    epoch: u64,
+    plan: Arc<Plan>,
+    config: ShardConfig,
+    store: ShardStore,
+    users: FastMap<UserId, Entry>,
+    /// Every user with a wake-up (active or not), by time.
+    timers: BTreeSet<(Timestamp, UserId)>,
+    /// Members of each segment (every user, active or not).
+    members: BTreeMap<SegmentId, BTreeSet<UserId>>,
+    next_sequence: u64,
+    next_event: u64,
+    /// Users changed since the last checkpoint.
+    dirty: FastSet<UserId>,
+    unsaved_events: Vec<(u32, u64, Vec<u8>)>,
+    unsaved_changes: Vec<(u64, Vec<u8>)>,
+    /// Where replay must start if nothing else is applied.
+    replay_from: Lsn,
+    /// Logical clock of accesses.
+    accesses: u64,
+    /// Users the shard has ever seen (stored or new).
+    user_count: u64,
+    scratch: Vec<Change>,
+}
+
+impl Shard {
+    /// Opens shard `id` from its stored checkpoint under `plan`, which must be the
+    /// plan of the checkpoint's rule version; indexes timers and members of every
+    /// stored user.
+    pub fn open(
+        id: u32,
+        store: ShardStore,
+        plan: Arc<Plan>,
+        config: ShardConfig,
+    ) -> Result<Shard, StoreError> {
+        let meta = store.meta()?;
+        let mut shard = Shard {
+            id,
+            epoch: meta.epoch,
+            plan,
+            config,
+            store,
+            users: FastMap::default(),
+            timers: BTreeSet::new(),
+            members: BTreeMap::new(),
+            next_sequence: meta.next_sequence.max(1),
+            next_event: meta.next_event,
+            dirty: FastSet::default(),
+            unsaved_events: Vec::new(),
+            unsaved_changes: Vec::new(),
+            replay_from: meta.replay_from,
+            accesses: 0,
+            user_count: 0,
+            scratch: Vec::new(),
+        };
+        let stored: Vec<(String, UserRecord)> = shard.store.users().collect::<Result<_, _>>()?;
+        shard.user_count = stored.len() as u64;
+        for (user, record) in stored {
+            let user = UserId::new(user);
+            if let Some(t) = record.state.next_wakeup() {
+                shard.timers.insert((t, user.clone()));
+            }
+            for segment in shard.plan.members(&record.state) {
+                shard
+                    .members
+                    .entry(segment.clone())
+                    .or_default()
+                    .insert(user.clone());
+            }
+        }
+        Ok(shard)
+    }
+
+    /// The shard's id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The ownership epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Sets the ownership epoch (stored at the next checkpoint).
+    pub fn set_epoch(&mut self, epoch: u64) {
+        self.epoch = epoch;
+    }
+
+    /// The plan states are under.
+    pub fn plan(&self) -> &Arc<Plan> {
+        &self.plan
+    }
+
+    /// Where replay of the write-ahead log must start for this shard.
+    pub fn replay_from(&self) -> Lsn {
+        self.replay_from
+    }
+
+    /// The last change sequence written (0: none).
+    pub fn last_sequence(&self) -> u64 {
+        self.next_sequence - 1
+    }
+
+    /// Active users (in memory).
+    pub fn active_users(&self) -> usize {
+        self.users.len()
+    }
+
+    /// The earliest wake-up of any user.
+    pub fn next_timer(&self) -> Option<Timestamp> {
+        self.timers.first().map(|(t, _)| *t)
+    }
+
+    /// Marks that the write-ahead log record at `at` has been applied: replay
+    /// after a checkpoint taken now starts after it.
+    pub fn applied_record(&mut self, at: Lsn) {
+        self.replay_from = Lsn {
+            segment: at.segment,
+            offset: at.offset + 1,
+        };
+    }
+
+    fn activate(&mut self, user: &UserId) -> Result<&mut Entry, StoreError> {
+        self.accesses += 1;
+        let touched = self.accesses;
+        if !self.users.contains_key(user) {
+            let entry = match self.store.load_user(user.as_str())? {
+                Some(record) => Entry {
+                    state: record.state,
+                    seen: record.seen,
+                    touched,
+                },
+                None => {
+                    self.user_count += 1;
+                    Entry {
+                        state: self.plan.new_state(),
+                        seen: Vec::new(),
+                        touched,
+                    }
+                }
+            };
+            self.users.insert(user.clone(), entry);
+        }
+        let entry = self.users.get_mut(user).ok_or(StoreError::Corrupt {
+            what: "user",
+            reason: "vanished after activation".into(),
+        })?;
+        entry.touched = touched;
+        Ok(entry)
+    }
+
+    /// Moves `user`'s timer from `before` to its state's next wake-up.
+    fn retime(&mut self, user: &UserId, before: Option<Timestamp>, after: Option<Timestamp>) {
+        if before == after {
+            return;
+        }
+        if let Some(t) = before {
+            self.timers.remove(&(t, user.clone()));
+        }
+        if let Some(t) = after {
+            self.timers.insert((t, user.clone()));
+        }
+    }
+
+    /// Gives the engine's changes sequence numbers, records them, and updates the
+    /// member index.
+    fn log(&mut self, changes: &mut Vec<Change>, out: &mut Vec<Logged>) {
+        for change in changes.drain(..) {
+            let sequence = self.next_sequence;
+            self.next_sequence += 1;
+            let members = self.members.entry(change.segment.clone()).or_default();
+            match change.kind {
+                dynseg_rules::ChangeKind::Enter => members.insert(change.user.clone()),
+                dynseg_rules::ChangeKind::Exit => members.remove(&change.user),
+            };
+            let cursor = pb::Cursor {
+                shard: self.id,
+                epoch: self.epoch,
+                sequence,
+            };
+            let wire = change_to_wire(&change, cursor);
+            self.unsaved_changes.push((sequence, wire.encode_to_vec()));
+            out.push(Logged {
+                sequence,
+                change: wire,
+            });
+        }
+    }
+
+    /// Applies a batch of validated events at `now`: repeats of a message id
+    /// within the dedupe horizon are counted and ignored.
+    pub fn apply_batch(
+        &mut self,
+        now: Timestamp,
+        events: &[Event],
+    ) -> Result<BatchOutcome, StoreError> {
+        let mut outcome = BatchOutcome::default();
+        let day = day_of(now);
+        let oldest_day = day_of(now.minus(self.config.dedupe_horizon));
+        let plan = self.plan.clone();
+        let mut changes = std::mem::take(&mut self.scratch);
+        for event in events {
+            let hash = message_hash(event.message_id.as_str());
+            let entry = self.activate(&event.user)?;
+            entry.seen.retain(|s| (*s as u32) >= oldest_day);
+            if entry.seen.iter().any(|s| (s >> 32) == hash) {
+                outcome.duplicates += 1;
+                continue;
+            }
+            entry.seen.push((hash << 32) | u128::from(day));
+            let before = entry.state.next_wakeup();
+            plan.apply(&mut entry.state, event, now, &mut changes);
+            let after = entry.state.next_wakeup();
+            self.retime(&event.user, before, after);
+            self.dirty.insert(event.user.clone());
+            let seq = self.next_event;
+            self.next_event += 1;
+            self.unsaved_events
+                .push((day, seq, pb::Event::from(event).encode_to_vec()));
+            outcome.applied += 1;
+            self.log(&mut changes, &mut outcome.changes);
+        }
+        self.scratch = changes;
+        Ok(outcome)
+    }
+
+    /// Moves every user whose wake-up is due by `now` to `now` (in wake-up order,
+    /// then user order), and returns the changes time caused.
+    pub fn tick(&mut self, now: Timestamp) -> Result<Vec<Logged>, StoreError> {
+        let mut out = Vec::new();
+        let plan = self.plan.clone();
+        let mut changes = std::mem::take(&mut self.scratch);
+        while let Some((t, user)) = self.timers.first().cloned() {
+            if t > now {
+                break;
+            }
+            self.timers.remove(&(t, user.clone()));
+            let entry = self.activate(&user)?;
+            plan.advance(&mut entry.state, &user, now, &mut changes);
+            let after = entry.state.next_wakeup();
+            if let Some(t) = after {
+                self.timers.insert((t, user.clone()));
+            }
+            self.dirty.insert(user.clone());
+            self.log(&mut changes, &mut out);
+        }
+        self.scratch = changes;
+        Ok(out)
+    }
+
+    /// Moves every user of the shard to `plan` at `now`, backfilling from the
+    /// retained events what the new rules need; `progress(done, total)` is called
+    /// as users are done.
+    pub fn apply_rules(
+        &mut self,
+        plan: Arc<Plan>,
+        now: Timestamp,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<Vec<Logged>, StoreError> {
+        let old = self.plan.clone();
+        let migration = plan.migration_from(&old);
+        let mut users: BTreeSet<UserId> = self.users.keys().cloned().collect();
+        for stored in self.store.users() {
+            users.insert(UserId::new(stored?.0));
+        }
+        let mut retained: FastMap<UserId, Vec<Event>> = FastMap::default();
+        if migration.needs_backfill() {
+            let since = day_of(now.minus(self.config.event_retention));
+            let stored = self
+                .store
+                .events_since(since)
+                .collect::<Result<Vec<_>, _>>()?;
+            let unsaved = self
+                .unsaved_events
+                .iter()
+                .map(|(_, _, bytes)| pb::Event::decode(bytes.as_slice()).map_err(StoreError::from))
+                .collect::<Result<Vec<_>, _>>()?;
+            for wire in stored.into_iter().chain(unsaved) {
+                if let Ok(event) = Event::try_from(wire) {
+                    retained.entry(event.user.clone()).or_default().push(event);
+                }
+            }
+        }
+        let total = users.len() as u64;
+        let mut out = Vec::new();
+        let mut changes = std::mem::take(&mut self.scratch);
+        self.members.clear();
+        for (done, user) in users.into_iter().enumerate() {
+            let entry = self.activate(&user)?;
+            let before = entry.state.next_wakeup();
+            migration.migrate(&mut entry.state, &user, now, &mut changes);
+            if let Some(events) = retained.get(&user) {
+                migration.backfill(&mut entry.state, &user, events, &mut changes);
+            }
+            let after = entry.state.next_wakeup();
+            let segments: Vec<SegmentId> = plan.members(&entry.state).cloned().collect();
+            self.retime(&user, before, after);
+            for segment in segments {
+                self.members
+                    .entry(segment)
+                    .or_default()
+                    .insert(user.clone());
+            }
+            self.dirty.insert(user.clone());
+            // The member index was rebuilt above; log without touching it again.
+            for change in changes.drain(..) {
+                let sequence = self.next_sequence;
+                self.next_sequence += 1;
+                let cursor = pb::Cursor {
+                    shard: self.id,
+                    epoch: self.epoch,
+                    sequence,
+                };
+                let wire = change_to_wire(&change, cursor);
+                self.unsaved_changes.push((sequence, wire.encode_to_vec()));
+                out.push(Logged {
+                    sequence,
+                    change: wire,
+                });
+            }
+            if done % 1024 == 1023 {
+                progress(done as u64 + 1, total);
+            }
+        }
+        progress(total, total);
+        self.scratch = changes;
+        self.plan = plan;
+        Ok(out)
+    }
+
+    /// The segments `user` is in, or `None` when the shard has never seen them.
+    pub fn user_segments(&self, user: &UserId) -> Result<Option<Vec<SegmentId>>, StoreError> {
+        if let Some(entry) = self.users.get(user) {
+            return Ok(Some(self.plan.members(&entry.state).cloned().collect()));
+        }
+        Ok(self
+            .store
+            .load_user(user.as_str())?
+            .map(|r| self.plan.members(&r.state).cloned().collect()))
+    }
+
+    /// Up to `limit` members of `segment` after `after`, in user-id order.
+    pub fn members_after(&self, segment: &str, after: &str, limit: usize) -> Vec<UserId> {
+        let Some(members) = self.members.get(segment) else {
+            return Vec::new();
+        };
+        members
+            .range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    /// Members per segment.
+    pub fn counts(&self) -> BTreeMap<SegmentId, u64> {
+        self.plan
+            .segment_ids()
+            .map(|s| (s.clone(), self.members.get(s).map_or(0, |m| m.len() as u64)))
+            .collect()
+    }
+
+    /// Number of users the shard has (active or stored).
+    pub fn user_count(&self) -> u64 {
+        self.user_count
+    }
+
+    /// Writes everything changed since the last checkpoint to the store (one
+    /// transaction; durable at the next `Store::sync`). Call only when every
+    /// applied input is durable, so the checkpoint matches `replay_from`.
+    pub fn checkpoint(&mut self, now: Timestamp) -> Result<(), StoreError> {
+        let mut users = Vec::with_capacity(self.dirty.len());
+        for user in self.dirty.drain() {
+            if let Some(entry) = self.users.get(&user) {
+                let record = UserRecord {
+                    state: entry.state.clone(),
+                    seen: entry.seen.clone(),
+                };
+                users.push((user.as_str().as_bytes().to_vec(), record.encode()));
+            }
+        }
+        let checkpoint = Checkpoint {
+            users,
+            events: std::mem::take(&mut self.unsaved_events),
+            changes: std::mem::take(&mut self.unsaved_changes),
+            meta: ShardMeta {
+                epoch: self.epoch,
+                replay_from: self.replay_from,
+                next_sequence: self.next_sequence,
+                next_event: self.next_event,
+                rule_version: self.plan.version().0,
+            },
+        };
+        self.store.checkpoint(&checkpoint)?;
+        self.store
+            .expire_events(day_of(now.minus(self.config.event_retention)))?;
+        self.store
+            .expire_changes(now.minus(self.config.change_retention).millis())?;
+        Ok(())
+    }
+
+    /// Drops clean users from memory, least recently used first, until at most
+    /// `keep` are active. Their state is in the store; timers and member index
+    /// entries stay, so they are woken and listed as before.
+    pub fn passivate(&mut self, keep: usize) -> usize {
+        if self.users.len() <= keep {
+            return 0;
+        }
+        let mut clean: Vec<(u64, UserId)> = self
+            .users
+            .iter()
+            .filter(|(u, _)| !self.dirty.contains(*u))
+            .map(|(u, e)| (e.touched, u.clone()))
+            .collect();
+        clean.sort_unstable();
+        let excess = self.users.len() - keep;
+        let mut dropped = 0;
+        for (_, user) in clean.into_iter().take(excess) {
+            self.users.remove(&user);
+            dropped += 1;
+        }
+        dropped
+    }
+
+    /// Approximate bytes the active users hold.
+    pub fn memory_bytes(&self) -> usize {
+        self.users
+            .values()
+            .map(|e| {
+                96 + std::mem::size_of::<UserState>()
+                    + e.state.heap_bytes()
+                    + 16 * e.seen.capacity()
+            })
+            .sum::<usize>()
+            + 64 * self.timers.len()
+    }
+
+    /// The store of this shard.
+    pub fn store(&self) -> &ShardStore {
+        &self.store
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dynseg_rules::{Limits, Properties, RuleVersion, SegmentDef, Value};
+
+    fn plan(rules: &[(&str, &str)], version: u64) -> Arc<Plan> {
+        let defs: Vec<_> = rules.iter().map(|(id, r)| SegmentDef::new(id, r)).collect();
+        Arc::new(Plan::compile(&defs, RuleVersion(version), &Limits::default()).unwrap())
+    }
+
+    fn t(s: &str) -> Timestamp {
+        Timestamp::parse_rfc3339(s).unwrap()
+    }
+
+    fn order(id: &str, user: &str, at: Timestamp) -> Event {
+        let props: Properties = [("revenue", Value::Number(100.0))].into_iter().collect();
+        Event::track(id, user, "order_completed", at, props)
+    }
+
+    fn summary(changes: &[Logged]) -> Vec<(u64, String, String, i32)> {
+        changes
+            .iter()
+            .map(|l| {
+                (
+                    l.sequence,
+                    l.change.user_id.clone(),
+                    l.change.segment.clone(),
+                    l.change.kind,
+                )
+            })
+            .collect()
+    }
+
+    fn open(dir: &std::path::Path, p: Arc<Plan>) -> (crate::store::Store, Shard) {
+        let store = crate::store::Store::open(dir).unwrap();
+        let shard = Shard::open(3, store.shard(3).unwrap(), p, ShardConfig::default()).unwrap();
+        (store, shard)
+    }
+
+    #[test]
+    fn batches_produce_sequenced_changes_and_repeats_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, mut shard) = open(
+            dir.path(),
+            plan(&[("buyer", "count(order_completed) in last 1d >= 1")], 1),
+        );
+        let now = t("2026-01-01T00:00:00Z");
+        let out = shard
+            .apply_batch(
+                now,
+                &[
+                    order("m1", "alice", now),
+                    order("m1", "alice", now),
+                    order("m2", "bob", now),
+                ],
+            )
+            .unwrap();
+        assert_eq!((out.applied, out.duplicates), (2, 1));
+        assert_eq!(
+            summary(&out.changes),
+            vec![
+                (1, "alice".into(), "buyer".into(), 1),
+                (2, "bob".into(), "buyer".into(), 1)
+            ]
+        );
+        // A repeat in a later batch is still a repeat.
+        let again = shard.apply_batch(now, &[order("m2", "bob", now)]).unwrap();
+        assert_eq!((again.applied, again.duplicates), (0, 1));
+        assert_eq!(shard.counts()[&SegmentId::from("buyer")], 2);
+        assert_eq!(shard.next_timer(), Some(now.plus(Span::days(1))));
+        // Time alone: both leave a day later, in user order.
+        let exits = shard.tick(now.plus(Span::days(1))).unwrap();
+        assert_eq!(
+            summary(&exits),
+            vec![
+                (3, "alice".into(), "buyer".into(), 2),
+                (4, "bob".into(), "buyer".into(), 2)
+            ]
+        );
+        assert_eq!(shard.next_timer(), None);
+    }
+
+    #[test]
+    fn repeats_are_forgotten_after_the_horizon() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, mut shard) = open(dir.path(), plan(&[], 1));
+        let now = t("2026-01-01T00:00:00Z");
+        assert_eq!(
+            shard
+                .apply_batch(now, &[order("m1", "alice", now)])
+                .unwrap()
+                .applied,
+            1
+        );
+        let later = now.plus(Span::days(6));
+        assert_eq!(
+            shard
+                .apply_batch(later, &[order("m1", "alice", later)])
+                .unwrap()
+                .duplicates,
+            1
+        );
+        let much_later = now.plus(Span::days(9));
+        assert_eq!(
+            shard
+                .apply_batch(much_later, &[order("m1", "alice", much_later)])
+                .unwrap()
+                .applied,
+            1
+        );
+    }
+
+    #[test]
+    fn checkpointed_state_reopens_identically_and_passivated_users_wake() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = plan(&[("buyer", "count(order_completed) in last 1d >= 1")], 1);
+        let now = t("2026-01-01T00:00:00Z");
+        {
+            let (store, mut shard) = open(dir.path(), p.clone());
+            shard
+                .apply_batch(now, &[order("m1", "alice", now)])
+                .unwrap();
+            shard.applied_record(Lsn {
+                segment: 0,
+                offset: 41,
+            });
+            shard.checkpoint(now).unwrap();
+            assert_eq!(shard.passivate(0), 1);
+            assert_eq!(shard.active_users(), 0);
+            // A passivated user still lists, looks up, and wakes.
+            assert_eq!(
+                shard.members_after("buyer", "", 10),
+                vec![UserId::from("alice")]
+            );
+            assert_eq!(
+                shard.user_segments(&UserId::from("alice")).unwrap(),
+                Some(vec![SegmentId::from("buyer")])
+            );
+            store.sync().unwrap();
+        }
+        let (_store, mut shard) = open(dir.path(), p);
+        assert_eq!(
+            shard.replay_from(),
+            Lsn {
+                segment: 0,
+                offset: 42
+            }
+        );
+        assert_eq!(shard.last_sequence(), 1);
+        assert_eq!(shard.next_timer(), Some(now.plus(Span::days(1))));
+        let exits = shard.tick(now.plus(Span::days(2))).unwrap();
+        assert_eq!(
+            summary(&exits),
+            vec![(2, "alice".into(), "buyer".into(), 2)]
+        );
+        // The dedupe memory came back with the state.
+        assert_eq!(
+            shard
+                .apply_batch(now, &[order("m1", "alice", now)])
+                .unwrap()
+                .duplicates,
+            1
+        );
+    }
+
+    #[test]
+    fn rule_changes_backfill_from_retained_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, mut shard) = open(dir.path(), plan(&[], 1));
+        let now = t("2026-01-01T00:00:00Z");
+        shard
+            .apply_batch(
+                now,
+                &[
+                    order("m1", "alice", now.minus(Span::hours(2))),
+                    order("m2", "alice", now),
+                    order("m3", "bob", now),
+                ],
+            )
+            .unwrap();
+        shard.checkpoint(now).unwrap();
+        let mut reported = Vec::new();
+        let changes = shard
+            .apply_rules(
+                plan(&[("repeat", "count(order_completed) in last 1d >= 2")], 2),
+                now,
+                |d, t| reported.push((d, t)),
+            )
+            .unwrap();
+        assert_eq!(
+            summary(&changes),
+            vec![(1, "alice".into(), "repeat".into(), 1)]
+        );
+        assert_eq!(changes[0].change.rule_version, 2);
+        assert_eq!(reported.last(), Some(&(2, 2)));
+        assert_eq!(shard.counts()[&SegmentId::from("repeat")], 1);
+    }
+
+    #[test]
+    fn message_hashes_are_fixed() {
+        assert_eq!(
+            message_hash(""),
+            0x6c62_272e_07bb_0142_62b8_2175_6295_c58d >> 32
+        );
+        assert_ne!(message_hash("m1"), message_hash("m2"));
+    }
+}
