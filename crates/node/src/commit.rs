@@ -26,6 +26,7 @@ enum Command {
         before: Lsn,
         done: oneshot::Sender<Result<usize, Arc<WalError>>>,
     },
+    Close,
 }
 
 /// Handle to the group-commit thread. Dropping every handle stops the thread
@@ -69,6 +70,11 @@ impl Committer {
         durable
     }
 
+    /// Asks the thread to sync what it has and stop; later appends fail.
+    pub async fn close(&self) {
+        let _ = self.tx.send(Command::Close).await;
+    }
+
     /// Deletes log segments wholly before `before`.
     pub async fn truncate_before(&self, before: Lsn) -> Result<usize, Arc<WalError>> {
         let (done, result) = oneshot::channel();
@@ -95,7 +101,11 @@ impl CommitThread {
 
 fn run(mut wal: Wal, mut rx: mpsc::Receiver<Command>) {
     let mut group = Vec::with_capacity(MAX_GROUP);
-    while let Some(first) = rx.blocking_recv() {
+    let mut closing = false;
+    while !closing {
+        let Some(first) = rx.blocking_recv() else {
+            break;
+        };
         group.push(first);
         while group.len() < MAX_GROUP {
             match rx.try_recv() {
@@ -113,6 +123,7 @@ fn run(mut wal: Wal, mut rx: mpsc::Receiver<Command>) {
                 Command::Truncate { before, done } => {
                     let _ = done.send(wal.truncate_before(before).map_err(Arc::new));
                 }
+                Command::Close => closing = true,
             }
         }
         let synced = if written.is_empty() {
@@ -130,6 +141,17 @@ fn run(mut wal: Wal, mut rx: mpsc::Receiver<Command>) {
     }
     if let Err(e) = wal.sync() {
         tracing::error!(error = %e, "final write-ahead log sync failed");
+    }
+    // Anything sent after the close is refused, not silently dropped.
+    rx.close();
+    while let Ok(command) = rx.try_recv() {
+        if let Command::Append { done, .. } = command {
+            let closed = WalError::Io {
+                path: Default::default(),
+                source: std::io::Error::other("the write-ahead log is shut down"),
+            };
+            let _ = done.send(Err(Arc::new(closed)));
+        }
     }
 }
 

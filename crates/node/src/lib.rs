@@ -1,8 +1,39 @@
 //! # dynseg-node: the shard node
 //!
-//! Work in progress.
+//! A node owns shards. Each shard is one task that owns its users' states and
+//! applies their events with the rule engine; every input is written to the
+//! node's write-ahead log and acknowledged once durable; membership changes go
+//! to a per-shard change log that subscribers follow from a cursor.
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`config`], [`clock`] | settings; the node's one clock (system or manual) |
+//! | [`validate`] | bounds on incoming events |
+//! | [`wal`], [`commit`], [`record`] | the write-ahead log, group commit, what it records |
+//! | [`store`] | sled: checkpoints, retained events, change log |
+//! | [`shard`] | the deterministic per-shard state machine |
+//! | [`changelog`] | published changes and how subscribers follow them |
+//! | [`runtime`] | shard tasks, recovery, checkpoints, the [`Node`] handle |
+//! | [`service`], [`transfer`], [`server`] | gRPC service, shard export/import, serving |
+//! | [`error`] | errors and their gRPC codes |
 
+pub mod changelog;
+pub mod clock;
 pub mod commit;
+pub mod config;
+pub mod error;
+pub mod record;
+pub mod runtime;
+pub mod server;
+pub mod service;
 pub mod shard;
 pub mod store;
+pub mod transfer;
+pub mod validate;
 pub mod wal;
+
+pub use clock::Clock;
+pub use config::NodeConfig;
+pub use error::NodeError;
+pub use runtime::{Node, NodeGuard};
+pub use server::{Server, run};

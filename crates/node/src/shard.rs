@@ -317,10 +317,11 @@ impl Shard {
         Ok(outcome)
     }
 
-    /// Moves every user whose wake-up is due by `now` to `now` (in wake-up order,
-    /// then user order), and returns the changes time caused.
+    /// Moves every user whose wake-up is due by `now` to `now`, and returns the
+    /// changes time caused, ordered by the instant they happened, then by user.
+    /// (That order depends only on the states, not on when earlier ticks ran, so
+    /// replay assigns the same sequence numbers.)
     pub fn tick(&mut self, now: Timestamp) -> Result<Vec<Logged>, StoreError> {
-        let mut out = Vec::new();
         let plan = self.plan.clone();
         let mut changes = std::mem::take(&mut self.scratch);
         while let Some((t, user)) = self.timers.first().cloned() {
@@ -335,8 +336,11 @@ impl Shard {
                 self.timers.insert((t, user.clone()));
             }
             self.dirty.insert(user.clone());
-            self.log(&mut changes, &mut out);
         }
+        // Stable: one user's changes keep their order.
+        changes.sort_by(|a, b| (a.at, &a.user).cmp(&(b.at, &b.user)));
+        let mut out = Vec::new();
+        self.log(&mut changes, &mut out);
         self.scratch = changes;
         Ok(out)
     }

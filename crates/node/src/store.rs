@@ -213,13 +213,50 @@ impl Store {
         Ok(Some((request.version, defs)))
     }
 
-    /// Records the rule set (made durable by the next [`Store::sync`]).
+    /// Records the rule set as the current one, and under its version (a shard
+    /// restarting from an older checkpoint needs the version it was under).
+    /// Durable at the next [`Store::sync`].
     pub fn set_rules(&self, version: u64, defs: &[SegmentDef]) -> Result<(), StoreError> {
         let request = pb::ApplyRulesRequest {
             version,
             segments: defs.iter().map(pb::SegmentDef::from).collect(),
         };
-        self.db.insert("rules", request.encode_to_vec())?;
+        let bytes = request.encode_to_vec();
+        self.db
+            .insert(format!("rules/{version:020}"), bytes.clone())?;
+        self.db.insert("rules", bytes)?;
+        Ok(())
+    }
+
+    /// The rule set of `version`, if it was ever applied here.
+    pub fn rules_version(&self, version: u64) -> Result<Option<Vec<SegmentDef>>, StoreError> {
+        let Some(bytes) = self.db.get(format!("rules/{version:020}"))? else {
+            return Ok(None);
+        };
+        let request = pb::ApplyRulesRequest::decode(&*bytes)?;
+        let defs = request
+            .segments
+            .into_iter()
+            .map(SegmentDef::try_from)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StoreError::Corrupt {
+                what: "rule set",
+                reason: e.0,
+            })?;
+        Ok(Some(defs))
+    }
+
+    /// The manual clock's last recorded time (milliseconds).
+    pub fn clock(&self) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .db
+            .get("clock")?
+            .and_then(|b| b.as_ref().try_into().ok().map(i64::from_le_bytes)))
+    }
+
+    /// Records the manual clock's time (durable at the next sync).
+    pub fn set_clock(&self, ms: i64) -> Result<(), StoreError> {
+        self.db.insert("clock", &ms.to_le_bytes())?;
         Ok(())
     }
 

@@ -1,0 +1,129 @@
+//! Runs one shard node: `dynseg-node --data-dir DIR [--listen ADDR] [--node-id ID]
+//! [--shard-count N] [--shards A-B] [--clock system|manual[=RFC3339]]
+//! [--checkpoint-secs S]`.
+//!
+//! Prints `listening on ADDR` once it serves, and shuts down cleanly (checkpoint,
+//! sync) on SIGTERM or Ctrl-C.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use dynseg_node::{Clock, NodeConfig, Server};
+use dynseg_rules::Timestamp;
+
+fn usage(problem: &str) -> ExitCode {
+    eprintln!("dynseg-node: {problem}");
+    eprintln!(
+        "usage: dynseg-node --data-dir DIR [--listen ADDR] [--node-id ID] [--shard-count N] [--shards A-B] [--clock system|manual[=RFC3339]] [--checkpoint-secs S]"
+    );
+    ExitCode::from(1)
+}
+
+fn parse(args: &[String]) -> Result<NodeConfig, String> {
+    let mut data_dir = None;
+    let mut listen = "127.0.0.1:0".to_owned();
+    let mut node_id = "node-1".to_owned();
+    let mut shard_count = 256u32;
+    let mut shards: Option<(u32, u32)> = None;
+    let mut clock = Clock::System;
+    let mut checkpoint_secs = None;
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        match flag.as_str() {
+            "--data-dir" => data_dir = Some(PathBuf::from(value()?)),
+            "--listen" => listen = value()?,
+            "--node-id" => node_id = value()?,
+            "--shard-count" => {
+                shard_count = value()?
+                    .parse()
+                    .map_err(|_| "--shard-count takes a number")?
+            }
+            "--shards" => {
+                let v = value()?;
+                let (a, b) = v.split_once('-').unwrap_or((&v, &v));
+                let a = a.parse().map_err(|_| "--shards takes A-B")?;
+                let b = b.parse().map_err(|_| "--shards takes A-B")?;
+                shards = Some((a, b));
+            }
+            "--clock" => {
+                let v = value()?;
+                clock = match v.split_once('=') {
+                    None if v == "system" => Clock::System,
+                    None if v == "manual" => Clock::manual(Clock::System.now()),
+                    Some(("manual", at)) => {
+                        Clock::manual(Timestamp::parse_rfc3339(at).map_err(|e| e.to_string())?)
+                    }
+                    _ => return Err(format!("unknown clock {v}")),
+                };
+            }
+            "--checkpoint-secs" => {
+                checkpoint_secs = Some(
+                    value()?
+                        .parse::<u64>()
+                        .map_err(|_| "--checkpoint-secs takes a number")?,
+                )
+            }
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    let data_dir = data_dir.ok_or("--data-dir is required")?;
+    let listen = listen
+        .parse()
+        .map_err(|_| format!("invalid --listen address {listen}"))?;
+    let mut config = NodeConfig::new(data_dir, listen, clock);
+    config.node_id = node_id;
+    config.shard_count = shard_count;
+    let (a, b) = shards.unwrap_or((0, shard_count.saturating_sub(1)));
+    config.shards = (a..=b.min(shard_count.saturating_sub(1)))
+        .map(|s| (s, 1))
+        .collect();
+    if let Some(s) = checkpoint_secs {
+        config.checkpoint_every = std::time::Duration::from_secs(s.max(1));
+    }
+    Ok(config)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let config = match parse(&args) {
+        Ok(config) => config,
+        Err(problem) => return usage(&problem),
+    };
+    let server = match Server::start(config).await {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("dynseg-node: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    println!("listening on {}", server.addr);
+    let _ = std::io::stdout().flush();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            eprintln!("dynseg-node: cannot watch SIGTERM: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    server.shutdown().await;
+    ExitCode::SUCCESS
+}

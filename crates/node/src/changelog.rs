@@ -1,0 +1,199 @@
+//! A shard's change log as subscribers see it: every published change, in
+//! sequence order, from the store (checkpointed) and from memory (since the last
+//! checkpoint), then live.
+//!
+//! A follower reads history, then live changes from a broadcast channel; it
+//! tracks the last sequence it delivered, so switching from history to live (or
+//! back, when it falls behind the broadcast) never repeats or skips a change.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use dynseg_proto::pb;
+use tokio::sync::{Notify, broadcast, mpsc, watch};
+
+use crate::shard::Logged;
+use crate::store::{ShardStore, StoreError};
+
+/// Live changes a follower may fall behind by before it re-reads history.
+const LIVE_BUFFER: usize = 8192;
+
+/// One shard's published changes.
+pub struct ChangeLog {
+    store: ShardStore,
+    /// Guarded by a std mutex: held only to copy or append, never across an await.
+    recent: Mutex<Recent>,
+    live: broadcast::Sender<Arc<pb::MembershipChange>>,
+    /// Set when the shard stops being served here: followers end.
+    closed: watch::Sender<bool>,
+    followers: AtomicUsize,
+    idle: Notify,
+}
+
+/// Counts a follower while it runs.
+struct Following<'a>(&'a ChangeLog);
+
+impl Drop for Following<'_> {
+    fn drop(&mut self) {
+        self.0.followers.fetch_sub(1, Ordering::SeqCst);
+        self.0.idle.notify_waiters();
+    }
+}
+
+#[derive(Default)]
+struct Recent {
+    /// Published since the last checkpoint, in sequence order.
+    changes: VecDeque<Arc<pb::MembershipChange>>,
+    /// The last published sequence.
+    last: u64,
+}
+
+fn sequence(change: &pb::MembershipChange) -> u64 {
+    change.cursor.as_ref().map_or(0, |c| c.sequence)
+}
+
+impl ChangeLog {
+    /// The log of a shard whose last published sequence is `last`.
+    pub fn new(store: ShardStore, last: u64) -> ChangeLog {
+        let (live, _) = broadcast::channel(LIVE_BUFFER);
+        let (closed, _) = watch::channel(false);
+        ChangeLog {
+            store,
+            recent: Mutex::new(Recent {
+                changes: VecDeque::new(),
+                last,
+            }),
+            live,
+            closed,
+            followers: AtomicUsize::new(0),
+            idle: Notify::new(),
+        }
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        // A panic while holding this lock cannot leave it half-updated (pushes
+        // only), so a poisoned lock is still consistent.
+        self.recent
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Publishes durable changes: followers see them from now on.
+    pub fn publish(&self, changes: &[Logged]) {
+        if changes.is_empty() {
+            return;
+        }
+        let mut recent = self.recent();
+        for logged in changes {
+            let change = Arc::new(logged.change.clone());
+            recent.last = logged.sequence;
+            recent.changes.push_back(change.clone());
+            let _ = self.live.send(change);
+        }
+    }
+
+    /// The shard checkpointed: what was in memory is in the store now.
+    pub fn checkpointed(&self) {
+        self.recent().changes.clear();
+    }
+
+    /// Ends every follower (the shard is no longer served here).
+    pub fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    /// Waits until every follower has ended (after [`ChangeLog::close`]).
+    pub async fn wait_idle(&self) {
+        loop {
+            let idle = self.idle.notified();
+            if self.followers.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    /// The last published sequence.
+    pub fn last(&self) -> u64 {
+        self.recent().last
+    }
+
+    /// Follows the log after sequence `after`, sending `wrap(change)` to `out` for
+    /// each change `keep` accepts, until `out` is closed.
+    pub async fn follow<T>(
+        self: Arc<Self>,
+        mut after: u64,
+        keep: impl Fn(&pb::MembershipChange) -> bool,
+        out: &mpsc::Sender<T>,
+        wrap: impl Fn(pb::MembershipChange) -> T,
+    ) -> Result<(), StoreError> {
+        let deliver = async |change: Arc<pb::MembershipChange>| {
+            out.send(wrap((*change).clone())).await.is_ok()
+        };
+        self.followers.fetch_add(1, Ordering::SeqCst);
+        let _following = Following(&self);
+        let mut closed = self.closed.subscribe();
+        loop {
+            if *closed.borrow() {
+                return Ok(());
+            }
+            let (mut live, snapshot) = {
+                let recent = self.recent();
+                (
+                    self.live.subscribe(),
+                    recent.changes.iter().cloned().collect::<Vec<_>>(),
+                )
+            };
+            let first_recent = snapshot.first().map_or(u64::MAX, |c| sequence(c));
+            // Checkpointed history, in pages.
+            while after + 1 < first_recent {
+                let page = self.store.changes_after(after, 1024)?;
+                if page.is_empty() {
+                    break;
+                }
+                for change in page {
+                    let seq = sequence(&change);
+                    if seq >= first_recent {
+                        break;
+                    }
+                    after = seq;
+                    if keep(&change) && !deliver(Arc::new(change)).await {
+                        return Ok(());
+                    }
+                }
+            }
+            for change in snapshot {
+                let seq = sequence(&change);
+                if seq <= after {
+                    continue;
+                }
+                after = seq;
+                if keep(&change) && !deliver(change).await {
+                    return Ok(());
+                }
+            }
+            loop {
+                let received = tokio::select! {
+                    received = live.recv() => received,
+                    _ = closed.wait_for(|c| *c) => return Ok(()),
+                };
+                match received {
+                    Ok(change) => {
+                        let seq = sequence(&change);
+                        if seq <= after {
+                            continue;
+                        }
+                        after = seq;
+                        if keep(&change) && !deliver(change).await {
+                            return Ok(());
+                        }
+                    }
+                    // Fell behind: read what was missed from history.
+                    Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                }
+            }
+        }
+    }
+}

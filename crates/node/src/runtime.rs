@@ -1,0 +1,970 @@
+//! The async shell around the shards.
+//!
+//! ```text
+//!  gRPC handlers ──Command──▶ shard task (owns one Shard) ──record──▶ commit thread (WAL)
+//!                  ◀─reply──        │ applies in memory at once          │ fdatasync per group
+//!                                   ◀────────── durable(lsn) ────────────┘
+//!                                   └─ publishes changes (ChangeLog), acks the client
+//! ```
+//!
+//! A shard task applies each input as it arrives and sends its record to the
+//! commit thread without waiting; it acknowledges and publishes inputs strictly in
+//! order, as their records become durable. Checkpoints happen when nothing is in
+//! flight, so a checkpoint's state matches exactly the records before its
+//! `replay_from`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use dynseg_proto::pb;
+use dynseg_rules::{Event, Plan, RuleVersion, SegmentDef, SegmentId, Timestamp, UserId};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::changelog::ChangeLog;
+use crate::clock::Clock;
+use crate::commit::{CommitThread, Committer, Durable};
+use crate::config::NodeConfig;
+use crate::error::NodeError;
+use crate::record::{Input, Tick, WalRecord};
+use crate::shard::{Logged, Shard};
+use crate::store::{ShardStore, Store};
+use crate::wal::{Lsn, Wal};
+
+type Reply<T> = oneshot::Sender<Result<T, NodeError>>;
+
+/// What a shard task is asked to do.
+pub(crate) enum Command {
+    Ingest {
+        epoch: u64,
+        events: Vec<Event>,
+        wire: Vec<pb::Event>,
+        rejected: Vec<pb::RejectedEvent>,
+        reply: Reply<pb::IngestResponse>,
+    },
+    Tick {
+        now: Timestamp,
+        reply: Option<Reply<()>>,
+    },
+    Rules {
+        plan: Arc<Plan>,
+        request: pb::ApplyRulesRequest,
+        progress: mpsc::Sender<pb::RuleProgress>,
+        reply: Reply<()>,
+    },
+    GetUser {
+        user: UserId,
+        reply: Reply<Option<Vec<SegmentId>>>,
+    },
+    Members {
+        segment: String,
+        after: String,
+        limit: usize,
+        reply: Reply<Vec<UserId>>,
+    },
+    Counts {
+        reply: Reply<(BTreeMap<SegmentId, u64>, u64)>,
+    },
+    Status {
+        reply: Reply<pb::ShardStatus>,
+    },
+    Checkpoint {
+        keep_bytes: usize,
+        reply: Reply<Lsn>,
+    },
+    SetEpoch {
+        epoch: u64,
+        reply: Reply<()>,
+    },
+    Stop {
+        reply: Reply<()>,
+    },
+}
+
+/// A running shard, as the rest of the node reaches it.
+#[derive(Clone)]
+pub(crate) struct ShardHandle {
+    pub(crate) tx: mpsc::Sender<Command>,
+    pub(crate) log: Arc<ChangeLog>,
+    pub(crate) epoch: Arc<AtomicU64>,
+}
+
+/// The node's rule set.
+#[derive(Clone)]
+pub(crate) struct Rules {
+    pub(crate) plan: Arc<Plan>,
+    pub(crate) defs: Vec<SegmentDef>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: NodeConfig,
+    pub(crate) clock: Clock,
+    pub(crate) committer: Committer,
+    pub(crate) store: Store,
+    /// The served shards. A std lock: held only to clone a handle or update the
+    /// map, never across an await.
+    pub(crate) shards: RwLock<BTreeMap<u32, ShardHandle>>,
+    /// Owners of shards released elsewhere, named in redirects.
+    pub(crate) owners: RwLock<BTreeMap<u32, String>>,
+    pub(crate) rules: RwLock<Rules>,
+    pub(crate) tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    shutdown: watch::Sender<bool>,
+}
+
+/// A running node. Cloning shares it.
+#[derive(Clone)]
+pub struct Node {
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// Owns what must be stopped in order at shutdown.
+pub struct NodeGuard {
+    node: Node,
+    commit: Option<CommitThread>,
+}
+
+fn compile(version: u64, defs: &[SegmentDef], config: &NodeConfig) -> Result<Arc<Plan>, NodeError> {
+    Ok(Arc::new(Plan::compile(
+        defs,
+        RuleVersion(version),
+        &config.rule_limits,
+    )?))
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    // Writers only swap whole values, so a poisoned lock still holds a valid one.
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A shard opened from the store under the plan of its stored rule version.
+fn open_shard(store: &Store, shard: u32, config: &NodeConfig) -> Result<Shard, NodeError> {
+    let shard_store = store.shard(shard)?;
+    let version = shard_store.meta()?.rule_version;
+    let defs = if version == 0 {
+        Vec::new()
+    } else {
+        store.rules_version(version)?.unwrap_or_default()
+    };
+    let plan = compile(version, &defs, config)?;
+    Ok(Shard::open(shard, shard_store, plan, config.shard.clone())?)
+}
+
+/// Applies one logged input to a shard (live or in replay).
+fn apply_input(
+    shard: &mut Shard,
+    record: &WalRecord,
+    config: &NodeConfig,
+) -> Result<Vec<Logged>, NodeError> {
+    let now = Timestamp(record.now_ms);
+    match &record.input {
+        Some(Input::Batch(batch)) => {
+            let events: Vec<Event> = batch
+                .events
+                .iter()
+                .cloned()
+                .filter_map(|e| Event::try_from(e).ok())
+                .collect();
+            Ok(shard.apply_batch(now, &events)?.changes)
+        }
+        Some(Input::Tick(_)) => Ok(shard.tick(now)?),
+        Some(Input::Rules(request)) => {
+            let defs = rule_defs(request)?;
+            let plan = compile(request.version, &defs, config)?;
+            Ok(shard.apply_rules(plan, now, |_, _| {})?)
+        }
+        None => Ok(Vec::new()),
+    }
+}
+
+fn rule_defs(request: &pb::ApplyRulesRequest) -> Result<Vec<SegmentDef>, NodeError> {
+    request
+        .segments
+        .iter()
+        .cloned()
+        .map(SegmentDef::try_from)
+        .collect::<Result<_, _>>()
+        .map_err(|e| NodeError::Invalid(e.0))
+}
+
+impl Node {
+    /// Opens the node's data (recovering from the write-ahead log after a crash),
+    /// starts its shard tasks and its checkpoint loop.
+    pub async fn start(config: NodeConfig) -> Result<(Node, NodeGuard), NodeError> {
+        let started = Instant::now();
+        let wal_dir = config.data_dir.join("wal");
+        let (mut wal, repair) = Wal::open(&wal_dir, config.wal_segment_bytes)
+            .map_err(|e| NodeError::Wal(Arc::new(e)))?;
+        let store = Store::open(&config.data_dir.join("store"))?;
+        // A manual clock resumes where it was: time never goes back.
+        if let Some(ms) = store.clock()? {
+            config.clock.advance_to(Timestamp(ms));
+        }
+        let (version, defs) = store.rules()?.unwrap_or((0, Vec::new()));
+        let mut rules = Rules {
+            plan: compile(version, &defs, &config)?,
+            defs,
+        };
+
+        let mut shards: BTreeMap<u32, Shard> = BTreeMap::new();
+        let mut wanted: BTreeMap<u32, u64> = config.shards.iter().copied().collect();
+        for stored in store.stored_shards() {
+            wanted.entry(stored).or_insert(0);
+        }
+        for (&id, &epoch) in &wanted {
+            let mut shard = open_shard(&store, id, &config)?;
+            if epoch > shard.epoch() {
+                shard.set_epoch(epoch);
+            }
+            shards.insert(id, shard);
+        }
+
+        // Replay what the checkpoints do not hold.
+        let from = shards
+            .values()
+            .map(Shard::replay_from)
+            .min()
+            .unwrap_or_default();
+        let mut replayed = 0u64;
+        Wal::replay(&wal_dir, from, |at, payload| {
+            let Ok(record) = <WalRecord as prost::Message>::decode(payload) else {
+                tracing::warn!(?at, "skipping an undecodable write-ahead log record");
+                return Ok(());
+            };
+            // The newest rule set seen in the log is the node's, even if the crash
+            // came before it was recorded in the store.
+            if let Some(Input::Rules(request)) = &record.input
+                && request.version > rules.plan.version().0
+                && let Ok(defs) = rule_defs(request)
+                && let Ok(plan) = compile(request.version, &defs, &config)
+            {
+                rules = Rules { plan, defs };
+            }
+            // Changes replay regenerates go to the shard's unsaved change log, so
+            // the checkpoint below stores them for subscribers.
+            if let Some(shard) = shards.get_mut(&record.shard)
+                && at >= shard.replay_from()
+            {
+                if let Err(e) = apply_input(shard, &record, &config) {
+                    tracing::error!(shard = record.shard, error = %e, "replaying a record failed");
+                }
+                shard.applied_record(at);
+                replayed += 1;
+            }
+            Ok(())
+        })
+        .map_err(|e| NodeError::Wal(Arc::new(e)))?;
+        store.set_rules(rules.plan.version().0, &rules.defs)?;
+
+        // Checkpoint what replay rebuilt, so the log before it can go.
+        let now = config.clock.now();
+        for shard in shards.values_mut() {
+            shard.checkpoint(now)?;
+        }
+        store.sync()?;
+        if let Some(min) = shards.values().map(Shard::replay_from).min() {
+            wal.truncate_before(min)
+                .map_err(|e| NodeError::Wal(Arc::new(e)))?;
+        }
+
+        let (committer, commit_thread) = Committer::start(wal);
+        let (shutdown, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            clock: config.clock.clone(),
+            committer,
+            store,
+            shards: RwLock::new(BTreeMap::new()),
+            owners: RwLock::new(BTreeMap::new()),
+            rules: RwLock::new(rules),
+            tasks: std::sync::Mutex::new(Vec::new()),
+            shutdown,
+            config,
+        });
+        let node = Node { inner };
+        let count = shards.len();
+        for (id, shard) in shards {
+            let log = Arc::new(ChangeLog::new(shard.store().clone(), shard.last_sequence()));
+            node.spawn_shard(id, shard, log);
+        }
+        node.spawn_checkpoints();
+        tracing::info!(
+            shards = count,
+            replayed_records = replayed,
+            torn_bytes = repair.torn_bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "node started"
+        );
+        let guard = NodeGuard {
+            node: node.clone(),
+            commit: Some(commit_thread),
+        };
+        Ok((node, guard))
+    }
+
+    fn spawn_shard(&self, id: u32, shard: Shard, log: Arc<ChangeLog>) {
+        let (tx, rx) = mpsc::channel(1024);
+        let epoch = Arc::new(AtomicU64::new(shard.epoch()));
+        let handle = ShardHandle {
+            tx,
+            log: log.clone(),
+            epoch: epoch.clone(),
+        };
+        write(&self.inner.shards).insert(id, handle);
+        let task = ShardTask {
+            shard,
+            log,
+            epoch,
+            committer: self.inner.committer.clone(),
+            clock: self.inner.clock.clone(),
+            tick_every: self.inner.config.tick_every,
+            inflight: VecDeque::new(),
+            checkpoints: Vec::new(),
+            failed: None,
+        };
+        let join = tokio::spawn(task.run(rx, self.inner.shutdown.subscribe()));
+        self.inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(join);
+    }
+
+    fn spawn_checkpoints(&self) {
+        let node = self.clone();
+        let mut shutdown = self.inner.shutdown.subscribe();
+        let every = self.inner.config.checkpoint_every;
+        let join = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = tokio::time::sleep(every) => {
+                        if let Err(e) = node.checkpoint().await {
+                            tracing::error!(error = %e, "checkpoint failed");
+                        }
+                    }
+                }
+            }
+        });
+        self.inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(join);
+    }
+
+    pub(crate) fn handle(&self, shard: u32) -> Result<ShardHandle, NodeError> {
+        read(&self.inner.shards)
+            .get(&shard)
+            .cloned()
+            .ok_or_else(|| NodeError::NotServing {
+                shard,
+                owner: read(&self.inner.owners).get(&shard).cloned(),
+            })
+    }
+
+    pub(crate) fn handles(&self) -> Vec<(u32, ShardHandle)> {
+        read(&self.inner.shards)
+            .iter()
+            .map(|(id, h)| (*id, h.clone()))
+            .collect()
+    }
+
+    pub(crate) async fn ask<T>(
+        &self,
+        handle: &ShardHandle,
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> Result<T, NodeError> {
+        let (reply, answer) = oneshot::channel();
+        handle
+            .tx
+            .send(make(reply))
+            .await
+            .map_err(|_| NodeError::Unavailable("the shard is stopping".into()))?;
+        answer
+            .await
+            .map_err(|_| NodeError::Unavailable("the shard stopped".into()))?
+    }
+
+    /// The node's settings.
+    pub fn config(&self) -> &NodeConfig {
+        &self.inner.config
+    }
+
+    /// The current time on the node's clock.
+    pub fn now(&self) -> Timestamp {
+        self.inner.clock.now()
+    }
+
+    /// The current rule-set version.
+    pub fn rule_version(&self) -> u64 {
+        read(&self.inner.rules).plan.version().0
+    }
+
+    /// Ends every subscription to this node's change logs and waits until they are
+    /// gone (shutdown).
+    pub async fn close_subscriptions(&self) {
+        let handles = self.handles();
+        for (_, handle) in &handles {
+            handle.log.close();
+        }
+        for (_, handle) in &handles {
+            handle.log.wait_idle().await;
+        }
+    }
+
+    /// Checkpoints every shard, makes the store durable, and deletes the
+    /// write-ahead log the checkpoints cover. Shards also passivate users to stay
+    /// in the memory budget.
+    pub async fn checkpoint(&self) -> Result<(), NodeError> {
+        let handles = self.handles();
+        let keep_bytes = self.inner.config.memory_budget / handles.len().max(1);
+        let mut min: Option<Lsn> = None;
+        for (_, handle) in &handles {
+            let lsn = self
+                .ask(handle, |reply| Command::Checkpoint { keep_bytes, reply })
+                .await?;
+            min = Some(min.map_or(lsn, |m| m.min(lsn)));
+        }
+        if self.inner.clock.is_manual() {
+            self.inner.store.set_clock(self.now().millis())?;
+        }
+        self.inner.store.sync()?;
+        for (_, handle) in &handles {
+            handle.log.checkpointed();
+        }
+        if let Some(min) = min {
+            self.inner.committer.truncate_before(min).await?;
+        }
+        Ok(())
+    }
+
+    /// Moves a manual clock to `to` and returns once every change due by then is
+    /// durable and published.
+    pub async fn advance_clock(&self, to: Timestamp) -> Result<Timestamp, NodeError> {
+        let now = self
+            .inner
+            .clock
+            .advance_to(to)
+            .ok_or(NodeError::NotManualClock)?;
+        let mut waits = Vec::new();
+        for (_, handle) in self.handles() {
+            let (reply, answer) = oneshot::channel();
+            handle
+                .tx
+                .send(Command::Tick {
+                    now,
+                    reply: Some(reply),
+                })
+                .await
+                .map_err(|_| NodeError::Unavailable("a shard is stopping".into()))?;
+            waits.push(answer);
+        }
+        for wait in waits {
+            wait.await
+                .map_err(|_| NodeError::Unavailable("a shard stopped".into()))??;
+        }
+        Ok(now)
+    }
+
+    /// Applies rule-set `version` on every shard (backfilling new rules from
+    /// retained events), sending progress as shards work.
+    pub async fn apply_rules(
+        &self,
+        version: u64,
+        defs: Vec<SegmentDef>,
+        progress: mpsc::Sender<pb::RuleProgress>,
+    ) -> Result<(), NodeError> {
+        let current = self.rule_version();
+        if version <= current {
+            return Err(NodeError::Invalid(format!(
+                "rule version {version} is not newer than the current {current}"
+            )));
+        }
+        let plan = compile(version, &defs, &self.inner.config)?;
+        self.inner.store.set_rules(version, &defs)?;
+        *write(&self.inner.rules) = Rules {
+            plan: plan.clone(),
+            defs: defs.clone(),
+        };
+        let request = pb::ApplyRulesRequest {
+            version,
+            segments: defs.iter().map(pb::SegmentDef::from).collect(),
+        };
+        let mut waits = Vec::new();
+        for (_, handle) in self.handles() {
+            let (reply, answer) = oneshot::channel();
+            let command = Command::Rules {
+                plan: plan.clone(),
+                request: request.clone(),
+                progress: progress.clone(),
+                reply,
+            };
+            handle
+                .tx
+                .send(command)
+                .await
+                .map_err(|_| NodeError::Unavailable("a shard is stopping".into()))?;
+            waits.push(answer);
+        }
+        for wait in waits {
+            wait.await
+                .map_err(|_| NodeError::Unavailable("a shard stopped".into()))??;
+        }
+        Ok(())
+    }
+
+    /// Starts serving `shard` at `epoch` (opening its stored data, if any).
+    pub async fn assign_shard(&self, shard: u32, epoch: u64) -> Result<(), NodeError> {
+        if let Ok(handle) = self.handle(shard) {
+            self.ask(&handle, |reply| Command::SetEpoch { epoch, reply })
+                .await?;
+            handle.epoch.store(epoch, Ordering::SeqCst);
+            return Ok(());
+        }
+        let mut opened = open_shard(&self.inner.store, shard, &self.inner.config)?;
+        opened.set_epoch(epoch.max(opened.epoch()));
+        let plan = read(&self.inner.rules).plan.clone();
+        if opened.plan().version() != plan.version() {
+            let now = self.now();
+            let request = pb::ApplyRulesRequest {
+                version: plan.version().0,
+                segments: read(&self.inner.rules)
+                    .defs
+                    .iter()
+                    .map(pb::SegmentDef::from)
+                    .collect(),
+            };
+            let record = WalRecord {
+                shard,
+                now_ms: now.millis(),
+                input: Some(Input::Rules(request)),
+            };
+            opened.apply_rules(plan, now, |_, _| {})?;
+            let at = self
+                .inner
+                .committer
+                .append(record.to_bytes())
+                .await
+                .await
+                .map_err(|_| NodeError::Unavailable("log stopped".into()))??;
+            opened.applied_record(at);
+        }
+        opened.checkpoint(self.now())?;
+        self.inner.store.sync()?;
+        write(&self.inner.owners).remove(&shard);
+        let log = Arc::new(ChangeLog::new(
+            opened.store().clone(),
+            opened.last_sequence(),
+        ));
+        self.spawn_shard(shard, opened, log);
+        Ok(())
+    }
+
+    /// Stops serving `shard` (checkpointing it first); clients are pointed at
+    /// `new_owner`.
+    pub async fn release_shard(
+        &self,
+        shard: u32,
+        new_owner: Option<String>,
+    ) -> Result<(), NodeError> {
+        let handle = self.handle(shard)?;
+        self.ask(&handle, |reply| Command::Stop { reply }).await?;
+        self.inner.store.sync()?;
+        write(&self.inner.shards).remove(&shard);
+        handle.log.close();
+        handle.log.wait_idle().await;
+        if let Some(owner) = new_owner {
+            write(&self.inner.owners).insert(shard, owner);
+        }
+        Ok(())
+    }
+
+    /// The store of a shard this node holds data for.
+    pub fn shard_store(&self, shard: u32) -> Result<ShardStore, NodeError> {
+        Ok(self.inner.store.shard(shard)?)
+    }
+
+    /// The node's store (for export/import).
+    pub(crate) fn store(&self) -> &Store {
+        &self.inner.store
+    }
+}
+
+impl NodeGuard {
+    /// Stops the node cleanly: shards finish what is in flight and checkpoint, the
+    /// store is synced, the log's last group is synced and its thread joined.
+    pub async fn shutdown(mut self) {
+        let node = &self.node;
+        if let Err(e) = node.checkpoint().await {
+            tracing::warn!(error = %e, "final checkpoint failed");
+        }
+        let _ = node.inner.shutdown.send(true);
+        let tasks: Vec<JoinHandle<()>> =
+            std::mem::take(&mut *node.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in tasks {
+            let _ = task.await;
+        }
+        if let Err(e) = node.inner.store.sync() {
+            tracing::warn!(error = %e, "final store sync failed");
+        }
+        write(&node.inner.shards).clear();
+        node.inner.committer.close().await;
+        if let Some(thread) = self.commit.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        tracing::info!("node stopped");
+    }
+}
+
+/// One input applied in memory whose record is not durable yet.
+struct Inflight {
+    /// `None`: nothing was logged (a tick that changed nothing); it completes
+    /// when everything before it has.
+    durable: Option<oneshot::Receiver<Durable>>,
+    changes: Vec<Logged>,
+    done: Done,
+}
+
+enum Done {
+    Ingest(Reply<pb::IngestResponse>, pb::IngestResponse),
+    Unit(Option<Reply<()>>),
+}
+
+struct ShardTask {
+    shard: Shard,
+    log: Arc<ChangeLog>,
+    epoch: Arc<AtomicU64>,
+    committer: Committer,
+    clock: Clock,
+    tick_every: Duration,
+    inflight: VecDeque<Inflight>,
+    checkpoints: Vec<(usize, Reply<Lsn>)>,
+    /// Set once the log failed: the shard refuses further writes.
+    failed: Option<String>,
+}
+
+impl ShardTask {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let next_timer = if self.clock.is_manual() {
+                None
+            } else {
+                self.shard.next_timer()
+            };
+            let wait = next_timer.map(|t| {
+                let ms = (t.millis() - self.clock.now().millis())
+                    .clamp(0, self.tick_every.as_millis() as i64);
+                Duration::from_millis(ms as u64)
+            });
+            self.finish_unlogged();
+            let front = self.inflight.front_mut().and_then(|f| f.durable.as_mut());
+            let has_front = front.is_some();
+            tokio::select! {
+                biased;
+                durable = async { front.expect("guarded by has_front").await }, if has_front => {
+                    self.finish_front(durable);
+                }
+                command = rx.recv() => match command {
+                    Some(Command::Stop { reply }) => {
+                        self.drain().await;
+                        let result = self.shard.checkpoint(self.clock.now()).map_err(NodeError::from);
+                        let _ = reply.send(result);
+                        return;
+                    }
+                    Some(command) => self.handle(command).await,
+                    None => break,
+                },
+                _ = tokio::time::sleep(wait.unwrap_or(Duration::from_secs(3600))), if wait.is_some() => {
+                    let now = self.clock.now();
+                    if self.shard.next_timer().is_some_and(|t| t <= now) {
+                        self.tick(now, None).await;
+                    }
+                }
+                _ = shutdown.changed() => break,
+            }
+            if !self.checkpoints.is_empty() && self.inflight.is_empty() {
+                self.checkpoint_now();
+            }
+        }
+        self.drain().await;
+        if let Err(e) = self.shard.checkpoint(self.clock.now()) {
+            tracing::error!(shard = self.shard.id(), error = %e, "checkpoint at shutdown failed");
+        }
+    }
+
+    /// Waits for everything in flight, publishing as it becomes durable.
+    async fn drain(&mut self) {
+        loop {
+            self.finish_unlogged();
+            let Some(front) = self.inflight.front_mut().and_then(|f| f.durable.as_mut()) else {
+                return;
+            };
+            let durable = front.await;
+            self.finish_front(durable);
+        }
+    }
+
+    /// Completes the entries at the front that logged nothing.
+    fn finish_unlogged(&mut self) {
+        while self.inflight.front().is_some_and(|f| f.durable.is_none()) {
+            if let Some(item) = self.inflight.pop_front() {
+                self.log.publish(&item.changes);
+                if let Done::Unit(Some(reply)) = item.done {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+        }
+    }
+
+    fn finish_front(&mut self, durable: Result<Durable, oneshot::error::RecvError>) {
+        let Some(item) = self.inflight.pop_front() else {
+            return;
+        };
+        match durable {
+            Ok(Ok(lsn)) => {
+                self.shard.applied_record(lsn);
+                self.log.publish(&item.changes);
+                match item.done {
+                    Done::Ingest(reply, response) => {
+                        let _ = reply.send(Ok(response));
+                    }
+                    Done::Unit(Some(reply)) => {
+                        let _ = reply.send(Ok(()));
+                    }
+                    Done::Unit(None) => {}
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::error!(shard = self.shard.id(), error = %e, "write-ahead log failed; the shard stops accepting writes");
+                self.failed = Some(e.to_string());
+                self.fail(item.done, NodeError::Wal(e));
+            }
+            Err(_) => {
+                self.failed = Some("the write-ahead log stopped".into());
+                self.fail(
+                    item.done,
+                    NodeError::Unavailable("the write-ahead log stopped".into()),
+                );
+            }
+        }
+    }
+
+    fn fail(&self, done: Done, error: NodeError) {
+        match done {
+            Done::Ingest(reply, _) => {
+                let _ = reply.send(Err(error));
+            }
+            Done::Unit(Some(reply)) => {
+                let _ = reply.send(Err(error));
+            }
+            Done::Unit(None) => {}
+        }
+    }
+
+    /// Logs `record` (already applied) and queues its completion.
+    async fn log_input(&mut self, record: WalRecord, changes: Vec<Logged>, done: Done) {
+        let durable = self.committer.append(record.to_bytes()).await;
+        self.inflight.push_back(Inflight {
+            durable: Some(durable),
+            changes,
+            done,
+        });
+    }
+
+    async fn tick(&mut self, now: Timestamp, reply: Option<Reply<()>>) {
+        match self.shard.tick(now) {
+            // A tick that changes no membership needs no record: replaying the
+            // next input advances those users the same way.
+            Ok(changes) if changes.is_empty() => {
+                // Answered once what is already in flight is durable.
+                self.inflight.push_back(Inflight {
+                    durable: None,
+                    changes,
+                    done: Done::Unit(reply),
+                });
+            }
+            Ok(changes) => {
+                let record = WalRecord {
+                    shard: self.shard.id(),
+                    now_ms: now.millis(),
+                    input: Some(Input::Tick(Tick {})),
+                };
+                self.log_input(record, changes, Done::Unit(reply)).await;
+            }
+            Err(e) => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(e.into()));
+                }
+            }
+        }
+    }
+
+    fn checkpoint_now(&mut self) {
+        let now = self.clock.now();
+        let result = self
+            .shard
+            .checkpoint(now)
+            .map_err(NodeError::from)
+            .map(|()| self.shard.replay_from());
+        if result.is_ok() {
+            let keep_bytes = self
+                .checkpoints
+                .iter()
+                .map(|(k, _)| *k)
+                .min()
+                .unwrap_or(usize::MAX);
+            let bytes = self.shard.memory_bytes();
+            if bytes > keep_bytes {
+                let users = self.shard.active_users();
+                let keep = (users as u128 * keep_bytes as u128 / bytes.max(1) as u128) as usize;
+                self.shard.passivate(keep);
+            }
+        }
+        for (_, reply) in self.checkpoints.drain(..) {
+            let _ = reply.send(match &result {
+                Ok(lsn) => Ok(*lsn),
+                Err(e) => Err(NodeError::Unavailable(e.to_string())),
+            });
+        }
+    }
+
+    async fn handle(&mut self, command: Command) {
+        match command {
+            Command::Ingest {
+                epoch,
+                events,
+                wire,
+                rejected,
+                reply,
+            } => {
+                if let Some(reason) = &self.failed {
+                    let _ = reply.send(Err(NodeError::Unavailable(reason.clone())));
+                    return;
+                }
+                let current = self.shard.epoch();
+                if epoch != current {
+                    let _ = reply.send(Err(NodeError::WrongEpoch {
+                        shard: self.shard.id(),
+                        sent: epoch,
+                        current,
+                    }));
+                    return;
+                }
+                let now = self.clock.now();
+                let outcome = match self.shard.apply_batch(now, &events) {
+                    Ok(outcome) => outcome,
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                        return;
+                    }
+                };
+                let response = pb::IngestResponse {
+                    shard: self.shard.id(),
+                    accepted: outcome.applied + outcome.duplicates,
+                    duplicates: outcome.duplicates,
+                    rejected,
+                };
+                let batch = pb::EventBatch {
+                    shard: self.shard.id(),
+                    epoch,
+                    events: wire,
+                };
+                let record = WalRecord {
+                    shard: self.shard.id(),
+                    now_ms: now.millis(),
+                    input: Some(Input::Batch(batch)),
+                };
+                self.log_input(record, outcome.changes, Done::Ingest(reply, response))
+                    .await;
+            }
+            Command::Tick { now, reply } => self.tick(now, reply).await,
+            Command::Rules {
+                plan,
+                request,
+                progress,
+                reply,
+            } => {
+                let now = self.clock.now();
+                let shard = self.shard.id();
+                let version = request.version;
+                let backfilled: Vec<String> = plan
+                    .migration_from(self.shard.plan())
+                    .segments_needing_backfill()
+                    .map(|s| s.to_string())
+                    .collect();
+                let progress_tx = progress.clone();
+                let report = move |done: u64, total: u64| {
+                    let _ = progress_tx.try_send(pb::RuleProgress {
+                        version,
+                        shard,
+                        users_done: done,
+                        users_total: total,
+                        finished: false,
+                        backfilled_segments: Vec::new(),
+                    });
+                };
+                match self.shard.apply_rules(plan, now, report) {
+                    Ok(changes) => {
+                        let total = self.shard.user_count();
+                        let _ = progress
+                            .send(pb::RuleProgress {
+                                version,
+                                shard,
+                                users_done: total,
+                                users_total: total,
+                                finished: true,
+                                backfilled_segments: backfilled,
+                            })
+                            .await;
+                        let record = WalRecord {
+                            shard,
+                            now_ms: now.millis(),
+                            input: Some(Input::Rules(request)),
+                        };
+                        self.log_input(record, changes, Done::Unit(Some(reply)))
+                            .await;
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                }
+            }
+            Command::GetUser { user, reply } => {
+                let _ = reply.send(self.shard.user_segments(&user).map_err(Into::into));
+            }
+            Command::Members {
+                segment,
+                after,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(Ok(self.shard.members_after(&segment, &after, limit)));
+            }
+            Command::Counts { reply } => {
+                let _ = reply.send(Ok((self.shard.counts(), self.shard.user_count())));
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(Ok(pb::ShardStatus {
+                    shard: self.shard.id(),
+                    epoch: self.shard.epoch(),
+                    users_active: self.shard.active_users() as u64,
+                    users_total: self.shard.user_count(),
+                    last_sequence: self.log.last(),
+                    serving: self.failed.is_none(),
+                }));
+            }
+            Command::Checkpoint { keep_bytes, reply } => self.checkpoints.push((keep_bytes, reply)),
+            Command::SetEpoch { epoch, reply } => {
+                self.shard.set_epoch(epoch);
+                self.epoch.store(epoch, Ordering::SeqCst);
+                let _ = reply.send(self.shard.store().set_epoch(epoch).map_err(Into::into));
+            }
+            Command::Stop { .. } => {}
+        }
+    }
+}

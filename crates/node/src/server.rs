@@ -1,0 +1,69 @@
+//! Running a node as a gRPC server until a shutdown signal.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::NodeConfig;
+use crate::error::NodeError;
+use crate::runtime::{Node, NodeGuard};
+use crate::service::NodeService;
+
+/// A node serving gRPC.
+pub struct Server {
+    /// The node.
+    pub node: Node,
+    /// Where it listens (with the port picked when the config said 0).
+    pub addr: SocketAddr,
+    guard: NodeGuard,
+    stop: tokio::sync::oneshot::Sender<()>,
+    serving: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Server {
+    /// Starts the node (recovering its data) and its gRPC server.
+    pub async fn start(config: NodeConfig) -> Result<Server, NodeError> {
+        let listener = TcpListener::bind(config.listen).await.map_err(|e| {
+            NodeError::Unavailable(format!("cannot listen on {}: {e}", config.listen))
+        })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| NodeError::Unavailable(e.to_string()))?;
+        let (node, guard) = Node::start(config).await?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let service = NodeService::new(node.clone()).into_server();
+        let serving = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                    let _ = stopped.await;
+                }),
+        );
+        tracing::info!(%addr, "serving gRPC");
+        Ok(Server {
+            node,
+            addr,
+            guard,
+            stop,
+            serving,
+        })
+    }
+
+    /// Stops accepting requests, then shuts the node down cleanly.
+    pub async fn shutdown(self) {
+        self.node.close_subscriptions().await;
+        let _ = self.stop.send(());
+        let _ = self.serving.await;
+        self.guard.shutdown().await;
+    }
+}
+
+/// Runs a node until `signal` resolves, then shuts it down cleanly.
+pub async fn run(config: NodeConfig, signal: impl Future<Output = ()>) -> Result<(), NodeError> {
+    let server = Server::start(config).await?;
+    signal.await;
+    server.shutdown().await;
+    Ok(())
+}

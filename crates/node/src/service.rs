@@ -1,0 +1,440 @@
+//! The node's gRPC service: thin handlers that validate and convert requests,
+//! then hand them to the shard tasks.
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use dynseg_proto::pb::{self, node_server};
+use dynseg_rules::{Event, Plan, RuleVersion, SegmentDef, Span, Timestamp, UserId};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::NodeError;
+use crate::runtime::{Command, Node};
+use crate::transfer;
+
+type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Batches one ingest stream may have in flight before it stops reading more.
+const STREAM_WINDOW: usize = 64;
+
+/// The gRPC face of a [`Node`].
+#[derive(Clone)]
+pub struct NodeService {
+    node: Node,
+}
+
+impl NodeService {
+    /// Serves `node`.
+    pub fn new(node: Node) -> NodeService {
+        NodeService { node }
+    }
+
+    /// Wraps the service for tonic.
+    pub fn into_server(self) -> node_server::NodeServer<NodeService> {
+        node_server::NodeServer::new(self).max_decoding_message_size(64 << 20)
+    }
+
+    /// Validates a batch and hands it to its shard; the receiver resolves with
+    /// the response once the batch is durable.
+    async fn submit(
+        &self,
+        batch: pb::EventBatch,
+    ) -> Result<oneshot::Receiver<Result<pb::IngestResponse, NodeError>>, NodeError> {
+        let limits = &self.node.config().event_limits;
+        if batch.events.len() > limits.max_batch {
+            return Err(NodeError::Invalid(format!(
+                "batch of {} events, over the limit of {}",
+                batch.events.len(),
+                limits.max_batch
+            )));
+        }
+        let handle = self.node.handle(batch.shard)?;
+        let now = self.node.now();
+        let shard_count = self.node.config().shard_count;
+        let mut events = Vec::with_capacity(batch.events.len());
+        let mut wire = Vec::with_capacity(batch.events.len());
+        let mut rejected = Vec::new();
+        for (index, raw) in batch.events.into_iter().enumerate() {
+            let checked = Event::try_from(raw.clone())
+                .map_err(|e| e.0)
+                .and_then(|event| {
+                    limits
+                        .check(&event, now, batch.shard, shard_count)
+                        .map(|()| event)
+                });
+            match checked {
+                Ok(event) => {
+                    events.push(event);
+                    wire.push(raw);
+                }
+                Err(reason) => rejected.push(pb::RejectedEvent {
+                    index: index as u32,
+                    reason,
+                }),
+            }
+        }
+        let (reply, answer) = oneshot::channel();
+        let command = Command::Ingest {
+            epoch: batch.epoch,
+            events,
+            wire,
+            rejected,
+            reply,
+        };
+        handle
+            .tx
+            .send(command)
+            .await
+            .map_err(|_| NodeError::Unavailable("the shard is stopping".into()))?;
+        Ok(answer)
+    }
+
+    fn plan(&self) -> Arc<Plan> {
+        self.node
+            .inner
+            .rules
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .plan
+            .clone()
+    }
+}
+
+async fn answer<T>(rx: oneshot::Receiver<Result<T, NodeError>>) -> Result<T, NodeError> {
+    rx.await
+        .map_err(|_| NodeError::Unavailable("the shard stopped".into()))?
+}
+
+#[tonic::async_trait]
+impl node_server::Node for NodeService {
+    async fn ingest(
+        &self,
+        request: Request<pb::EventBatch>,
+    ) -> Result<Response<pb::IngestResponse>, Status> {
+        let rx = self.submit(request.into_inner()).await?;
+        Ok(Response::new(answer(rx).await?))
+    }
+
+    type IngestStreamStream = Stream_<pb::IngestResponse>;
+
+    async fn ingest_stream(
+        &self,
+        request: Request<Streaming<pb::EventBatch>>,
+    ) -> Result<Response<Self::IngestStreamStream>, Status> {
+        let mut batches = request.into_inner();
+        let (pending_tx, mut pending_rx) =
+            mpsc::channel::<Result<oneshot::Receiver<_>, NodeError>>(STREAM_WINDOW);
+        let (out_tx, out_rx) = mpsc::channel(STREAM_WINDOW);
+        let service = self.clone();
+        // Reads batches and submits them without waiting for durability; the
+        // bounded queue stops reading when too many are in flight.
+        tokio::spawn(async move {
+            while let Ok(Some(batch)) = batches.message().await {
+                let submitted = service.submit(batch).await;
+                if pending_tx.send(submitted).await.is_err() {
+                    return;
+                }
+            }
+        });
+        // Answers in order, as each batch becomes durable.
+        tokio::spawn(async move {
+            while let Some(submitted) = pending_rx.recv().await {
+                let result = match submitted {
+                    Ok(rx) => answer(rx).await,
+                    Err(e) => Err(e),
+                };
+                if out_tx.send(result.map_err(Status::from)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+
+    type SubscribeStream = Stream_<pb::MembershipChange>;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let request = request.into_inner();
+        let handles = self.node.handles();
+        let shards: Vec<u32> = if request.shards.is_empty() {
+            handles.iter().map(|(id, _)| *id).collect()
+        } else {
+            request.shards.clone()
+        };
+        let plan = self.plan();
+        for segment in &request.segments {
+            if !plan.segment_ids().any(|s| s.as_str() == segment) {
+                return Err(NodeError::NotFound(format!("no segment {segment}")).into());
+            }
+        }
+        let segments: Arc<BTreeSet<String>> = Arc::new(request.segments.iter().cloned().collect());
+        let (tx, rx) = mpsc::channel(1024);
+        for shard in shards {
+            let handle = self.node.handle(shard)?;
+            let after = match request.after.iter().find(|c| c.shard == shard) {
+                Some(cursor) => cursor.sequence,
+                None if request.from_now => handle.log.last(),
+                None => 0,
+            };
+            let (tx, segments) = (tx.clone(), segments.clone());
+            tokio::spawn(async move {
+                let keep =
+                    |c: &pb::MembershipChange| segments.is_empty() || segments.contains(&c.segment);
+                if let Err(e) = handle.log.clone().follow(after, keep, &tx, Ok).await {
+                    let _ = tx.send(Err(Status::from(NodeError::from(e)))).await;
+                }
+            });
+        }
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_user(
+        &self,
+        request: Request<pb::GetUserRequest>,
+    ) -> Result<Response<pb::GetUserResponse>, Status> {
+        let user = request.into_inner().user_id;
+        if user.is_empty() {
+            return Err(NodeError::Invalid("user_id is empty".into()).into());
+        }
+        let shard = dynseg_proto::shard_for(&user, self.node.config().shard_count);
+        let handle = self.node.handle(shard)?;
+        let user = UserId::new(user);
+        let segments = self
+            .node
+            .ask(&handle, |reply| Command::GetUser { user, reply })
+            .await?;
+        Ok(Response::new(pb::GetUserResponse {
+            exists: segments.is_some(),
+            segments: segments
+                .unwrap_or_default()
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            shard,
+        }))
+    }
+
+    async fn list_members(
+        &self,
+        request: Request<pb::ListMembersRequest>,
+    ) -> Result<Response<pb::ListMembersResponse>, Status> {
+        let request = request.into_inner();
+        if !self
+            .plan()
+            .segment_ids()
+            .any(|s| s.as_str() == request.segment)
+        {
+            return Err(NodeError::NotFound(format!("no segment {}", request.segment)).into());
+        }
+        let limit = request.page_size.clamp(1, 10_000) as usize;
+        let mut all = Vec::new();
+        for (_, handle) in self.node.handles() {
+            let (segment, after) = (request.segment.clone(), request.page_token.clone());
+            let members = self
+                .node
+                .ask(&handle, |reply| Command::Members {
+                    segment,
+                    after,
+                    limit: limit + 1,
+                    reply,
+                })
+                .await?;
+            all.extend(members);
+        }
+        all.sort_unstable();
+        let more = all.len() > limit;
+        all.truncate(limit);
+        let next_page_token = if more {
+            all.last().map(|u| u.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListMembersResponse {
+            user_ids: all.iter().map(|u| u.to_string()).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn segment_counts(
+        &self,
+        _: Request<pb::SegmentCountsRequest>,
+    ) -> Result<Response<pb::SegmentCountsResponse>, Status> {
+        let plan = self.plan();
+        let mut counts: Vec<pb::SegmentCount> = plan
+            .segment_ids()
+            .map(|s| pb::SegmentCount {
+                segment: s.to_string(),
+                members: 0,
+            })
+            .collect();
+        let mut users = 0;
+        for (_, handle) in self.node.handles() {
+            let (per_segment, shard_users) = self
+                .node
+                .ask(&handle, |reply| Command::Counts { reply })
+                .await?;
+            users += shard_users;
+            for count in &mut counts {
+                count.members += per_segment
+                    .get(count.segment.as_str())
+                    .copied()
+                    .unwrap_or(0);
+            }
+        }
+        Ok(Response::new(pb::SegmentCountsResponse { counts, users }))
+    }
+
+    type ApplyRulesStream = Stream_<pb::RuleProgress>;
+
+    async fn apply_rules(
+        &self,
+        request: Request<pb::ApplyRulesRequest>,
+    ) -> Result<Response<Self::ApplyRulesStream>, Status> {
+        let request = request.into_inner();
+        let defs = request
+            .segments
+            .into_iter()
+            .map(SegmentDef::try_from)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| NodeError::Invalid(e.0))?;
+        // Refuse invalid rules before anything starts, with their line and column.
+        Plan::compile(
+            &defs,
+            RuleVersion(request.version),
+            &self.node.config().rule_limits,
+        )
+        .map_err(NodeError::from)?;
+        let current = self.node.rule_version();
+        if request.version <= current {
+            return Err(NodeError::Invalid(format!(
+                "rule version {} is not newer than the current {current}",
+                request.version
+            ))
+            .into());
+        }
+        let (progress_tx, mut progress_rx) = mpsc::channel(256);
+        let (out_tx, out_rx) = mpsc::channel(256);
+        let node = self.node.clone();
+        let version = request.version;
+        tokio::spawn(async move {
+            let applying =
+                tokio::spawn(async move { node.apply_rules(version, defs, progress_tx).await });
+            while let Some(progress) = progress_rx.recv().await {
+                let _ = out_tx.send(Ok(progress)).await;
+            }
+            match applying.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    let _ = out_tx.send(Err(Status::from(e))).await;
+                }
+                Err(e) => {
+                    let _ = out_tx
+                        .send(Err(Status::internal(format!(
+                            "rule update task failed: {e}"
+                        ))))
+                        .await;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+
+    async fn advance_clock(
+        &self,
+        request: Request<pb::AdvanceClockRequest>,
+    ) -> Result<Response<pb::AdvanceClockResponse>, Status> {
+        let to = match request.into_inner().target {
+            Some(pb::advance_clock_request::Target::ToMs(ms)) => Timestamp(ms),
+            Some(pb::advance_clock_request::Target::ByMs(ms)) if ms >= 0 => {
+                self.node.now().plus(Span(ms))
+            }
+            Some(pb::advance_clock_request::Target::ByMs(_)) => {
+                return Err(NodeError::Invalid("the clock only moves forwards".into()).into());
+            }
+            None => return Err(NodeError::Invalid("give to_ms or by_ms".into()).into()),
+        };
+        let now = self.node.advance_clock(to).await?;
+        Ok(Response::new(pb::AdvanceClockResponse {
+            now_ms: now.millis(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let mut shards = Vec::new();
+        for (_, handle) in self.node.handles() {
+            shards.push(
+                self.node
+                    .ask(&handle, |reply| Command::Status { reply })
+                    .await?,
+            );
+        }
+        Ok(Response::new(pb::StatusResponse {
+            node_id: self.node.config().node_id.clone(),
+            now_ms: self.node.now().millis(),
+            rule_version: self.node.rule_version(),
+            shard_count: self.node.config().shard_count,
+            shards,
+        }))
+    }
+
+    async fn assign_shard(
+        &self,
+        request: Request<pb::AssignShardRequest>,
+    ) -> Result<Response<pb::AssignShardResponse>, Status> {
+        let request = request.into_inner();
+        if request.shard >= self.node.config().shard_count {
+            return Err(NodeError::Invalid(format!(
+                "shard {} is not below the shard count {}",
+                request.shard,
+                self.node.config().shard_count
+            ))
+            .into());
+        }
+        self.node.assign_shard(request.shard, request.epoch).await?;
+        Ok(Response::new(pb::AssignShardResponse {}))
+    }
+
+    async fn release_shard(
+        &self,
+        request: Request<pb::ReleaseShardRequest>,
+    ) -> Result<Response<pb::ReleaseShardResponse>, Status> {
+        let request = request.into_inner();
+        let owner = (!request.new_owner.is_empty()).then_some(request.new_owner);
+        self.node.release_shard(request.shard, owner).await?;
+        Ok(Response::new(pb::ReleaseShardResponse {}))
+    }
+
+    type ExportShardStream = Stream_<pb::ShardChunk>;
+
+    async fn export_shard(
+        &self,
+        request: Request<pb::ExportShardRequest>,
+    ) -> Result<Response<Self::ExportShardStream>, Status> {
+        let chunks = transfer::export(&self.node, request.into_inner().shard).await?;
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            chunks.into_iter().map(Ok),
+        ))))
+    }
+
+    async fn import_shard(
+        &self,
+        request: Request<Streaming<pb::ShardChunk>>,
+    ) -> Result<Response<pb::ImportShardResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut chunks = Vec::new();
+        while let Some(chunk) = stream.message().await? {
+            chunks.push(chunk);
+        }
+        Ok(Response::new(transfer::import(&self.node, chunks).await?))
+    }
+}

@@ -1,0 +1,631 @@
+//! A real node in this process (gRPC on port 0, a temp dir, the manual clock),
+//! driven through its gRPC API.
+
+#![allow(clippy::unwrap_used, clippy::print_stdout, missing_docs)]
+
+use std::time::Duration;
+
+use dynseg_node::{Clock, NodeConfig, Server};
+use dynseg_proto::pb::{self, node_client::NodeClient};
+use dynseg_proto::shard_for;
+use dynseg_rules::{Span, Timestamp, Value};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const SHARDS: u32 = 4;
+
+fn start_time() -> Timestamp {
+    Timestamp::parse_rfc3339("2026-01-01T00:00:00Z").unwrap()
+}
+
+fn config(dir: &std::path::Path) -> NodeConfig {
+    let mut config = NodeConfig::new(
+        dir.to_owned(),
+        "127.0.0.1:0".parse().unwrap(),
+        Clock::manual(start_time()),
+    );
+    config.shard_count = SHARDS;
+    config.shards = (0..SHARDS).map(|s| (s, 1)).collect();
+    config.checkpoint_every = Duration::from_secs(3600);
+    config
+}
+
+async fn client(server: &Server) -> NodeClient<Channel> {
+    NodeClient::connect(format!("http://{}", server.addr))
+        .await
+        .unwrap()
+}
+
+fn track(id: &str, user: &str, name: &str, at: Timestamp, props: &[(&str, Value)]) -> pb::Event {
+    pb::Event {
+        message_id: id.into(),
+        user_id: user.into(),
+        r#type: pb::EventType::Track.into(),
+        event: name.into(),
+        timestamp_ms: at.millis(),
+        properties: props
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), pb::Value::from(v)))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// Sends each event to its user's shard, one batch per shard; returns the
+/// responses by shard.
+async fn ingest(
+    client: &mut NodeClient<Channel>,
+    events: Vec<pb::Event>,
+) -> Vec<pb::IngestResponse> {
+    let mut by_shard: std::collections::BTreeMap<u32, Vec<pb::Event>> = Default::default();
+    for event in events {
+        by_shard
+            .entry(shard_for(&event.user_id, SHARDS))
+            .or_default()
+            .push(event);
+    }
+    let mut out = Vec::new();
+    for (shard, events) in by_shard {
+        out.push(
+            client
+                .ingest(pb::EventBatch {
+                    shard,
+                    epoch: 1,
+                    events,
+                })
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    out
+}
+
+async fn apply_rules(
+    client: &mut NodeClient<Channel>,
+    version: u64,
+    rules: &[(&str, &str)],
+) -> Vec<pb::RuleProgress> {
+    let segments = rules
+        .iter()
+        .map(|(id, rule)| pb::SegmentDef {
+            id: (*id).into(),
+            name: String::new(),
+            description: String::new(),
+            rule: (*rule).into(),
+        })
+        .collect();
+    let mut stream = client
+        .apply_rules(pb::ApplyRulesRequest { version, segments })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut progress = Vec::new();
+    while let Some(p) = stream.message().await.unwrap() {
+        progress.push(p);
+    }
+    progress
+}
+
+/// Reads `n` changes from a subscription (failing after a deadline).
+async fn take(
+    stream: &mut tonic::Streaming<pb::MembershipChange>,
+    n: usize,
+) -> Vec<pb::MembershipChange> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let next = tokio::time::timeout(Duration::from_secs(10), stream.message()).await;
+        match next {
+            Ok(Ok(Some(change))) => out.push(change),
+            other => panic!("expected {n} changes, got {} then {other:?}", out.len()),
+        }
+    }
+    out
+}
+
+fn brief(changes: &[pb::MembershipChange]) -> Vec<String> {
+    let mut v: Vec<String> = changes
+        .iter()
+        .map(|c| {
+            let kind = if c.kind == pb::ChangeKind::Enter as i32 {
+                "enter"
+            } else {
+                "exit"
+            };
+            format!(
+                "{} {kind} {} at {}",
+                c.user_id,
+                c.segment,
+                Timestamp(c.at_ms)
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+async fn advance(client: &mut NodeClient<Channel>, span: Span) {
+    let by = pb::advance_clock_request::Target::ByMs(span.millis());
+    client
+        .advance_clock(pb::AdvanceClockRequest { target: Some(by) })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_subscribe_lookups_time_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path())).await.unwrap();
+    let mut node = client(&server).await;
+    let progress = apply_rules(
+        &mut node,
+        1,
+        &[
+            ("repeat_buyers", "count(order_completed) in last 90d >= 2"),
+            ("dormant", "not exists(email_opened) in last 45d"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        progress.iter().filter(|p| p.finished).count(),
+        SHARDS as usize
+    );
+    let mut feed = node
+        .subscribe(pb::SubscribeRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+
+    let now = start_time();
+    let acks = ingest(
+        &mut node,
+        vec![
+            track(
+                "a1",
+                "alice",
+                "order_completed",
+                now.minus(Span::days(10)),
+                &[],
+            ),
+            track("a2", "alice", "order_completed", now, &[]),
+            track("a2", "alice", "order_completed", now, &[]),
+            track("b1", "bob", "email_opened", now, &[]),
+        ],
+    )
+    .await;
+    assert_eq!(acks.iter().map(|a| a.accepted).sum::<u32>(), 4);
+    assert_eq!(acks.iter().map(|a| a.duplicates).sum::<u32>(), 1);
+    let changes = take(&mut feed, 2).await;
+    assert_eq!(
+        brief(&changes),
+        vec![
+            "alice enter dormant at 2026-01-01T00:00:00Z",
+            "alice enter repeat_buyers at 2026-01-01T00:00:00Z"
+        ]
+    );
+
+    // Lookups.
+    let alice = node
+        .get_user(pb::GetUserRequest {
+            user_id: "alice".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(alice.exists);
+    assert_eq!(alice.segments, vec!["repeat_buyers", "dormant"]);
+    let nobody = node
+        .get_user(pb::GetUserRequest {
+            user_id: "nobody".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!nobody.exists);
+    let counts = node
+        .segment_counts(pb::SegmentCountsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(counts.users, 2);
+    assert_eq!(
+        counts
+            .counts
+            .iter()
+            .map(|c| (c.segment.as_str(), c.members))
+            .collect::<Vec<_>>(),
+        vec![("repeat_buyers", 1), ("dormant", 1)]
+    );
+
+    // Time alone: bob's open leaves the 45-day window; alice's older order leaves
+    // the 90 days on 2026-03-22.
+    advance(&mut node, Span::days(80)).await;
+    let changes = take(&mut feed, 2).await;
+    assert_eq!(
+        brief(&changes),
+        vec![
+            "alice exit repeat_buyers at 2026-03-22T00:00:00Z",
+            "bob enter dormant at 2026-02-15T00:00:00Z"
+        ]
+    );
+
+    // Restart: state, dedupe and the change log survive; a cursor resumes.
+    let last = changes
+        .iter()
+        .map(|c| c.cursor.unwrap())
+        .collect::<Vec<_>>();
+    let day80 = start_time().plus(Span::days(80));
+    ingest(
+        &mut node,
+        vec![track("v1", "alice", "page_viewed", day80, &[])],
+    )
+    .await;
+    drop(feed);
+    server.shutdown().await;
+    let server = Server::start(config(dir.path())).await.unwrap();
+    let mut node = client(&server).await;
+    let again = ingest(
+        &mut node,
+        vec![track("v1", "alice", "page_viewed", day80, &[])],
+    )
+    .await;
+    assert_eq!(again[0].duplicates, 1, "message ids survive a restart");
+    let members = node
+        .list_members(pb::ListMembersRequest {
+            segment: "dormant".into(),
+            page_size: 10,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(members.user_ids, vec!["alice", "bob"]);
+    let mut resumed = node
+        .subscribe(pb::SubscribeRequest {
+            after: last,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        server.node.now(),
+        start_time().plus(Span::days(80)),
+        "the manual clock resumes where it was"
+    );
+    ingest(
+        &mut node,
+        vec![track("c1", "carol", "page_viewed", server.node.now(), &[])],
+    )
+    .await;
+    let next = take(&mut resumed, 1).await;
+    assert_eq!(next[0].user_id, "carol");
+    assert_eq!(next[0].segment, "dormant");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_events_are_reported_by_index_and_stale_epochs_redirect() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path())).await.unwrap();
+    let mut node = client(&server).await;
+    let now = start_time();
+    let shard = shard_for("alice", SHARDS);
+    let mut no_user = track("x2", "alice", "e", now, &[]);
+    no_user.user_id.clear();
+    let events = vec![
+        track("x1", "alice", "e", now, &[]),
+        no_user,
+        track("x3", "alice", "e", now.plus(Span::hours(1)), &[]),
+        track("x4", "alice", "e", now, &[("n", Value::Number(1e301))]),
+        track("x5", "alice", "e", now, &[]),
+    ];
+    let ack = node
+        .ingest(pb::EventBatch {
+            shard,
+            epoch: 1,
+            events,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ack.accepted, 2);
+    let rejected: Vec<(u32, &str)> = ack
+        .rejected
+        .iter()
+        .map(|r| (r.index, r.reason.as_str()))
+        .collect();
+    assert_eq!(rejected.len(), 3, "{rejected:?}");
+    assert_eq!(
+        rejected[0],
+        (1, "the event has neither user_id nor anonymous_id")
+    );
+    assert!(rejected[1].0 == 2 && rejected[1].1.contains("ahead of the node's clock"));
+    assert!(rejected[2].0 == 3 && rejected[2].1.contains("beyond"));
+
+    let wrong_shard = (shard + 1) % SHARDS;
+    let ack = node
+        .ingest(pb::EventBatch {
+            shard: wrong_shard,
+            epoch: 1,
+            events: vec![track("y", "alice", "e", now, &[])],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ack.rejected[0].reason.contains("belongs to shard"));
+
+    let stale = node
+        .ingest(pb::EventBatch {
+            shard,
+            epoch: 0,
+            events: vec![track("z", "alice", "e", now, &[])],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::Aborted);
+    assert_eq!(stale.metadata().get("dynseg-error").unwrap(), "wrong-epoch");
+    assert_eq!(stale.metadata().get("dynseg-epoch").unwrap(), "1");
+
+    node.release_shard(pb::ReleaseShardRequest {
+        shard,
+        new_owner: "10.0.0.9:7000".into(),
+    })
+    .await
+    .unwrap();
+    let moved = node
+        .ingest(pb::EventBatch {
+            shard,
+            epoch: 1,
+            events: vec![track("z", "alice", "e", now, &[])],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(moved.code(), Code::Aborted);
+    assert_eq!(
+        moved.metadata().get("dynseg-owner").unwrap(),
+        "10.0.0.9:7000"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rule_updates_backfill_and_carry_their_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path())).await.unwrap();
+    let mut node = client(&server).await;
+    let now = start_time();
+    ingest(
+        &mut node,
+        vec![
+            track(
+                "o1",
+                "alice",
+                "order_completed",
+                now.minus(Span::days(3)),
+                &[("revenue", Value::Number(600.0))],
+            ),
+            track(
+                "o2",
+                "alice",
+                "order_completed",
+                now,
+                &[("revenue", Value::Number(500.0))],
+            ),
+            track(
+                "o3",
+                "bob",
+                "order_completed",
+                now,
+                &[("revenue", Value::Number(20.0))],
+            ),
+        ],
+    )
+    .await;
+    server.node.checkpoint().await.unwrap();
+    let mut feed = node
+        .subscribe(pb::SubscribeRequest {
+            from_now: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let progress = apply_rules(
+        &mut node,
+        1,
+        &[("vip", "sum(order_completed.revenue) >= 1000")],
+    )
+    .await;
+    let finished: Vec<_> = progress.iter().filter(|p| p.finished).collect();
+    assert_eq!(finished.len(), SHARDS as usize);
+    assert!(
+        finished
+            .iter()
+            .all(|p| p.backfilled_segments == vec!["vip".to_owned()])
+    );
+    let changes = take(&mut feed, 1).await;
+    assert_eq!(
+        brief(&changes),
+        vec!["alice enter vip at 2026-01-01T00:00:00Z"]
+    );
+    assert_eq!(changes[0].rule_version, 1);
+    assert_eq!(changes[0].cause, pb::ChangeCause::Rule as i32);
+
+    // Invalid rules are refused with their position, and change nothing.
+    let bad = node
+        .apply_rules(pb::ApplyRulesRequest {
+            version: 2,
+            segments: vec![pb::SegmentDef {
+                id: "x".into(),
+                rule: "count(e) >".into(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().contains("1:11"), "{}", bad.message());
+    let status = node
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.rule_version, 1);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_users_expiring_at_one_instant() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path())).await.unwrap();
+    let mut node = client(&server).await;
+    apply_rules(&mut node, 1, &[("active", "exists(login) in last 1h")]).await;
+    let now = start_time();
+    let events: Vec<pb::Event> = (0..500)
+        .map(|i| track(&format!("l{i}"), &format!("user-{i}"), "login", now, &[]))
+        .collect();
+    ingest(&mut node, events).await;
+    let mut feed = node
+        .subscribe(pb::SubscribeRequest {
+            from_now: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // A future-dated login (due in two minutes) keeps one user a little longer.
+    ingest(
+        &mut node,
+        vec![track(
+            "late",
+            "user-7",
+            "login",
+            now.plus(Span::minutes(2)),
+            &[],
+        )],
+    )
+    .await;
+    advance(&mut node, Span::hours(1)).await;
+    let exits = take(&mut feed, 499).await;
+    assert!(
+        exits
+            .iter()
+            .all(|c| c.at_ms == now.plus(Span::hours(1)).millis()
+                && c.kind == pb::ChangeKind::Exit as i32)
+    );
+    assert!(!exits.iter().any(|c| c.user_id == "user-7"));
+    advance(&mut node, Span::minutes(2)).await;
+    let last = take(&mut feed, 1).await;
+    assert_eq!(
+        brief(&last),
+        vec!["user-7 exit active at 2026-01-01T01:02:00Z"]
+    );
+    let counts = node
+        .segment_counts(pb::SegmentCountsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(counts.counts[0].members, 0);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_exported_and_imported_elsewhere_keeps_state_and_cursors() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Server::start(config(a_dir.path())).await.unwrap();
+    let mut b_config = config(b_dir.path());
+    b_config.shards = Vec::new();
+    let b = Server::start(b_config).await.unwrap();
+    let (mut node_a, mut node_b) = (client(&a).await, client(&b).await);
+    let rules = [("repeat_buyers", "count(order_completed) in last 90d >= 2")];
+    apply_rules(&mut node_a, 1, &rules).await;
+    apply_rules(&mut node_b, 1, &rules).await;
+    let now = start_time();
+    ingest(
+        &mut node_a,
+        vec![
+            track("1", "alice", "order_completed", now, &[]),
+            track("2", "alice", "order_completed", now, &[]),
+        ],
+    )
+    .await;
+    let shard = shard_for("alice", SHARDS);
+    let mut feed = node_a
+        .subscribe(pb::SubscribeRequest {
+            shards: vec![shard],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let entered = take(&mut feed, 1).await;
+    let cursor = entered[0].cursor.unwrap();
+
+    node_a
+        .release_shard(pb::ReleaseShardRequest {
+            shard,
+            new_owner: b.addr.to_string(),
+        })
+        .await
+        .unwrap();
+    let chunks: Vec<pb::ShardChunk> = {
+        let mut stream = node_a
+            .export_shard(pb::ExportShardRequest { shard })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut chunks = Vec::new();
+        while let Some(chunk) = stream.message().await.unwrap() {
+            chunks.push(chunk);
+        }
+        chunks
+    };
+    let imported = node_b
+        .import_shard(tokio_stream::iter(chunks))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(imported.users, 1);
+    // The new owner serves it at the next epoch, with the state and the cursor.
+    let alice = node_b
+        .get_user(pb::GetUserRequest {
+            user_id: "alice".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(alice.segments, vec!["repeat_buyers"]);
+    let dup = node_b
+        .ingest(pb::EventBatch {
+            shard,
+            epoch: 2,
+            events: vec![track("2", "alice", "order_completed", now, &[])],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(dup.duplicates, 1, "dedupe moved with the shard");
+    let mut resumed = node_b
+        .subscribe(pb::SubscribeRequest {
+            shards: vec![shard],
+            after: vec![cursor],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    advance(&mut node_b, Span::days(90)).await;
+    let exit = take(&mut resumed, 1).await;
+    assert_eq!(
+        brief(&exit),
+        vec!["alice exit repeat_buyers at 2026-04-01T00:00:00Z"]
+    );
+    assert_eq!(
+        exit[0].cursor.as_ref().unwrap().sequence,
+        cursor.sequence + 1
+    );
+    assert_eq!(exit[0].cursor.as_ref().unwrap().epoch, 2);
+    a.shutdown().await;
+    b.shutdown().await;
+}
