@@ -1,0 +1,323 @@
+//! Durable ingest into one node over loopback: the release `dynseg-node` binary
+//! (system clock, 256 shards, fdatasync group commit) runs the nine SPEC
+//! segments; a client sends batches of 1000 events for one shard each, spread
+//! over DYNSEG_BENCH_USERS users (1,000,000), on several streams with a window of
+//! batches in flight; a subscriber counts the changes streamed back.
+//!
+//! Prints events/s acknowledged, ack latency p50/p99 per batch, changes streamed
+//! per second, and the node's resident memory per user.
+//!
+//! `cargo bench -p dynseg-node --bench ingest` (DYNSEG_BENCH_EVENTS: events to
+//! send, 5,000,000 by default; DYNSEG_BENCH_STREAMS: client streams, 4).
+
+#![allow(clippy::unwrap_used, clippy::print_stdout, missing_docs)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dynseg_proto::pb::{self, node_client::NodeClient};
+use dynseg_proto::shard_for;
+use tokio_stream::StreamExt;
+
+const SHARDS: u32 = 256;
+const BATCH: usize = 1000;
+
+const SPEC: [(&str, &str); 9] = [
+    ("repeat_buyers", "count(order_completed) in last 90d >= 2"),
+    ("email_dormant", "not exists(email_opened) in last 45d"),
+    (
+        "big_spenders_30d",
+        "sum(order_completed.revenue) in last 30d > 500",
+    ),
+    (
+        "high_intent_shoes",
+        "count(product_viewed where category == \"shoes\") in last 7d >= 3 and not exists(order_completed where category == \"shoes\") in last 7d",
+    ),
+    (
+        "cart_abandoners",
+        "exists(product_added) in last 24h and not (last_seen(checkout_completed) > last_seen(product_added))",
+    ),
+    (
+        "onboarding_stuck",
+        "plan == \"trial\" and count(session_started) in last 5d < 2 and not (setup_completed == true)",
+    ),
+    (
+        "power_users",
+        "count(login) in last 30d >= 20 and distinct(feature_used.feature) in last 30d >= 5",
+    ),
+    (
+        "win_back",
+        "exists(order_completed) and last_seen(order_completed) < now - 180d and not exists(email_opened) since the 5th most recent campaign_sent",
+    ),
+    (
+        "vip",
+        "in_segment(\"repeat_buyers\") and sum(order_completed.revenue) >= 1000",
+    ),
+];
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// A batch of 1000 events for users of `shard`, with the SPEC mix.
+fn batch(rng: &mut Rng, shard: u32, users: &[String], serial: &mut u64) -> pb::EventBatch {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let events = (0..BATCH)
+        .map(|_| {
+            *serial += 1;
+            let user = users[rng.below(users.len() as u64) as usize].clone();
+            let mut e = pb::Event {
+                message_id: format!("m{serial}"),
+                user_id: user,
+                r#type: pb::EventType::Track.into(),
+                timestamp_ms: now - rng.below(2000) as i64,
+                ..Default::default()
+            };
+            let value = |v: dynseg_rules::Value| pb::Value::from(&v);
+            e.event = match rng.below(1000) {
+                0..400 => "page_viewed",
+                400..580 => "login",
+                580..730 => {
+                    let c = if rng.below(5) == 0 { "shoes" } else { "bags" };
+                    e.properties.insert("category".into(), value(c.into()));
+                    "product_viewed"
+                }
+                730..810 => "session_started",
+                810..850 => "email_opened",
+                850..890 => "campaign_sent",
+                890..920 => "product_added",
+                920..950 => {
+                    e.properties.insert(
+                        "feature".into(),
+                        value(format!("f{}", rng.below(12)).as_str().into()),
+                    );
+                    "feature_used"
+                }
+                950..975 => {
+                    e.r#type = pb::EventType::Identify.into();
+                    let plan = ["trial", "pro", "free"][rng.below(3) as usize];
+                    e.traits.insert("plan".into(), value(plan.into()));
+                    ""
+                }
+                975..990 => {
+                    e.properties.insert(
+                        "revenue".into(),
+                        value(dynseg_rules::Value::Number(
+                            5.0 + rng.below(30_000) as f64 / 100.0,
+                        )),
+                    );
+                    "order_completed"
+                }
+                _ => "checkout_completed",
+            }
+            .to_owned();
+            e
+        })
+        .collect();
+    pb::EventBatch {
+        shard,
+        epoch: 1,
+        events,
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * p) as usize)
+        .copied()
+        .unwrap_or_default()
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return;
+    }
+    let users_n = env("DYNSEG_BENCH_USERS", 1_000_000);
+    let events_n = env("DYNSEG_BENCH_EVENTS", 5_000_000);
+    let streams = env("DYNSEG_BENCH_STREAMS", 4);
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dynseg-node"))
+        .args([
+            "--data-dir",
+            dir.path().join("node").to_str().unwrap(),
+            "--shard-count",
+            &SHARDS.to_string(),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().unwrap().unwrap();
+        if let Some(addr) = line.strip_prefix("listening on ") {
+            break addr.to_owned();
+        }
+    };
+    let rss_start = rss_bytes(pid);
+    let mut client = NodeClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+        .max_decoding_message_size(64 << 20);
+    let segments = SPEC
+        .iter()
+        .map(|(id, rule)| pb::SegmentDef {
+            id: (*id).into(),
+            rule: (*rule).into(),
+            ..Default::default()
+        })
+        .collect();
+    let mut progress = client
+        .apply_rules(pb::ApplyRulesRequest {
+            version: 1,
+            segments,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while progress.message().await.unwrap().is_some() {}
+
+    // Users by shard.
+    let mut by_shard: Vec<Vec<String>> = vec![Vec::new(); SHARDS as usize];
+    for u in 0..users_n {
+        let user = format!("user-{u:09}");
+        by_shard[shard_for(&user, SHARDS) as usize].push(user);
+    }
+    let by_shard = Arc::new(by_shard);
+
+    // Subscriber.
+    let streamed = Arc::new(AtomicU64::new(0));
+    let counter = streamed.clone();
+    let mut feed = client
+        .subscribe(pb::SubscribeRequest {
+            from_now: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::spawn(async move {
+        while let Ok(Some(_)) = feed.message().await {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+
+    let batches_total = events_n / BATCH as u64;
+    let per_stream = batches_total / streams;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for s in 0..streams {
+        let mut client = client.clone();
+        let by_shard = by_shard.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (s + 1));
+            let mut serial = s * 1_000_000_000_000;
+            let (tx, rx) = tokio::sync::mpsc::channel::<pb::EventBatch>(8);
+            let sent_at = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+            let stamps = sent_at.clone();
+            let producer = tokio::task::spawn_blocking(move || {
+                for _ in 0..per_stream {
+                    let shard = rng.below(u64::from(SHARDS)) as u32;
+                    let b = batch(&mut rng, shard, &by_shard[shard as usize], &mut serial);
+                    stamps.lock().unwrap().push_back(Instant::now());
+                    if tx.blocking_send(b).is_err() {
+                        return;
+                    }
+                }
+            });
+            let mut responses = client
+                .ingest_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut latencies = Vec::with_capacity(per_stream as usize);
+            let mut acked = 0u64;
+            while let Some(response) = responses.next().await {
+                let response = response.unwrap();
+                acked += u64::from(response.accepted);
+                if let Some(sent) = sent_at.lock().unwrap().pop_front() {
+                    latencies.push(sent.elapsed());
+                }
+            }
+            producer.await.unwrap();
+            (acked, latencies)
+        }));
+    }
+    let mut acked = 0;
+    let mut latencies = Vec::new();
+    for task in tasks {
+        let (a, l) = task.await.unwrap();
+        acked += a;
+        latencies.extend(l);
+    }
+    let elapsed = start.elapsed();
+    let streamed_during = streamed.load(Ordering::Relaxed);
+    latencies.sort_unstable();
+    let status = client
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let users: u64 = status.shards.iter().map(|s| s.users_total).sum();
+    let rss = rss_bytes(pid);
+    println!(
+        "events acknowledged:   {acked} in {:.1} s",
+        elapsed.as_secs_f64()
+    );
+    println!(
+        "durable ingest:        {:.0} events/s",
+        acked as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "ack latency per batch: p50 {:?}, p99 {:?} ({} batches)",
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies.len()
+    );
+    println!(
+        "changes streamed:      {streamed_during} ({:.0}/s)",
+        streamed_during as f64 / elapsed.as_secs_f64()
+    );
+    println!("users:                 {users}");
+    println!(
+        "node resident memory:  {} MiB ({:.0} bytes per user)",
+        rss / (1 << 20),
+        (rss.saturating_sub(rss_start)) as f64 / users.max(1) as f64
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
