@@ -151,6 +151,24 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
         .unwrap_or_default()
 }
 
+/// CPU seconds (user + system) process `pid` has used.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the whole line, in clock ticks
+    // (100 per second on Linux).
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -236,6 +254,8 @@ async fn main() {
         }
     });
 
+    let node_cpu_start = cpu_seconds(&pid.to_string());
+    let client_cpu_start = cpu_seconds("self");
     let batches_total = events_n / BATCH as u64;
     let per_stream = batches_total / streams;
     let start = Instant::now();
@@ -294,6 +314,8 @@ async fn main() {
         .into_inner();
     let users: u64 = status.shards.iter().map(|s| s.users_total).sum();
     let rss = rss_bytes(pid);
+    let node_cpu = cpu_seconds(&pid.to_string()) - node_cpu_start;
+    let client_cpu = cpu_seconds("self") - client_cpu_start;
     println!(
         "events acknowledged:   {acked} in {:.1} s",
         elapsed.as_secs_f64()
@@ -313,6 +335,10 @@ async fn main() {
         streamed_during as f64 / elapsed.as_secs_f64()
     );
     println!("users:                 {users}");
+    println!(
+        "CPU:                   node {node_cpu:.1} s ({:.0} events per node CPU-second), client {client_cpu:.1} s",
+        acked as f64 / node_cpu.max(0.001)
+    );
     println!(
         "node resident memory:  {} MiB ({:.0} bytes per user)",
         rss / (1 << 20),

@@ -93,9 +93,18 @@ impl ChangeLog {
         }
     }
 
-    /// The shard checkpointed: what was in memory is in the store now.
-    pub fn checkpointed(&self) {
-        self.recent().changes.clear();
+    /// The shard checkpointed the changes through sequence `through`: they are
+    /// read from the store from now on. (Changes published since the checkpoint
+    /// was taken stay in memory until the next one.)
+    pub fn checkpointed(&self, through: u64) {
+        let mut recent = self.recent();
+        while recent
+            .changes
+            .front()
+            .is_some_and(|c| sequence(c) <= through)
+        {
+            recent.changes.pop_front();
+        }
     }
 
     /// Ends every follower (the shard is no longer served here).
@@ -195,5 +204,65 @@ impl ChangeLog {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Checkpoint, Store};
+    use prost::Message;
+
+    fn logged(sequence: u64) -> Logged {
+        Logged {
+            sequence,
+            change: pb::MembershipChange {
+                user_id: format!("user-{sequence}"),
+                segment: "vip".into(),
+                at_ms: 1000,
+                cursor: Some(pb::Cursor {
+                    shard: 0,
+                    epoch: 1,
+                    sequence,
+                }),
+                ..Default::default()
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn changes_published_after_a_checkpoint_was_taken_are_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let shard = store.shard(0).unwrap();
+        let log = Arc::new(ChangeLog::new(shard.clone(), 0));
+        let all: Vec<Logged> = (1..=5).map(logged).collect();
+        // A checkpoint is taken holding changes 1..=3; 4 and 5 are published while
+        // it is written.
+        let checkpoint = Checkpoint {
+            changes: all[..3]
+                .iter()
+                .map(|l| (l.sequence, l.change.at_ms, l.change.encode_to_vec()))
+                .collect(),
+            expire_changes_before_ms: i64::MIN,
+            ..Default::default()
+        };
+        log.publish(&all);
+        shard.write_checkpoint(&checkpoint).unwrap();
+        log.checkpointed(3);
+
+        let (tx, mut rx) = mpsc::channel(16);
+        let following = log.clone();
+        let follower = tokio::spawn(async move { following.follow(0, |_| true, &tx, |c| c).await });
+        let mut got = Vec::new();
+        while got.len() < all.len() {
+            let next = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+                .await
+                .expect("a change is missing");
+            got.push(next.unwrap().cursor.unwrap().sequence);
+        }
+        assert_eq!(got, vec![1, 2, 3, 4, 5]);
+        log.close();
+        follower.await.unwrap().unwrap();
     }
 }

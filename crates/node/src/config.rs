@@ -35,6 +35,9 @@ pub struct NodeConfig {
     /// users beyond it are passivated to the store at checkpoints. The default,
     /// 1 GiB, holds about a million users of the SPEC segments.
     pub memory_budget: usize,
+    /// Bound on sled's page cache, in bytes. Active users live in the shards'
+    /// memory, so the store's cache mostly serves passivated users and history.
+    pub store_cache_bytes: u64,
     /// How often shards checkpoint (and the write-ahead log is truncated).
     pub checkpoint_every: std::time::Duration,
     /// Size of one write-ahead log segment.
@@ -58,6 +61,7 @@ impl NodeConfig {
             event_limits: EventLimits::default(),
             rule_limits: Limits::default(),
             memory_budget: 1 << 30,
+            store_cache_bytes: 64 << 20,
             checkpoint_every: std::time::Duration::from_secs(10),
             wal_segment_bytes: 64 << 20,
             tick_every: std::time::Duration::from_millis(250),

@@ -72,7 +72,7 @@ pub(crate) enum Command {
     },
     Checkpoint {
         keep_bytes: usize,
-        reply: Reply<Lsn>,
+        reply: Reply<Checkpointed>,
     },
     SetEpoch {
         epoch: u64,
@@ -81,6 +81,15 @@ pub(crate) enum Command {
     Stop {
         reply: Reply<()>,
     },
+}
+
+/// What a shard's checkpoint covers, once written.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Checkpointed {
+    /// The first write-ahead log record the checkpoint does not hold.
+    replay_from: Lsn,
+    /// The last change sequence it holds.
+    through: u64,
 }
 
 /// A running shard, as the rest of the node reaches it.
@@ -155,10 +164,12 @@ fn open_shard(store: &Store, shard: u32, config: &NodeConfig) -> Result<Shard, N
     Ok(Shard::open(shard, shard_store, plan, config.shard.clone())?)
 }
 
-/// Applies one logged input to a shard (live or in replay).
+/// Applies one logged input (`record`, whose bytes are `payload`) to a shard
+/// in replay.
 fn apply_input(
     shard: &mut Shard,
     record: &WalRecord,
+    payload: &[u8],
     config: &NodeConfig,
 ) -> Result<Vec<Logged>, NodeError> {
     let now = Timestamp(record.now_ms);
@@ -170,7 +181,7 @@ fn apply_input(
                 .cloned()
                 .filter_map(|e| Event::try_from(e).ok())
                 .collect();
-            Ok(shard.apply_batch(now, &events)?.changes)
+            Ok(shard.apply_batch(now, &events, payload)?.changes)
         }
         Some(Input::Tick(_)) => Ok(shard.tick(now)?),
         Some(Input::Rules(request)) => {
@@ -200,7 +211,7 @@ impl Node {
         let wal_dir = config.data_dir.join("wal");
         let (mut wal, repair) = Wal::open(&wal_dir, config.wal_segment_bytes)
             .map_err(|e| NodeError::Wal(Arc::new(e)))?;
-        let store = Store::open(&config.data_dir.join("store"))?;
+        let store = Store::open(&config.data_dir.join("store"), config.store_cache_bytes)?;
         // A manual clock resumes where it was: time never goes back.
         if let Some(ms) = store.clock()? {
             config.clock.advance_to(Timestamp(ms));
@@ -250,7 +261,7 @@ impl Node {
             if let Some(shard) = shards.get_mut(&record.shard)
                 && at >= shard.replay_from()
             {
-                if let Err(e) = apply_input(shard, &record, &config) {
+                if let Err(e) = apply_input(shard, &record, payload, &config) {
                     tracing::error!(shard = record.shard, error = %e, "replaying a record failed");
                 }
                 shard.applied_record(at);
@@ -424,18 +435,20 @@ impl Node {
         let handles = self.handles();
         let keep_bytes = self.inner.config.memory_budget / handles.len().max(1);
         let mut min: Option<Lsn> = None;
+        let mut written = Vec::with_capacity(handles.len());
         for (_, handle) in &handles {
-            let lsn = self
+            let done = self
                 .ask(handle, |reply| Command::Checkpoint { keep_bytes, reply })
                 .await?;
-            min = Some(min.map_or(lsn, |m| m.min(lsn)));
+            min = Some(min.map_or(done.replay_from, |m| m.min(done.replay_from)));
+            written.push((handle, done.through));
         }
         if self.inner.clock.is_manual() {
             self.inner.store.set_clock(self.now().millis())?;
         }
         self.inner.store.sync()?;
-        for (_, handle) in &handles {
-            handle.log.checkpointed();
+        for (handle, through) in written {
+            handle.log.checkpointed(through);
         }
         if let Some(min) = min {
             self.inner.committer.truncate_before(min).await?;
@@ -643,7 +656,7 @@ struct ShardTask {
     clock: Clock,
     tick_every: Duration,
     inflight: VecDeque<Inflight>,
-    checkpoints: Vec<(usize, Reply<Lsn>)>,
+    checkpoints: Vec<(usize, Reply<Checkpointed>)>,
     /// Set once the log failed: the shard refuses further writes.
     failed: Option<String>,
 }
@@ -672,7 +685,7 @@ impl ShardTask {
                 command = rx.recv() => match command {
                     Some(Command::Stop { reply }) => {
                         self.drain().await;
-                        let result = self.shard.checkpoint(self.clock.now()).map_err(NodeError::from);
+                        let result = self.write_checkpoint().await.map(|_| ());
                         let _ = reply.send(result);
                         return;
                     }
@@ -688,11 +701,11 @@ impl ShardTask {
                 _ = shutdown.changed() => break,
             }
             if !self.checkpoints.is_empty() && self.inflight.is_empty() {
-                self.checkpoint_now();
+                self.checkpoint_now().await;
             }
         }
         self.drain().await;
-        if let Err(e) = self.shard.checkpoint(self.clock.now()) {
+        if let Err(e) = self.write_checkpoint().await {
             tracing::error!(shard = self.shard.id(), error = %e, "checkpoint at shutdown failed");
         }
     }
@@ -768,7 +781,12 @@ impl ShardTask {
 
     /// Logs `record` (already applied) and queues its completion.
     async fn log_input(&mut self, record: WalRecord, changes: Vec<Logged>, done: Done) {
-        let durable = self.committer.append(record.to_bytes()).await;
+        self.log_bytes(record.to_bytes(), changes, done).await;
+    }
+
+    /// Logs an encoded record (already applied) and queues its completion.
+    async fn log_bytes(&mut self, record: Vec<u8>, changes: Vec<Logged>, done: Done) {
+        let durable = self.committer.append(record).await;
         self.inflight.push_back(Inflight {
             durable: Some(durable),
             changes,
@@ -804,13 +822,36 @@ impl ShardTask {
         }
     }
 
-    fn checkpoint_now(&mut self) {
-        let now = self.clock.now();
-        let result = self
-            .shard
-            .checkpoint(now)
-            .map_err(NodeError::from)
-            .map(|()| self.shard.replay_from());
+    /// Takes a checkpoint and writes it on a blocking thread. The shard waits
+    /// (its inputs queue meanwhile), which keeps its checkpoints in order; other
+    /// shards carry on. A failed write gives everything back to the shard, so the
+    /// next checkpoint writes it.
+    async fn write_checkpoint(&mut self) -> Result<Checkpointed, NodeError> {
+        let checkpoint = self.shard.take_checkpoint(self.clock.now());
+        let done = Checkpointed {
+            replay_from: checkpoint.meta.replay_from,
+            through: checkpoint.meta.next_sequence.saturating_sub(1),
+        };
+        let store = self.shard.store().clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let result = store.write_checkpoint(&checkpoint);
+            (checkpoint, result)
+        })
+        .await;
+        match written {
+            Ok((_, Ok(()))) => Ok(done),
+            Ok((checkpoint, Err(e))) => {
+                self.shard.untake_checkpoint(checkpoint);
+                Err(e.into())
+            }
+            Err(e) => Err(NodeError::Unavailable(format!(
+                "the checkpoint writer failed: {e}"
+            ))),
+        }
+    }
+
+    async fn checkpoint_now(&mut self) {
+        let result = self.write_checkpoint().await;
         if result.is_ok() {
             let keep_bytes = self
                 .checkpoints
@@ -827,7 +868,7 @@ impl ShardTask {
         }
         for (_, reply) in self.checkpoints.drain(..) {
             let _ = reply.send(match &result {
-                Ok(lsn) => Ok(*lsn),
+                Ok(done) => Ok(*done),
                 Err(e) => Err(NodeError::Unavailable(e.to_string())),
             });
         }
@@ -856,7 +897,17 @@ impl ShardTask {
                     return;
                 }
                 let now = self.clock.now();
-                let outcome = match self.shard.apply_batch(now, &events) {
+                let record = WalRecord {
+                    shard: self.shard.id(),
+                    now_ms: now.millis(),
+                    input: Some(Input::Batch(pb::EventBatch {
+                        shard: self.shard.id(),
+                        epoch,
+                        events: wire,
+                    })),
+                }
+                .to_bytes();
+                let outcome = match self.shard.apply_batch(now, &events, &record) {
                     Ok(outcome) => outcome,
                     Err(e) => {
                         let _ = reply.send(Err(e.into()));
@@ -869,17 +920,7 @@ impl ShardTask {
                     duplicates: outcome.duplicates,
                     rejected,
                 };
-                let batch = pb::EventBatch {
-                    shard: self.shard.id(),
-                    epoch,
-                    events: wire,
-                };
-                let record = WalRecord {
-                    shard: self.shard.id(),
-                    now_ms: now.millis(),
-                    input: Some(Input::Batch(batch)),
-                };
-                self.log_input(record, outcome.changes, Done::Ingest(reply, response))
+                self.log_bytes(record, outcome.changes, Done::Ingest(reply, response))
                     .await;
             }
             Command::Tick { now, reply } => self.tick(now, reply).await,

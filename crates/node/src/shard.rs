@@ -106,7 +106,7 @@ pub struct Shard {
     /// Users changed since the last checkpoint.
     dirty: FastSet<UserId>,
     unsaved_events: Vec<(u32, u64, Vec<u8>)>,
-    unsaved_changes: Vec<(u64, Vec<u8>)>,
+    unsaved_changes: Vec<(u64, i64, Vec<u8>)>,
     /// Where replay must start if nothing else is applied.
     replay_from: Lsn,
     /// Logical clock of accesses.
@@ -146,21 +146,27 @@ impl Shard {
             user_count: 0,
             scratch: Vec::new(),
         };
-        let stored: Vec<(String, UserRecord)> = shard.store.users().collect::<Result<_, _>>()?;
-        shard.user_count = stored.len() as u64;
-        for (user, record) in stored {
-            let user = UserId::new(user);
+        let (mut timers, mut members, mut count) = (Vec::new(), BTreeMap::new(), 0);
+        shard.store.visit_users(|user, record| {
+            count += 1;
+            let user = UserId::from(user);
             if let Some(t) = record.state.next_wakeup() {
-                shard.timers.insert((t, user.clone()));
+                timers.push((t, user.clone()));
             }
             for segment in shard.plan.members(&record.state) {
-                shard
-                    .members
+                members
                     .entry(segment.clone())
-                    .or_default()
-                    .insert(user.clone());
+                    .or_insert_with(Vec::new)
+                    .push(user.clone());
             }
-        }
+            Ok(())
+        })?;
+        shard.user_count = count;
+        shard.timers = timers.into_iter().collect();
+        shard.members = members
+            .into_iter()
+            .map(|(segment, users)| (segment, users.into_iter().collect()))
+            .collect();
         Ok(shard)
     }
 
@@ -216,28 +222,28 @@ impl Shard {
     fn activate(&mut self, user: &UserId) -> Result<&mut Entry, StoreError> {
         self.accesses += 1;
         let touched = self.accesses;
-        if !self.users.contains_key(user) {
-            let entry = match self.store.load_user(user.as_str())? {
-                Some(record) => Entry {
-                    state: record.state,
-                    seen: record.seen,
-                    touched,
-                },
-                None => {
-                    self.user_count += 1;
-                    Entry {
-                        state: self.plan.new_state(),
-                        seen: Vec::new(),
+        // One hash lookup for the common case (the user is active).
+        let entry = match self.users.entry(user.clone()) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(vacant) => {
+                let entry = match self.store.load_user(user.as_str())? {
+                    Some(record) => Entry {
+                        state: record.state,
+                        seen: record.seen,
                         touched,
+                    },
+                    None => {
+                        self.user_count += 1;
+                        Entry {
+                            state: self.plan.new_state(),
+                            seen: Vec::new(),
+                            touched,
+                        }
                     }
-                }
-            };
-            self.users.insert(user.clone(), entry);
-        }
-        let entry = self.users.get_mut(user).ok_or(StoreError::Corrupt {
-            what: "user",
-            reason: "vanished after activation".into(),
-        })?;
+                };
+                vacant.insert(entry)
+            }
+        };
         entry.touched = touched;
         Ok(entry)
     }
@@ -272,7 +278,8 @@ impl Shard {
                 sequence,
             };
             let wire = change_to_wire(&change, cursor);
-            self.unsaved_changes.push((sequence, wire.encode_to_vec()));
+            self.unsaved_changes
+                .push((sequence, wire.at_ms, wire.encode_to_vec()));
             out.push(Logged {
                 sequence,
                 change: wire,
@@ -281,14 +288,20 @@ impl Shard {
     }
 
     /// Applies a batch of validated events at `now`: repeats of a message id
-    /// within the dedupe horizon are counted and ignored.
+    /// within the dedupe horizon are counted and ignored. `record` is the
+    /// write-ahead log record that carries the batch (encoded): it is retained
+    /// as is for backfilling, rather than each event encoded again.
     pub fn apply_batch(
         &mut self,
         now: Timestamp,
         events: &[Event],
+        record: &[u8],
     ) -> Result<BatchOutcome, StoreError> {
         let mut outcome = BatchOutcome::default();
         let day = day_of(now);
+        self.unsaved_events
+            .push((day, self.next_event, record.to_vec()));
+        self.next_event += 1;
         let oldest_day = day_of(now.minus(self.config.dedupe_horizon));
         let plan = self.plan.clone();
         let mut changes = std::mem::take(&mut self.scratch);
@@ -306,15 +319,42 @@ impl Shard {
             let after = entry.state.next_wakeup();
             self.retime(&event.user, before, after);
             self.dirty.insert(event.user.clone());
-            let seq = self.next_event;
-            self.next_event += 1;
-            self.unsaved_events
-                .push((day, seq, pb::Event::from(event).encode_to_vec()));
             outcome.applied += 1;
             self.log(&mut changes, &mut outcome.changes);
         }
         self.scratch = changes;
         Ok(outcome)
+    }
+
+    /// Every retained event by user, in arrival order, with repeats of a
+    /// message id left out exactly as ingest left them out (same horizon, same
+    /// arrival days).
+    fn retained_events(&self) -> Result<FastMap<UserId, Vec<Event>>, StoreError> {
+        let mut records = self.store.retained_since(0)?;
+        for (_, _, bytes) in &self.unsaved_events {
+            records.push(crate::record::WalRecord::decode(bytes.as_slice())?);
+        }
+        let mut first_seen: FastMap<(UserId, u128), u32> = FastMap::default();
+        let mut retained: FastMap<UserId, Vec<Event>> = FastMap::default();
+        for record in records {
+            let Some(crate::record::Input::Batch(batch)) = record.input else {
+                continue;
+            };
+            let now = Timestamp(record.now_ms);
+            let (day, oldest_day) = (day_of(now), day_of(now.minus(self.config.dedupe_horizon)));
+            for wire in batch.events {
+                let Ok(event) = Event::try_from(wire) else {
+                    continue;
+                };
+                let key = (event.user.clone(), message_hash(event.message_id.as_str()));
+                match first_seen.get(&key) {
+                    Some(&first) if first >= oldest_day => continue,
+                    _ => first_seen.insert(key, day),
+                };
+                retained.entry(event.user.clone()).or_default().push(event);
+            }
+        }
+        Ok(retained)
     }
 
     /// Moves every user whose wake-up is due by `now` to `now`, and returns the
@@ -357,27 +397,15 @@ impl Shard {
         let old = self.plan.clone();
         let migration = plan.migration_from(&old);
         let mut users: BTreeSet<UserId> = self.users.keys().cloned().collect();
-        for stored in self.store.users() {
-            users.insert(UserId::new(stored?.0));
-        }
-        let mut retained: FastMap<UserId, Vec<Event>> = FastMap::default();
-        if migration.needs_backfill() {
-            let since = day_of(now.minus(self.config.event_retention));
-            let stored = self
-                .store
-                .events_since(since)
-                .collect::<Result<Vec<_>, _>>()?;
-            let unsaved = self
-                .unsaved_events
-                .iter()
-                .map(|(_, _, bytes)| pb::Event::decode(bytes.as_slice()).map_err(StoreError::from))
-                .collect::<Result<Vec<_>, _>>()?;
-            for wire in stored.into_iter().chain(unsaved) {
-                if let Ok(event) = Event::try_from(wire) {
-                    retained.entry(event.user.clone()).or_default().push(event);
-                }
-            }
-        }
+        self.store.visit_users(|user, _| {
+            users.insert(UserId::from(user));
+            Ok(())
+        })?;
+        let retained = if migration.needs_backfill() {
+            self.retained_events()?
+        } else {
+            FastMap::default()
+        };
         let total = users.len() as u64;
         let mut out = Vec::new();
         let mut changes = std::mem::take(&mut self.scratch);
@@ -409,7 +437,8 @@ impl Shard {
                     sequence,
                 };
                 let wire = change_to_wire(&change, cursor);
-                self.unsaved_changes.push((sequence, wire.encode_to_vec()));
+                self.unsaved_changes
+                    .push((sequence, wire.at_ms, wire.encode_to_vec()));
                 out.push(Logged {
                     sequence,
                     change: wire,
@@ -461,21 +490,24 @@ impl Shard {
         self.user_count
     }
 
-    /// Writes everything changed since the last checkpoint to the store (one
-    /// transaction; durable at the next `Store::sync`). Call only when every
-    /// applied input is durable, so the checkpoint matches `replay_from`.
-    pub fn checkpoint(&mut self, now: Timestamp) -> Result<(), StoreError> {
+    /// Takes everything changed since the last checkpoint, for
+    /// [`ShardStore::write_checkpoint`] (durable at the next `Store::sync`). Take
+    /// only when every applied input is durable, so the checkpoint matches
+    /// `replay_from`; write checkpoints in the order they were taken.
+    pub fn take_checkpoint(&mut self, now: Timestamp) -> Checkpoint {
         let mut users = Vec::with_capacity(self.dirty.len());
+        let mut state = Vec::new();
         for user in self.dirty.drain() {
             if let Some(entry) = self.users.get(&user) {
-                let record = UserRecord {
-                    state: entry.state.clone(),
-                    seen: entry.seen.clone(),
-                };
-                users.push((user.as_str().as_bytes().to_vec(), record.encode()));
+                state.clear();
+                entry.state.encode(&mut state);
+                users.push((
+                    user.as_str().as_bytes().to_vec(),
+                    UserRecord::encode_parts(&state, &entry.seen),
+                ));
             }
         }
-        let checkpoint = Checkpoint {
+        Checkpoint {
             users,
             events: std::mem::take(&mut self.unsaved_events),
             changes: std::mem::take(&mut self.unsaved_changes),
@@ -486,13 +518,42 @@ impl Shard {
                 next_event: self.next_event,
                 rule_version: self.plan.version().0,
             },
-        };
-        self.store.checkpoint(&checkpoint)?;
-        self.store
-            .expire_events(day_of(now.minus(self.config.event_retention)))?;
-        self.store
-            .expire_changes(now.minus(self.config.change_retention).millis())?;
-        Ok(())
+            expire_events_before_day: day_of(now.minus(self.event_retention())),
+            expire_changes_before_ms: now.minus(self.config.change_retention).millis(),
+        }
+    }
+
+    /// Gives back a checkpoint that could not be written: its users are dirty
+    /// again and its events and changes go before the ones taken since.
+    pub fn untake_checkpoint(&mut self, checkpoint: Checkpoint) {
+        for (user, _) in checkpoint.users {
+            if let Ok(user) = std::str::from_utf8(&user) {
+                self.dirty.insert(UserId::from(user));
+            }
+        }
+        let mut events = checkpoint.events;
+        events.append(&mut self.unsaved_events);
+        self.unsaved_events = events;
+        let mut changes = checkpoint.changes;
+        changes.append(&mut self.unsaved_changes);
+        self.unsaved_changes = changes;
+    }
+
+    /// How long events are kept: the configured retention, and at least the
+    /// longest window the rules use (SPEC.md section 4), so a new rule over a
+    /// window already in use backfills exactly.
+    pub fn event_retention(&self) -> Span {
+        self.plan
+            .longest_window()
+            .map_or(self.config.event_retention, |w| {
+                w.max(self.config.event_retention)
+            })
+    }
+
+    /// Takes and writes a checkpoint (see [`Shard::take_checkpoint`]).
+    pub fn checkpoint(&mut self, now: Timestamp) -> Result<(), StoreError> {
+        let checkpoint = self.take_checkpoint(now);
+        self.store.write_checkpoint(&checkpoint)
     }
 
     /// Drops clean users from memory, least recently used first, until at most
@@ -556,6 +617,24 @@ mod tests {
         Event::track(id, user, "order_completed", at, props)
     }
 
+    /// Applies events as the runtime does: carried by a write-ahead log record.
+    fn apply(
+        shard: &mut Shard,
+        now: Timestamp,
+        events: &[Event],
+    ) -> Result<BatchOutcome, StoreError> {
+        let record = crate::record::WalRecord {
+            shard: shard.id(),
+            now_ms: now.millis(),
+            input: Some(crate::record::Input::Batch(pb::EventBatch {
+                shard: shard.id(),
+                epoch: shard.epoch(),
+                events: events.iter().map(pb::Event::from).collect(),
+            })),
+        };
+        shard.apply_batch(now, events, &record.to_bytes())
+    }
+
     fn summary(changes: &[Logged]) -> Vec<(u64, String, String, i32)> {
         changes
             .iter()
@@ -571,7 +650,7 @@ mod tests {
     }
 
     fn open(dir: &std::path::Path, p: Arc<Plan>) -> (crate::store::Store, Shard) {
-        let store = crate::store::Store::open(dir).unwrap();
+        let store = crate::store::Store::open(dir, 1 << 20).unwrap();
         let shard = Shard::open(3, store.shard(3).unwrap(), p, ShardConfig::default()).unwrap();
         (store, shard)
     }
@@ -584,16 +663,16 @@ mod tests {
             plan(&[("buyer", "count(order_completed) in last 1d >= 1")], 1),
         );
         let now = t("2026-01-01T00:00:00Z");
-        let out = shard
-            .apply_batch(
-                now,
-                &[
-                    order("m1", "alice", now),
-                    order("m1", "alice", now),
-                    order("m2", "bob", now),
-                ],
-            )
-            .unwrap();
+        let out = apply(
+            &mut shard,
+            now,
+            &[
+                order("m1", "alice", now),
+                order("m1", "alice", now),
+                order("m2", "bob", now),
+            ],
+        )
+        .unwrap();
         assert_eq!((out.applied, out.duplicates), (2, 1));
         assert_eq!(
             summary(&out.changes),
@@ -603,7 +682,7 @@ mod tests {
             ]
         );
         // A repeat in a later batch is still a repeat.
-        let again = shard.apply_batch(now, &[order("m2", "bob", now)]).unwrap();
+        let again = apply(&mut shard, now, &[order("m2", "bob", now)]).unwrap();
         assert_eq!((again.applied, again.duplicates), (0, 1));
         assert_eq!(shard.counts()[&SegmentId::from("buyer")], 2);
         assert_eq!(shard.next_timer(), Some(now.plus(Span::days(1))));
@@ -625,24 +704,21 @@ mod tests {
         let (_store, mut shard) = open(dir.path(), plan(&[], 1));
         let now = t("2026-01-01T00:00:00Z");
         assert_eq!(
-            shard
-                .apply_batch(now, &[order("m1", "alice", now)])
+            apply(&mut shard, now, &[order("m1", "alice", now)])
                 .unwrap()
                 .applied,
             1
         );
         let later = now.plus(Span::days(6));
         assert_eq!(
-            shard
-                .apply_batch(later, &[order("m1", "alice", later)])
+            apply(&mut shard, later, &[order("m1", "alice", later)])
                 .unwrap()
                 .duplicates,
             1
         );
         let much_later = now.plus(Span::days(9));
         assert_eq!(
-            shard
-                .apply_batch(much_later, &[order("m1", "alice", much_later)])
+            apply(&mut shard, much_later, &[order("m1", "alice", much_later)])
                 .unwrap()
                 .applied,
             1
@@ -656,9 +732,7 @@ mod tests {
         let now = t("2026-01-01T00:00:00Z");
         {
             let (store, mut shard) = open(dir.path(), p.clone());
-            shard
-                .apply_batch(now, &[order("m1", "alice", now)])
-                .unwrap();
+            apply(&mut shard, now, &[order("m1", "alice", now)]).unwrap();
             shard.applied_record(Lsn {
                 segment: 0,
                 offset: 41,
@@ -694,8 +768,7 @@ mod tests {
         );
         // The dedupe memory came back with the state.
         assert_eq!(
-            shard
-                .apply_batch(now, &[order("m1", "alice", now)])
+            apply(&mut shard, now, &[order("m1", "alice", now)])
                 .unwrap()
                 .duplicates,
             1
@@ -707,16 +780,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (_store, mut shard) = open(dir.path(), plan(&[], 1));
         let now = t("2026-01-01T00:00:00Z");
-        shard
-            .apply_batch(
-                now,
-                &[
-                    order("m1", "alice", now.minus(Span::hours(2))),
-                    order("m2", "alice", now),
-                    order("m3", "bob", now),
-                ],
-            )
-            .unwrap();
+        apply(
+            &mut shard,
+            now,
+            &[
+                order("m1", "alice", now.minus(Span::hours(2))),
+                order("m2", "alice", now),
+                order("m3", "bob", now),
+            ],
+        )
+        .unwrap();
         shard.checkpoint(now).unwrap();
         let mut reported = Vec::new();
         let changes = shard
@@ -733,6 +806,50 @@ mod tests {
         assert_eq!(changes[0].change.rule_version, 2);
         assert_eq!(reported.last(), Some(&(2, 2)));
         assert_eq!(shard.counts()[&SegmentId::from("repeat")], 1);
+    }
+
+    #[test]
+    fn backfill_leaves_out_exactly_the_repeats_ingest_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, mut shard) = open(dir.path(), plan(&[], 1));
+        let now = t("2026-01-01T00:00:00Z");
+        let later = now.plus(Span::days(8));
+        assert_eq!(
+            apply(&mut shard, now, &[order("m1", "alice", now)])
+                .unwrap()
+                .applied,
+            1
+        );
+        // A repeat within the horizon is ignored; one after it counts again.
+        assert_eq!(
+            apply(&mut shard, now, &[order("m1", "alice", now)])
+                .unwrap()
+                .duplicates,
+            1
+        );
+        assert_eq!(
+            apply(&mut shard, later, &[order("m1", "alice", later)])
+                .unwrap()
+                .applied,
+            1
+        );
+        let changes = shard
+            .apply_rules(
+                plan(
+                    &[
+                        ("twice", "count(order_completed) >= 2"),
+                        ("thrice", "count(order_completed) >= 3"),
+                    ],
+                    2,
+                ),
+                later,
+                |_, _| {},
+            )
+            .unwrap();
+        assert_eq!(
+            summary(&changes),
+            vec![(1, "alice".into(), "twice".into(), 1)]
+        );
     }
 
     #[test]

@@ -1,27 +1,34 @@
 //! Persistent state in sled: shard checkpoints, retained events, the change log.
 //!
-//! Each shard has four trees, so a shard's data can be exported, imported and
-//! dropped as a unit:
+//! Each shard is one sled tree, `s<shard>`, so a shard's data can be exported,
+//! imported and dropped as a unit, and a checkpoint is one atomic sled batch.
+//! Keys start with a byte naming what they hold:
 //!
-//! | tree | key | value |
-//! |---|---|---|
-//! | `s<shard>/users` | user id | [`UserRecord`]: engine state + recent message ids |
-//! | `s<shard>/events` | day (u32 BE) + event sequence (u64 BE) | the event (protobuf) |
-//! | `s<shard>/changes` | change sequence (u64 BE) | the change with its cursor (protobuf) |
-//! | `s<shard>/meta` | name | [`ShardMeta`] fields |
+//! | key | value |
+//! |---|---|
+//! | `m` name | [`ShardMeta`] field (u64 LE) |
+//! | `p` page (u32 BE) | a [page](page) of users: id → [`UserRecord`] |
+//! | `e` day (u32 BE), first batch sequence (u64 BE) | a [block](block) of retained batches: their write-ahead log records (protobuf) |
+//! | `c` first change sequence (u64 BE) | a [block](block) of changes with their cursors (protobuf) |
 //!
-//! A checkpoint writes all four in one sled transaction, then makes sled's files
-//! durable with `fdatasync` (sled's own flush is not an fsync); only then may the
-//! write-ahead log before the checkpoint be deleted.
+//! Users, events and changes are grouped (pages, blocks) because sled's cost is
+//! per write: one write per user made checkpoints at a million users take
+//! seconds. After a checkpoint, [`Store::sync`] makes sled's files durable with
+//! `fdatasync` (sled's own flush is not an fsync); only then may the write-ahead
+//! log before the checkpoint be deleted.
 
+mod block;
+mod page;
+
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use dynseg_proto::pb;
 use dynseg_rules::{SegmentDef, StateDecodeError, UserState};
 use prost::Message;
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
+use crate::record::WalRecord;
 use crate::wal::Lsn;
 
 /// Errors of the store.
@@ -81,10 +88,16 @@ impl UserRecord {
     pub fn encode(&self) -> Vec<u8> {
         let mut state = Vec::with_capacity(64);
         self.state.encode(&mut state);
-        let mut out = Vec::with_capacity(4 + state.len() + 16 * self.seen.len());
+        UserRecord::encode_parts(&state, &self.seen)
+    }
+
+    /// [`UserRecord::encode`] from an already encoded state.
+    pub fn encode_parts(state: &[u8], seen: &[u128]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + state.len() + 16 * seen.len());
+        // A state is a few hundred bytes; u32 is far from its bound.
         out.extend_from_slice(&(state.len() as u32).to_le_bytes());
-        out.extend_from_slice(&state);
-        for s in &self.seen {
+        out.extend_from_slice(state);
+        for s in seen {
             out.extend_from_slice(&s.to_le_bytes());
         }
         out
@@ -130,7 +143,7 @@ pub struct ShardMeta {
     pub replay_from: Lsn,
     /// The next change sequence.
     pub next_sequence: u64,
-    /// The next retained-event sequence.
+    /// The next retained-batch sequence.
     pub next_event: u64,
     /// Rule-set version the states are under.
     pub rule_version: u64,
@@ -141,12 +154,26 @@ pub struct ShardMeta {
 pub struct Checkpoint {
     /// Users changed since the last checkpoint, encoded.
     pub users: Vec<(Vec<u8>, Vec<u8>)>,
-    /// Events applied since the last checkpoint: (day, sequence, event bytes).
+    /// Batches applied since the last checkpoint: (arrival day, sequence, their
+    /// write-ahead log record).
     pub events: Vec<(u32, u64, Vec<u8>)>,
-    /// Changes published since the last checkpoint: (sequence, change bytes).
-    pub changes: Vec<(u64, Vec<u8>)>,
+    /// Changes published since the last checkpoint, in sequence order:
+    /// (sequence, time in milliseconds, change bytes).
+    pub changes: Vec<(u64, i64, Vec<u8>)>,
     /// Bookkeeping as of this checkpoint.
     pub meta: ShardMeta,
+    /// Retained events of days before this one are deleted.
+    pub expire_events_before_day: u32,
+    /// Changes before this time (milliseconds) are deleted, a whole block at a
+    /// time: a block goes once its latest change is older.
+    pub expire_changes_before_ms: i64,
+}
+
+impl Checkpoint {
+    /// The last change sequence this checkpoint stores, if any.
+    pub fn last_change(&self) -> Option<u64> {
+        self.changes.last().map(|(seq, _, _)| *seq)
+    }
 }
 
 /// The node's sled database.
@@ -157,11 +184,17 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating) the store at `path`.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
+    /// Opens (creating) the store at `path`, with sled's page cache bounded by
+    /// `cache_bytes`.
+    pub fn open(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
         let db = sled::Config::new()
             .path(path)
             .mode(sled::Mode::HighThroughput)
+            .cache_capacity(cache_bytes)
+            // Log items over a quarter of a segment become blob files, one
+            // file per write: 8 MiB segments keep a leaf of 16 pages or blocks
+            // in the log.
+            .segment_size(8 << 20)
             .open()?;
         Ok(Store {
             db,
@@ -169,14 +202,10 @@ impl Store {
         })
     }
 
-    /// The trees of shard `shard`.
+    /// The tree of shard `shard`.
     pub fn shard(&self, shard: u32) -> Result<ShardStore, StoreError> {
-        let tree = |name: &str| self.db.open_tree(format!("s{shard}/{name}"));
         Ok(ShardStore {
-            users: tree("users")?,
-            events: tree("events")?,
-            changes: tree("changes")?,
-            meta: tree("meta")?,
+            tree: self.db.open_tree(format!("s{shard}"))?,
         })
     }
 
@@ -188,7 +217,7 @@ impl Store {
             .iter()
             .filter_map(|name| {
                 let name = std::str::from_utf8(name).ok()?;
-                name.strip_prefix('s')?.strip_suffix("/meta")?.parse().ok()
+                name.strip_prefix('s')?.parse().ok()
             })
             .collect();
         shards.sort_unstable();
@@ -273,120 +302,218 @@ fn sync_tree(path: &Path) -> Result<(), StoreError> {
         path: path.to_owned(),
         source,
     };
-    let meta = std::fs::metadata(path).map_err(failed)?;
+    // sled deletes files as it compacts; one gone since it was listed needs
+    // no sync.
+    let meta = match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        other => other.map_err(failed)?,
+    };
     if meta.is_dir() {
         for entry in std::fs::read_dir(path).map_err(failed)? {
             sync_tree(&entry.map_err(failed)?.path())?;
         }
-        File::open(path).and_then(|d| d.sync_all()).map_err(failed)
+        sync_file(path, File::sync_all).map_err(failed)
     } else {
-        File::open(path).and_then(|f| f.sync_data()).map_err(failed)
+        sync_file(path, File::sync_data).map_err(failed)
     }
 }
 
-/// One shard's trees.
+fn sync_file(path: &Path, sync: fn(&File) -> std::io::Result<()>) -> std::io::Result<()> {
+    match File::open(path) {
+        Ok(file) => sync(&file),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// One shard's tree.
 #[derive(Clone)]
 pub struct ShardStore {
-    users: sled::Tree,
-    events: sled::Tree,
-    changes: sled::Tree,
-    meta: sled::Tree,
+    tree: sled::Tree,
 }
 
-fn read_u64(tree: &sled::Tree, key: &str) -> Result<u64, StoreError> {
-    match tree.get(key)? {
-        None => Ok(0),
-        Some(bytes) => {
-            let bytes: [u8; 8] = bytes.as_ref().try_into().map_err(|_| StoreError::Corrupt {
-                what: "shard meta",
-                reason: format!("{key} is {} bytes, not 8", bytes.len()),
-            })?;
-            Ok(u64::from_le_bytes(bytes))
-        }
+const META: u8 = b'm';
+const PAGE: u8 = b'p';
+const EVENTS: u8 = b'e';
+const CHANGES: u8 = b'c';
+
+fn meta_key(name: &str) -> Vec<u8> {
+    let mut key = vec![META];
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
+fn page_key(page: u32) -> [u8; 5] {
+    let mut key = [PAGE; 5];
+    key[1..].copy_from_slice(&page.to_be_bytes());
+    key
+}
+
+fn events_key(day: u32, first: u64) -> [u8; 13] {
+    let mut key = [EVENTS; 13];
+    key[1..5].copy_from_slice(&day.to_be_bytes());
+    key[5..].copy_from_slice(&first.to_be_bytes());
+    key
+}
+
+fn changes_key(first: u64) -> [u8; 9] {
+    let mut key = [CHANGES; 9];
+    key[1..].copy_from_slice(&first.to_be_bytes());
+    key
+}
+
+fn corrupt(what: &'static str, reason: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        what,
+        reason: reason.into(),
     }
+}
+
+/// The change sequence a change block key starts at.
+fn block_first(key: &[u8]) -> Result<u64, StoreError> {
+    key.get(1..)
+        .and_then(|k| <[u8; 8]>::try_from(k).ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| corrupt("change block key", format!("{} bytes", key.len())))
 }
 
 impl ShardStore {
+    fn read_u64(&self, name: &str) -> Result<u64, StoreError> {
+        match self.tree.get(meta_key(name))? {
+            None => Ok(0),
+            Some(bytes) => {
+                let bytes: [u8; 8] = bytes.as_ref().try_into().map_err(|_| {
+                    corrupt(
+                        "shard meta",
+                        format!("{name} is {} bytes, not 8", bytes.len()),
+                    )
+                })?;
+                Ok(u64::from_le_bytes(bytes))
+            }
+        }
+    }
+
     /// The shard's bookkeeping (zeroes for a new shard).
     pub fn meta(&self) -> Result<ShardMeta, StoreError> {
         Ok(ShardMeta {
-            epoch: read_u64(&self.meta, "epoch")?,
+            epoch: self.read_u64("epoch")?,
             replay_from: Lsn {
-                segment: read_u64(&self.meta, "replay_segment")?,
-                offset: read_u64(&self.meta, "replay_offset")?,
+                segment: self.read_u64("replay_segment")?,
+                offset: self.read_u64("replay_offset")?,
             },
-            next_sequence: read_u64(&self.meta, "next_sequence")?,
-            next_event: read_u64(&self.meta, "next_event")?,
-            rule_version: read_u64(&self.meta, "rule_version")?,
+            next_sequence: self.read_u64("next_sequence")?,
+            next_event: self.read_u64("next_event")?,
+            rule_version: self.read_u64("rule_version")?,
         })
     }
 
     /// Sets the epoch alone (assignment), durable at the next sync.
     pub fn set_epoch(&self, epoch: u64) -> Result<(), StoreError> {
-        self.meta.insert("epoch", &epoch.to_le_bytes())?;
+        self.tree.insert(meta_key("epoch"), &epoch.to_le_bytes())?;
         Ok(())
     }
 
     /// A stored user.
     pub fn load_user(&self, user: &str) -> Result<Option<UserRecord>, StoreError> {
-        self.users
-            .get(user)?
-            .map(|bytes| UserRecord::decode(&bytes))
+        let key = page_key(page::page_of(user.as_bytes(), page::PAGES_PER_SHARD));
+        let Some(bytes) = self.tree.get(key)? else {
+            return Ok(None);
+        };
+        page::find(&bytes, user.as_bytes())?
+            .map(UserRecord::decode)
             .transpose()
     }
 
-    /// Every stored user, in id order.
-    pub fn users(&self) -> impl Iterator<Item = Result<(String, UserRecord), StoreError>> + '_ {
-        self.users.iter().map(|entry| {
-            let (key, value) = entry?;
-            let user = String::from_utf8(key.to_vec()).map_err(|_| StoreError::Corrupt {
-                what: "user id",
-                reason: "not UTF-8".into(),
-            })?;
-            Ok((user, UserRecord::decode(&value)?))
-        })
+    /// Calls `visit` with every stored user (page by page, in no useful order).
+    pub fn visit_users(
+        &self,
+        mut visit: impl FnMut(&str, UserRecord) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        for entry in self.tree.scan_prefix([PAGE]) {
+            let (_, bytes) = entry?;
+            for user in page::entries(&bytes) {
+                let (id, record) = user?;
+                let id = std::str::from_utf8(id).map_err(|_| corrupt("user id", "not UTF-8"))?;
+                visit(id, UserRecord::decode(record)?)?;
+            }
+        }
+        Ok(())
     }
 
     /// Number of stored users.
-    pub fn user_count(&self) -> usize {
-        self.users.len()
+    pub fn user_count(&self) -> Result<u64, StoreError> {
+        let mut count = 0;
+        for entry in self.tree.scan_prefix([PAGE]) {
+            let (_, bytes) = entry?;
+            for user in page::entries(&bytes) {
+                user?;
+                count += 1;
+            }
+        }
+        Ok(count)
     }
 
-    /// Writes a checkpoint atomically.
-    pub fn checkpoint(&self, cp: &Checkpoint) -> Result<(), StoreError> {
-        let result = (&self.users, &self.events, &self.changes, &self.meta).transaction(
-            |(users, events, changes, meta)| {
-                for (key, value) in &cp.users {
-                    users.insert(key.as_slice(), value.as_slice())?;
-                }
-                for (day, seq, value) in &cp.events {
-                    events.insert(&event_key(*day, *seq)[..], value.as_slice())?;
-                }
-                for (seq, value) in &cp.changes {
-                    changes.insert(&seq.to_be_bytes()[..], value.as_slice())?;
-                }
-                let m = &cp.meta;
-                for (key, value) in [
-                    ("epoch", m.epoch),
-                    ("replay_segment", m.replay_from.segment),
-                    ("replay_offset", m.replay_from.offset),
-                    ("next_sequence", m.next_sequence),
-                    ("next_event", m.next_event),
-                    ("rule_version", m.rule_version),
-                ] {
-                    meta.insert(key, &value.to_le_bytes())?;
-                }
-                Ok::<(), ConflictableTransactionError<()>>(())
-            },
-        );
-        match result {
-            Ok(()) => Ok(()),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
-            Err(TransactionError::Abort(())) => Err(StoreError::Corrupt {
-                what: "checkpoint",
-                reason: "transaction aborted".into(),
-            }),
+    /// Writes a checkpoint as one atomic batch. Checkpoints of a shard must be
+    /// written one at a time, in the order they were taken: each page is read,
+    /// merged and rewritten.
+    pub fn write_checkpoint(&self, cp: &Checkpoint) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+
+        let mut pages: BTreeMap<u32, Vec<page::Update<'_>>> = BTreeMap::new();
+        for (id, record) in &cp.users {
+            pages
+                .entry(page::page_of(id, page::PAGES_PER_SHARD))
+                .or_default()
+                .push((id, record));
         }
+        for (number, mut updates) in pages {
+            updates.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            updates.dedup_by(|later, earlier| later.0 == earlier.0);
+            let key = page_key(number);
+            let stored = self.tree.get(key)?;
+            batch.insert(&key[..], page::merge(stored.as_deref(), &updates)?);
+        }
+
+        for day_events in cp.events.chunk_by(|a, b| a.0 == b.0) {
+            for run in block::split(day_events, |(_, _, bytes)| bytes.len()) {
+                let (day, first, _) = &run[0];
+                let records = run.iter().map(|(_, _, bytes)| bytes.as_slice());
+                batch.insert(&events_key(*day, *first)[..], block::encode(0, records));
+            }
+        }
+        for entry in self
+            .tree
+            .range(events_key(0, 0)..events_key(cp.expire_events_before_day, 0))
+        {
+            batch.remove(entry?.0);
+        }
+
+        for run in block::split(&cp.changes, |(_, _, bytes)| bytes.len()) {
+            let latest = run.iter().map(|(_, at, _)| *at).max().unwrap_or(i64::MIN);
+            let records = run.iter().map(|(_, _, bytes)| bytes.as_slice());
+            batch.insert(&changes_key(run[0].0)[..], block::encode(latest, records));
+        }
+        for entry in self.tree.scan_prefix([CHANGES]) {
+            let (key, bytes) = entry?;
+            if block::header(&bytes)? >= cp.expire_changes_before_ms {
+                break;
+            }
+            batch.remove(key);
+        }
+
+        let m = &cp.meta;
+        for (name, value) in [
+            ("epoch", m.epoch),
+            ("replay_segment", m.replay_from.segment),
+            ("replay_offset", m.replay_from.offset),
+            ("next_sequence", m.next_sequence),
+            ("next_event", m.next_event),
+            ("rule_version", m.rule_version),
+        ] {
+            batch.insert(meta_key(name), &value.to_le_bytes());
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(())
     }
 
     /// Stored changes with sequence > `after`, at most `limit`, in order.
@@ -395,11 +522,31 @@ impl ShardStore {
         after: u64,
         limit: usize,
     ) -> Result<Vec<pb::MembershipChange>, StoreError> {
-        let start = after.saturating_add(1).to_be_bytes();
+        let wanted = after.saturating_add(1);
+        // The block holding `wanted` starts at or before it.
+        let start = match self
+            .tree
+            .range(changes_key(0)..=changes_key(wanted))
+            .next_back()
+        {
+            Some(entry) => entry?.0,
+            None => changes_key(0).as_slice().into(),
+        };
         let mut out = Vec::new();
-        for entry in self.changes.range(start..).take(limit) {
-            let (_, value) = entry?;
-            out.push(pb::MembershipChange::decode(&*value)?);
+        for entry in self
+            .tree
+            .range(start..=sled::IVec::from(&changes_key(u64::MAX)[..]))
+        {
+            let (_, bytes) = entry?;
+            for record in block::records(&bytes) {
+                let change = pb::MembershipChange::decode(record?)?;
+                if change.cursor.as_ref().is_some_and(|c| c.sequence >= wanted) {
+                    out.push(change);
+                    if out.len() == limit {
+                        return Ok(out);
+                    }
+                }
+            }
         }
         Ok(out)
     }
@@ -407,109 +554,57 @@ impl ShardStore {
     /// The first stored change sequence (what a subscriber without a cursor
     /// starts from), if any.
     pub fn first_change(&self) -> Result<Option<u64>, StoreError> {
-        Ok(self
-            .changes
-            .first()?
-            .and_then(|(k, _)| k.as_ref().try_into().ok().map(u64::from_be_bytes)))
+        match self.tree.scan_prefix([CHANGES]).next() {
+            Some(entry) => Ok(Some(block_first(&entry?.0)?)),
+            None => Ok(None),
+        }
     }
 
-    /// Deletes stored changes that happened before `before_ms`: the change log
-    /// is in time order, so this stops at the first newer one.
-    pub fn expire_changes(&self, before_ms: i64) -> Result<usize, StoreError> {
-        let mut removed = 0;
-        for entry in self.changes.iter() {
-            let (key, value) = entry?;
-            if pb::MembershipChange::decode(&*value)?.at_ms >= before_ms {
-                break;
+    /// Retained batches of events (their write-ahead log records), in arrival
+    /// order, from `since_day` on.
+    pub fn retained_since(&self, since_day: u32) -> Result<Vec<WalRecord>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self
+            .tree
+            .range(events_key(since_day, 0)..=events_key(u32::MAX, u64::MAX))
+        {
+            let (_, bytes) = entry?;
+            for record in block::records(&bytes) {
+                out.push(WalRecord::decode(record?)?);
             }
-            self.changes.remove(key)?;
-            removed += 1;
         }
-        Ok(removed)
-    }
-
-    /// Retained events, in arrival order, from `since_day` on.
-    pub fn events_since(
-        &self,
-        since_day: u32,
-    ) -> impl Iterator<Item = Result<pb::Event, StoreError>> + '_ {
-        self.events
-            .range(&since_day.to_be_bytes()[..]..)
-            .map(|entry| {
-                let (_, value) = entry?;
-                Ok(pb::Event::decode(&*value)?)
-            })
-    }
-
-    /// Deletes retained events of days before `day`.
-    pub fn expire_events(&self, day: u32) -> Result<usize, StoreError> {
-        let mut removed = 0;
-        for entry in self.events.range(..&day.to_be_bytes()[..]) {
-            let (key, _) = entry?;
-            self.events.remove(key)?;
-            removed += 1;
-        }
-        Ok(removed)
+        Ok(out)
     }
 
     /// Removes everything of this shard.
     pub fn clear(&self) -> Result<(), StoreError> {
-        for tree in [&self.users, &self.events, &self.changes, &self.meta] {
-            tree.clear()?;
+        self.tree.clear()?;
+        Ok(())
+    }
+
+    /// Every (key, value) of the shard, for export.
+    pub fn dump(&self) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + '_ {
+        self.tree.iter().map(|entry| {
+            let (k, v) = entry?;
+            Ok((k.to_vec(), v.to_vec()))
+        })
+    }
+
+    /// Writes one exported (key, value).
+    pub fn load(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        if !matches!(key.first(), Some(&(META | PAGE | EVENTS | CHANGES))) {
+            return Err(corrupt("shard export", "a key of unknown kind"));
         }
-        Ok(())
-    }
-
-    /// Every (tree, key, value) of the shard, for export.
-    pub fn dump(&self) -> impl Iterator<Item = Result<(u8, Vec<u8>, Vec<u8>), StoreError>> + '_ {
-        [&self.meta, &self.users, &self.events, &self.changes]
-            .into_iter()
-            .enumerate()
-            .flat_map(|(i, tree)| {
-                tree.iter().map(move |entry| {
-                    let (k, v) = entry?;
-                    Ok((i as u8, k.to_vec(), v.to_vec()))
-                })
-            })
-    }
-
-    /// Writes one exported (tree, key, value).
-    pub fn load(&self, tree: u8, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        let tree = match tree {
-            0 => &self.meta,
-            1 => &self.users,
-            2 => &self.events,
-            3 => &self.changes,
-            other => {
-                return Err(StoreError::Corrupt {
-                    what: "shard export",
-                    reason: format!("unknown tree {other}"),
-                });
-            }
-        };
-        tree.insert(key, value)?;
+        self.tree.insert(key, value)?;
         Ok(())
     }
 }
-
-fn event_key(day: u32, seq: u64) -> [u8; 12] {
-    let mut key = [0u8; 12];
-    key[..4].copy_from_slice(&day.to_be_bytes());
-    key[4..].copy_from_slice(&seq.to_be_bytes());
-    key
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn checkpoints_round_trip_and_survive_reopening() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let shard = store.shard(7).unwrap();
-        assert_eq!(shard.meta().unwrap(), ShardMeta::default());
-        let record = UserRecord {
+    fn record(seen: u128) -> UserRecord {
+        UserRecord {
             state: dynseg_rules::Plan::compile(
                 &[],
                 dynseg_rules::RuleVersion(1),
@@ -517,56 +612,154 @@ mod tests {
             )
             .unwrap()
             .new_state(),
-            seen: vec![1, u128::MAX],
-        };
-        let change = pb::MembershipChange {
-            user_id: "alice".into(),
+            seen: vec![seen, u128::MAX],
+        }
+    }
+
+    fn change(sequence: u64, at_ms: i64) -> pb::MembershipChange {
+        pb::MembershipChange {
+            user_id: format!("user-{sequence}"),
             segment: "vip".into(),
-            at_ms: 100,
+            at_ms,
+            cursor: Some(pb::Cursor {
+                shard: 7,
+                epoch: 3,
+                sequence,
+            }),
             ..Default::default()
-        };
+        }
+    }
+
+    fn event(id: &str) -> WalRecord {
         let event = pb::Event {
-            message_id: "m1".into(),
+            message_id: id.into(),
             user_id: "alice".into(),
             ..Default::default()
         };
+        WalRecord {
+            shard: 7,
+            now_ms: 1,
+            input: Some(crate::record::Input::Batch(pb::EventBatch {
+                shard: 7,
+                epoch: 3,
+                events: vec![event],
+            })),
+        }
+    }
+
+    fn checkpoint(
+        users: &[(&str, &UserRecord)],
+        events: &[(u32, u64, &WalRecord)],
+        changes: &[pb::MembershipChange],
+        meta: ShardMeta,
+    ) -> Checkpoint {
+        Checkpoint {
+            users: users
+                .iter()
+                .map(|(id, r)| (id.as_bytes().to_vec(), r.encode()))
+                .collect(),
+            events: events
+                .iter()
+                .map(|(day, seq, e)| (*day, *seq, e.encode_to_vec()))
+                .collect(),
+            changes: changes
+                .iter()
+                .map(|c| (c.cursor.unwrap().sequence, c.at_ms, c.encode_to_vec()))
+                .collect(),
+            meta,
+            expire_events_before_day: 0,
+            expire_changes_before_ms: i64::MIN,
+        }
+    }
+
+    #[test]
+    fn checkpoints_round_trip_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let shard = store.shard(7).unwrap();
+        assert_eq!(shard.meta().unwrap(), ShardMeta::default());
         let meta = ShardMeta {
             epoch: 3,
             replay_from: Lsn {
                 segment: 2,
                 offset: 99,
             },
-            next_sequence: 2,
-            next_event: 1,
+            next_sequence: 4,
+            next_event: 2,
             rule_version: 5,
         };
+        let (alice, bob) = (record(1), record(2));
+        let (e1, e2) = (event("m1"), event("m2"));
+        let first = [change(1, 100), change(2, 100), change(3, 200)];
         shard
-            .checkpoint(&Checkpoint {
-                users: vec![(b"alice".to_vec(), record.encode())],
-                events: vec![(20_000, 0, event.encode_to_vec())],
-                changes: vec![(1, change.encode_to_vec())],
+            .write_checkpoint(&checkpoint(
+                &[("alice", &alice), ("bob", &bob)],
+                &[(20_000, 0, &e1), (20_001, 1, &e2)],
+                &first,
                 meta,
-            })
+            ))
+            .unwrap();
+        // A second checkpoint replaces alice, adds many users, and more changes.
+        let alice2 = record(3);
+        let many: Vec<(String, UserRecord)> =
+            (0..500).map(|u| (format!("u{u}"), record(u))).collect();
+        let mut users: Vec<(&str, &UserRecord)> =
+            many.iter().map(|(id, r)| (id.as_str(), r)).collect();
+        users.push(("alice", &alice2));
+        let second = [change(4, 300), change(5, 400)];
+        let meta2 = ShardMeta {
+            next_sequence: 6,
+            ..meta
+        };
+        shard
+            .write_checkpoint(&checkpoint(&users, &[], &second, meta2))
             .unwrap();
         store.sync().unwrap();
         drop((shard, store));
-        let store = Store::open(dir.path()).unwrap();
+
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(store.stored_shards(), vec![7]);
         let shard = store.shard(7).unwrap();
-        assert_eq!(shard.meta().unwrap(), meta);
-        assert_eq!(shard.load_user("alice").unwrap(), Some(record));
-        assert_eq!(shard.load_user("bob").unwrap(), None);
-        assert_eq!(shard.changes_after(0, 10).unwrap(), vec![change.clone()]);
-        assert!(shard.changes_after(1, 10).unwrap().is_empty());
-        assert_eq!(
-            shard
-                .events_since(19_000)
-                .map(Result::unwrap)
-                .collect::<Vec<_>>(),
-            vec![event]
-        );
-        assert_eq!(shard.expire_events(20_001).unwrap(), 1);
-        assert_eq!(shard.expire_changes(101).unwrap(), 1);
+        assert_eq!(shard.meta().unwrap(), meta2);
+        assert_eq!(shard.load_user("alice").unwrap(), Some(alice2.clone()));
+        assert_eq!(shard.load_user("bob").unwrap(), Some(bob));
+        assert_eq!(shard.load_user("u499").unwrap(), Some(record(499)));
+        assert_eq!(shard.load_user("carol").unwrap(), None);
+        assert_eq!(shard.user_count().unwrap(), 502);
+        let mut visited = 0;
+        shard
+            .visit_users(|id, r| {
+                visited += 1;
+                if id == "alice" {
+                    assert_eq!(r, alice2);
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(visited, 502);
+
+        let all: Vec<_> = first.iter().chain(&second).cloned().collect();
+        for after in 0..=5 {
+            assert_eq!(
+                shard.changes_after(after, 10).unwrap(),
+                all[after as usize..],
+                "after {after}"
+            );
+        }
+        assert_eq!(shard.changes_after(1, 2).unwrap(), all[1..3]);
+        assert_eq!(shard.first_change().unwrap(), Some(1));
+        assert_eq!(shard.retained_since(19_000).unwrap(), vec![e1, e2.clone()]);
+        assert_eq!(shard.retained_since(20_001).unwrap(), vec![e2.clone()]);
+
+        // Retention: events by day; changes by whole blocks whose last change is
+        // older than the cut (the first block ends at 200).
+        let mut expire = checkpoint(&[], &[], &[], meta2);
+        expire.expire_events_before_day = 20_001;
+        expire.expire_changes_before_ms = 250;
+        shard.write_checkpoint(&expire).unwrap();
+        assert_eq!(shard.retained_since(0).unwrap(), vec![e2]);
+        assert_eq!(shard.first_change().unwrap(), Some(4));
+        assert_eq!(shard.changes_after(0, 10).unwrap(), second);
     }
 
     #[test]

@@ -19,14 +19,11 @@ const CHUNK_ENTRIES: usize = 1024;
 /// One stored key/value of a shard.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ExportEntry {
-    /// Which tree (0 meta, 1 users, 2 events, 3 changes).
-    #[prost(uint32, tag = "1")]
-    pub tree: u32,
     /// The key.
-    #[prost(bytes = "vec", tag = "2")]
+    #[prost(bytes = "vec", tag = "1")]
     pub key: Vec<u8>,
     /// The value.
-    #[prost(bytes = "vec", tag = "3")]
+    #[prost(bytes = "vec", tag = "2")]
     pub value: Vec<u8>,
 }
 
@@ -50,12 +47,8 @@ pub async fn export(node: &Node, shard: u32) -> Result<Vec<pb::ShardChunk>, Node
     let mut chunks = Vec::new();
     let mut entries = Vec::with_capacity(CHUNK_ENTRIES);
     for item in store.dump() {
-        let (tree, key, value) = item?;
-        entries.push(ExportEntry {
-            tree: u32::from(tree),
-            key,
-            value,
-        });
+        let (key, value) = item?;
+        entries.push(ExportEntry { key, value });
         if entries.len() == CHUNK_ENTRIES {
             let data = ExportEntries {
                 entries: std::mem::take(&mut entries),
@@ -108,19 +101,14 @@ pub async fn import(
     }
     let store = node.shard_store(shard)?;
     store.clear()?;
-    let mut users = 0;
     for chunk in &chunks {
         let entries = ExportEntries::decode(chunk.data.as_slice())
             .map_err(|e| NodeError::Invalid(format!("undecodable chunk: {e}")))?;
         for entry in entries.entries {
-            let tree =
-                u8::try_from(entry.tree).map_err(|_| NodeError::Invalid("unknown tree".into()))?;
-            if tree == 1 {
-                users += 1;
-            }
-            store.load(tree, &entry.key, &entry.value)?;
+            store.load(&entry.key, &entry.value)?;
         }
     }
+    let users = store.user_count()?;
     store.set_epoch(epoch)?;
     node.store().sync()?;
     node.assign_shard(shard, epoch + 1).await?;
