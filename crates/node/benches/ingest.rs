@@ -5,7 +5,9 @@
 //! batches in flight; a subscriber counts the changes streamed back.
 //!
 //! Prints events/s acknowledged, ack latency p50/p99 per batch, changes streamed
-//! per second, and the node's resident memory per user.
+//! live per second (as many as the workload causes), how fast a subscriber
+//! catches up on the whole change log from its start, CPU used by the node and
+//! the client, and the node's resident memory per user.
 //!
 //! `cargo bench -p dynseg-node --bench ingest` (DYNSEG_BENCH_EVENTS: events to
 //! send, 5,000,000 by default; DYNSEG_BENCH_STREAMS: client streams, 4).
@@ -313,6 +315,24 @@ async fn main() {
         .unwrap()
         .into_inner();
     let users: u64 = status.shards.iter().map(|s| s.users_total).sum();
+    let logged: u64 = status.shards.iter().map(|s| s.last_sequence).sum();
+
+    // A subscriber catching up from the start of every shard's log: how fast
+    // the node streams changes when there are many to send.
+    let catch_up = Instant::now();
+    let mut history = client
+        .subscribe(pb::SubscribeRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut replayed = 0u64;
+    while replayed < logged {
+        match history.message().await {
+            Ok(Some(_)) => replayed += 1,
+            _ => break,
+        }
+    }
+    let catch_up = catch_up.elapsed();
     let rss = rss_bytes(pid);
     let node_cpu = cpu_seconds(&pid.to_string()) - node_cpu_start;
     let client_cpu = cpu_seconds("self") - client_cpu_start;
@@ -333,6 +353,11 @@ async fn main() {
     println!(
         "changes streamed:      {streamed_during} ({:.0}/s)",
         streamed_during as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "changes caught up:     {replayed} of {logged} from the start of the log in {:.1} s ({:.0}/s)",
+        catch_up.as_secs_f64(),
+        replayed as f64 / catch_up.as_secs_f64()
     );
     println!("users:                 {users}");
     println!(

@@ -1,6 +1,6 @@
 //! Runs one shard node: `dynseg-node --data-dir DIR [--listen ADDR] [--node-id ID]
 //! [--shard-count N] [--shards A-B] [--clock system|manual[=RFC3339]]
-//! [--checkpoint-secs S]`.
+//! [--checkpoint-secs S] [--memory-mib M]`.
 //!
 //! Prints `listening on ADDR` once it serves, and shuts down cleanly (checkpoint,
 //! sync) on SIGTERM or Ctrl-C.
@@ -23,7 +23,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn usage(problem: &str) -> ExitCode {
     eprintln!("dynseg-node: {problem}");
     eprintln!(
-        "usage: dynseg-node --data-dir DIR [--listen ADDR] [--node-id ID] [--shard-count N] [--shards A-B] [--clock system|manual[=RFC3339]] [--checkpoint-secs S]"
+        "usage: dynseg-node --data-dir DIR [--listen ADDR] [--node-id ID] [--shard-count N] [--shards A-B] [--clock system|manual[=RFC3339]] [--checkpoint-secs S] [--memory-mib M]"
     );
     ExitCode::from(1)
 }
@@ -36,6 +36,7 @@ fn parse(args: &[String]) -> Result<NodeConfig, String> {
     let mut shards: Option<(u32, u32)> = None;
     let mut clock = Clock::System;
     let mut checkpoint_secs = None;
+    let mut memory_mib = None;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let mut value = || {
@@ -77,6 +78,13 @@ fn parse(args: &[String]) -> Result<NodeConfig, String> {
                         .map_err(|_| "--checkpoint-secs takes a number")?,
                 )
             }
+            "--memory-mib" => {
+                memory_mib = Some(
+                    value()?
+                        .parse::<usize>()
+                        .map_err(|_| "--memory-mib takes a number")?,
+                )
+            }
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -91,6 +99,9 @@ fn parse(args: &[String]) -> Result<NodeConfig, String> {
     config.shards = (a..=b.min(shard_count.saturating_sub(1)))
         .map(|s| (s, 1))
         .collect();
+    if let Some(mib) = memory_mib {
+        config.memory_budget = mib.saturating_mul(1 << 20);
+    }
     if let Some(s) = checkpoint_secs {
         config.checkpoint_every = std::time::Duration::from_secs(s.max(1));
     }
