@@ -26,6 +26,7 @@
 //! | [`reference`](mod@reference) | the brute-force evaluator the tests hold the engine to |
 //! | [`exact_sum`] | order-independent exact sums for `sum` and `avg` |
 //! | [`change`], [`error`] | what the engine emits, and what can go wrong |
+//! | [`examples`] | the nine example segments of SPEC.md section 3 |
 //!
 //! ## Example
 //!
@@ -55,6 +56,7 @@ pub mod error;
 mod eval;
 pub mod event;
 pub mod exact_sum;
+pub mod examples;
 mod id;
 pub mod limits;
 mod migrate;

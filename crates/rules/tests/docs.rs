@@ -32,6 +32,11 @@ fn nine_segments_from_docs() -> Vec<SegmentDef> {
 #[test]
 fn the_nine_spec_segments_in_the_docs_compile_together() {
     let defs = nine_segments_from_docs();
+    assert_eq!(
+        defs,
+        dynseg_rules::examples::spec_segments(),
+        "docs/rules.md and dynseg_rules::examples disagree"
+    );
     let ids: Vec<&str> = defs.iter().map(|d| d.id.as_str()).collect();
     assert_eq!(
         ids,
