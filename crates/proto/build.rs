@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "dynseg/v1/events.proto",
         "dynseg/v1/changes.proto",
         "dynseg/v1/node.proto",
+        "dynseg/v1/control.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed=../../proto/{file}");

@@ -1,0 +1,176 @@
+//! Settings of one control-plane member.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::faults::Faults;
+
+/// How one control-plane member runs.
+#[derive(Clone, Debug)]
+pub struct ControlConfig {
+    /// This member's raft id (non-zero, unique in the group).
+    pub id: u64,
+    /// Where sled keeps the raft log, hard state and snapshots.
+    pub data_dir: PathBuf,
+    /// The founding members (`id → address`, this member included). Every
+    /// founding member must be given the same map. Ignored once the data dir
+    /// holds a group; empty with `join` for a member added later.
+    pub peers: BTreeMap<u64, String>,
+    /// Start empty and wait to be added with `AddControlMember`.
+    pub join: bool,
+    /// One raft tick.
+    pub tick: Duration,
+    /// Ticks without a heartbeat before a follower campaigns (randomized up to twice).
+    pub election_ticks: usize,
+    /// Ticks between leader heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Applied entries between state-machine snapshots (each compacts the log).
+    pub snapshot_interval: u64,
+    /// Committed changes kept for `Watch`; a watcher further behind gets a snapshot.
+    pub watch_history: usize,
+    /// How long a write or a linearizable read waits for Raft before giving up.
+    pub request_timeout: Duration,
+    /// Network fault injection (tests); the default injects nothing.
+    pub faults: Faults,
+}
+
+impl ControlConfig {
+    /// Defaults for member `id` storing under `data_dir`: 50 ms ticks, elections
+    /// after 0.5 to 1 s of silence, heartbeats every 100 ms.
+    pub fn new(id: u64, data_dir: impl Into<PathBuf>) -> ControlConfig {
+        ControlConfig {
+            id,
+            data_dir: data_dir.into(),
+            peers: BTreeMap::new(),
+            join: false,
+            tick: Duration::from_millis(50),
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            snapshot_interval: 1024,
+            watch_history: 1024,
+            request_timeout: Duration::from_secs(5),
+            faults: Faults::default(),
+        }
+    }
+}
+
+/// The command line of a control member: `--id N --listen ADDR --data-dir DIR
+/// [--peers ID=ADDR,...] [--join] [--snapshot-interval N]`.
+#[derive(Clone, Debug)]
+pub struct ControlArgs {
+    /// Where to listen.
+    pub listen: String,
+    /// The member's settings.
+    pub config: ControlConfig,
+}
+
+/// The usage line of [`ControlArgs::parse`].
+pub const USAGE: &str =
+    "--id N --listen ADDR --data-dir DIR [--peers ID=ADDR,...] [--join] [--snapshot-interval N]";
+
+impl ControlArgs {
+    /// Parses the flags; with no `--peers` (and no `--join`) the member founds a
+    /// group of one at its `--listen` address.
+    pub fn parse(args: &[String]) -> Result<ControlArgs, String> {
+        let mut id = None;
+        let mut listen = None;
+        let mut data_dir = None;
+        let mut peers = BTreeMap::new();
+        let mut join = false;
+        let mut snapshot_interval = None;
+        let mut it = args.iter();
+        while let Some(flag) = it.next() {
+            let mut value = || {
+                it.next()
+                    .cloned()
+                    .ok_or_else(|| format!("{flag} needs a value"))
+            };
+            match flag.as_str() {
+                "--id" => {
+                    id = Some(
+                        value()?
+                            .parse::<u64>()
+                            .ok()
+                            .filter(|id| *id > 0)
+                            .ok_or("--id takes a number from 1")?,
+                    )
+                }
+                "--listen" => listen = Some(value()?),
+                "--data-dir" => data_dir = Some(PathBuf::from(value()?)),
+                "--peers" => {
+                    for peer in value()?.split(',').filter(|p| !p.is_empty()) {
+                        let (peer_id, address) = peer
+                            .split_once('=')
+                            .ok_or_else(|| format!("--peers: {peer:?} is not ID=ADDR"))?;
+                        let peer_id = peer_id
+                            .parse::<u64>()
+                            .ok()
+                            .filter(|id| *id > 0)
+                            .ok_or_else(|| format!("--peers: bad id in {peer:?}"))?;
+                        peers.insert(peer_id, address.to_owned());
+                    }
+                }
+                "--join" => join = true,
+                "--snapshot-interval" => {
+                    snapshot_interval = Some(
+                        value()?
+                            .parse::<u64>()
+                            .map_err(|_| "--snapshot-interval takes a number")?,
+                    )
+                }
+                other => return Err(format!("unknown argument {other}")),
+            }
+        }
+        let id = id.ok_or("--id is required")?;
+        let listen = listen.ok_or("--listen is required")?;
+        let data_dir = data_dir.ok_or("--data-dir is required")?;
+        if peers.is_empty() && !join {
+            peers.insert(id, listen.clone());
+        }
+        let mut config = ControlConfig::new(id, data_dir);
+        config.peers = peers;
+        config.join = join;
+        if let Some(n) = snapshot_interval {
+            config.snapshot_interval = n.max(1);
+        }
+        Ok(ControlArgs { listen, config })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(line: &str) -> Vec<String> {
+        line.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn a_lone_member_founds_a_group_of_one() {
+        let parsed =
+            ControlArgs::parse(&args("--id 1 --listen 127.0.0.1:7100 --data-dir d")).unwrap();
+        assert_eq!(
+            parsed.config.peers,
+            BTreeMap::from([(1, "127.0.0.1:7100".into())])
+        );
+    }
+
+    #[test]
+    fn peers_and_errors() {
+        let parsed = ControlArgs::parse(&args(
+            "--id 2 --listen :7101 --data-dir d --peers 1=a:1,2=b:2,3=c:3",
+        ))
+        .unwrap();
+        assert_eq!(parsed.config.peers.len(), 3);
+        assert_eq!(parsed.config.peers[&3], "c:3");
+        for bad in [
+            "--listen a --data-dir d",
+            "--id 0 --listen a --data-dir d",
+            "--id 1 --listen a --data-dir d --peers 1:a",
+            "--id 1 --listen a --data-dir d --bogus",
+        ] {
+            assert!(ControlArgs::parse(&args(bad)).is_err(), "{bad}");
+        }
+    }
+}

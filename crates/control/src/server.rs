@@ -1,0 +1,90 @@
+//! Serving one control member: its raft task and its gRPC listener, started
+//! together and stopped together.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+
+use dynseg_proto::pb::control_server::ControlServer as ControlGrpc;
+use dynseg_proto::pb::raft_peer_server::RaftPeerServer;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::ControlConfig;
+use crate::error::ControlError;
+use crate::replica::{self, ReplicaHandle, ReplicaTask};
+use crate::service::ControlService;
+
+/// Largest gRPC message accepted: raft snapshots of the state machine travel in
+/// one message.
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// A running control member.
+pub struct ControlServer {
+    addr: SocketAddr,
+    replica: ReplicaHandle,
+    replica_task: ReplicaTask,
+    stop: oneshot::Sender<()>,
+    serve: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl ControlServer {
+    /// Starts a member serving on `listener` (bind it first, so tests can use
+    /// port 0 and tell every member the others' addresses).
+    pub async fn start(
+        config: ControlConfig,
+        listener: TcpListener,
+    ) -> Result<ControlServer, ControlError> {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| ControlError::InvalidArgument(format!("listener: {e}")))?;
+        let (replica, replica_task) = replica::start(&config)?;
+        let service = ControlService::new(
+            replica.clone(),
+            config.peers.keys().copied().collect::<BTreeSet<_>>(),
+        );
+        let (stop, stopped) = oneshot::channel::<()>();
+        let serve = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(
+                    ControlGrpc::new(service.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+                )
+                .add_service(
+                    RaftPeerServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES),
+                )
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                    let _ = stopped.await;
+                }),
+        );
+        tracing::info!(member = config.id, %addr, "control member serving");
+        Ok(ControlServer {
+            addr,
+            replica,
+            replica_task,
+            stop,
+            serve,
+        })
+    }
+
+    /// Where it serves.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Its replica (for in-process callers and tests).
+    pub fn replica(&self) -> &ReplicaHandle {
+        &self.replica
+    }
+
+    /// Stops serving (open streams end), then stops raft and syncs storage.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(());
+        self.replica_task.shutdown().await;
+        match self.serve.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "control server ended with an error"),
+            Err(e) => tracing::warn!(error = %e, "control server task failed"),
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! The gRPC services of a control member: `Control` (admin API, watch) and
+//! `RaftPeer` (raft messages from other members). Handlers are thin: convert,
+//! ask the replica, convert back.
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use dynseg_proto::pb;
+use dynseg_proto::pb::control_server::Control;
+use dynseg_proto::pb::raft_peer_server::RaftPeer;
+use protobuf::Message as _;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::error::ControlError;
+use crate::replica::{MemberChange, ReplicaHandle, View};
+use crate::state::{Command, MemberKind, Revised, SegmentSpec};
+use crate::wire;
+
+/// Events buffered per watcher before the stream waits for the client.
+const WATCH_BUFFER: usize = 256;
+
+/// The `Control` and `RaftPeer` services of one member.
+#[derive(Clone)]
+pub struct ControlService {
+    replica: ReplicaHandle,
+    /// Who may send raft messages while this member's state names no members
+    /// yet (a joining member before its first snapshot): the configured peers.
+    initial_peers: Arc<BTreeSet<u64>>,
+}
+
+impl ControlService {
+    /// Services answering from `replica`; `initial_peers` are trusted until the
+    /// replicated state names the group's members.
+    pub fn new(replica: ReplicaHandle, initial_peers: BTreeSet<u64>) -> ControlService {
+        ControlService {
+            replica,
+            initial_peers: Arc::new(initial_peers),
+        }
+    }
+
+    async fn view(&self, stale: bool) -> Result<Arc<View>, ControlError> {
+        if stale {
+            Ok(self.replica.view())
+        } else {
+            self.replica.read().await
+        }
+    }
+
+    async fn write(&self, command: Command) -> Result<Response<pb::WriteResult>, Status> {
+        let revised = self.replica.propose(command).await?;
+        let view = self.replica.view();
+        Ok(Response::new(write_result(&revised, &view)))
+    }
+}
+
+fn write_result(revised: &[Revised], view: &View) -> pb::WriteResult {
+    match revised.last() {
+        Some(last) => pb::WriteResult {
+            revision: last.revision,
+            rules_version: last.rules_version,
+        },
+        // A write that changed nothing (re-registering unchanged).
+        None => pb::WriteResult {
+            revision: view.state.revision,
+            rules_version: view.state.rules_version,
+        },
+    }
+}
+
+fn specs(request: pb::SegmentsRequest) -> Result<Vec<SegmentSpec>, ControlError> {
+    request
+        .segments
+        .into_iter()
+        .map(SegmentSpec::try_from)
+        .collect()
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn validate_segments(
+        &self,
+        request: Request<pb::SegmentsRequest>,
+    ) -> Result<Response<pb::ValidateSegmentsResponse>, Status> {
+        let specs = specs(request.into_inner())?;
+        let view = self.replica.view();
+        view.state.validate_put(&specs)?;
+        Ok(Response::new(pb::ValidateSegmentsResponse {
+            next_rules_version: view.state.rules_version + 1,
+        }))
+    }
+
+    async fn apply_segments(
+        &self,
+        request: Request<pb::SegmentsRequest>,
+    ) -> Result<Response<pb::WriteResult>, Status> {
+        let specs = specs(request.into_inner())?;
+        // Checked here for a fast answer, and again when applied (deterministically,
+        // on every member) against the state the write is ordered after.
+        self.replica.view().state.validate_put(&specs)?;
+        self.write(Command::PutSegments(specs)).await
+    }
+
+    async fn delete_segment(
+        &self,
+        request: Request<pb::DeleteSegmentRequest>,
+    ) -> Result<Response<pb::WriteResult>, Status> {
+        let id = request.into_inner().id;
+        self.write(Command::DeleteSegment(id)).await
+    }
+
+    async fn get_segment(
+        &self,
+        request: Request<pb::GetSegmentRequest>,
+    ) -> Result<Response<pb::SegmentRecord>, Status> {
+        let request = request.into_inner();
+        let view = self.view(request.stale).await?;
+        match view.state.segments.get(&request.id) {
+            Some(segment) => Ok(Response::new(segment.into())),
+            None => Err(ControlError::SegmentNotFound(request.id).into()),
+        }
+    }
+
+    async fn list_segments(
+        &self,
+        request: Request<pb::ReadOptions>,
+    ) -> Result<Response<pb::ListSegmentsResponse>, Status> {
+        let view = self.view(request.into_inner().stale).await?;
+        Ok(Response::new(pb::ListSegmentsResponse {
+            revision: view.state.revision,
+            rules_version: view.state.rules_version,
+            segments: view.state.segments.values().map(Into::into).collect(),
+        }))
+    }
+
+    async fn register_member(
+        &self,
+        request: Request<pb::RegisterMemberRequest>,
+    ) -> Result<Response<pb::WriteResult>, Status> {
+        let request = request.into_inner();
+        self.write(Command::Register {
+            kind: MemberKind::try_from(request.kind)?,
+            id: request.id,
+            address: request.address,
+            weight: request.weight,
+        })
+        .await
+    }
+
+    async fn deregister_member(
+        &self,
+        request: Request<pb::DeregisterMemberRequest>,
+    ) -> Result<Response<pb::WriteResult>, Status> {
+        let request = request.into_inner();
+        self.write(Command::Deregister {
+            kind: MemberKind::try_from(request.kind)?,
+            id: request.id,
+        })
+        .await
+    }
+
+    async fn set_shard_count(
+        &self,
+        request: Request<pb::SetShardCountRequest>,
+    ) -> Result<Response<pb::WriteResult>, Status> {
+        self.write(Command::SetShardCount(request.into_inner().shard_count))
+            .await
+    }
+
+    async fn get_topology(
+        &self,
+        request: Request<pb::ReadOptions>,
+    ) -> Result<Response<pb::TopologyResponse>, Status> {
+        let view = self.view(request.into_inner().stale).await?;
+        Ok(Response::new(pb::TopologyResponse {
+            revision: view.state.revision,
+            topology: Some(wire::topology(&view.state.topology)),
+        }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let from = request.into_inner().from_revision;
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        // The task lives as long as the stream: it ends when the client goes
+        // away (send fails) or the member shuts down (the view channel closes).
+        tokio::spawn(feed_watcher(self.replica.subscribe(), from, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn add_control_member(
+        &self,
+        request: Request<pb::AddControlMemberRequest>,
+    ) -> Result<Response<pb::ControlStatus>, Status> {
+        let request = request.into_inner();
+        if request.address.is_empty() {
+            return Err(ControlError::InvalidArgument("address is required".into()).into());
+        }
+        self.replica
+            .change_members(MemberChange::Add {
+                id: request.id,
+                address: request.address,
+            })
+            .await?;
+        Ok(Response::new(wire::status(&self.replica.view())))
+    }
+
+    async fn remove_control_member(
+        &self,
+        request: Request<pb::RemoveControlMemberRequest>,
+    ) -> Result<Response<pb::ControlStatus>, Status> {
+        let id = request.into_inner().id;
+        self.replica
+            .change_members(MemberChange::Remove { id })
+            .await?;
+        Ok(Response::new(wire::status(&self.replica.view())))
+    }
+
+    async fn get_control_status(
+        &self,
+        _request: Request<pb::ControlStatusRequest>,
+    ) -> Result<Response<pb::ControlStatus>, Status> {
+        Ok(Response::new(wire::status(&self.replica.view())))
+    }
+}
+
+/// Sends a watcher every change after `sent`: from the retained history when it
+/// reaches back far enough, else a full snapshot first; then live changes.
+async fn feed_watcher(
+    mut views: tokio::sync::watch::Receiver<Arc<View>>,
+    mut sent: u64,
+    tx: mpsc::Sender<Result<pb::WatchEvent, Status>>,
+) {
+    loop {
+        let view = views.borrow_and_update().clone();
+        let state = &view.state;
+        if state.revision > sent {
+            let oldest = view.history.front().map_or(u64::MAX, |r| r.revision);
+            if sent + 1 < oldest {
+                if tx.send(Ok(wire::snapshot_event(state))).await.is_err() {
+                    return;
+                }
+                sent = state.revision;
+            } else {
+                for revised in view.history.iter() {
+                    if revised.revision <= sent {
+                        continue;
+                    }
+                    if tx.send(Ok(wire::delta_event(revised))).await.is_err() {
+                        return;
+                    }
+                    sent = revised.revision;
+                }
+            }
+        }
+        tokio::select! {
+            changed = views.changed() => if changed.is_err() { return },
+            () = tx.closed() => return,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl RaftPeer for ControlService {
+    async fn send(&self, request: Request<pb::RaftBatch>) -> Result<Response<pb::RaftAck>, Status> {
+        let batch = request.into_inner();
+        let view = self.replica.view();
+        // protobuf 2.28 (raft's codec) must only ever decode bytes from cluster
+        // members (RUSTSEC-2024-0437): refuse senders outside the group unheard.
+        // A member being added is not yet in our state: it only receives, the
+        // leader never waits on its messages before the change commits.
+        let members = &view.state.control_members;
+        let known = if members.is_empty() {
+            self.initial_peers.contains(&batch.from)
+        } else {
+            members.contains_key(&batch.from)
+        };
+        if !known {
+            return Err(ControlError::BadPeerMessage(format!(
+                "{} is not a member of this raft group",
+                batch.from
+            ))
+            .into());
+        }
+        let me = view.raft.id;
+        let mut messages = Vec::with_capacity(batch.messages.len());
+        for bytes in &batch.messages {
+            let message = raft::eraftpb::Message::parse_from_bytes(bytes)
+                .map_err(|e| ControlError::BadPeerMessage(format!("undecodable: {e}")))?;
+            if message.from != batch.from || message.to != me {
+                return Err(ControlError::BadPeerMessage(format!(
+                    "message from {} to {} arrived from {} at {me}",
+                    message.from, message.to, batch.from
+                ))
+                .into());
+            }
+            messages.push(message);
+        }
+        for message in messages {
+            self.replica.step(message)?;
+        }
+        Ok(Response::new(pb::RaftAck {}))
+    }
+}

@@ -1,0 +1,510 @@
+//! The replicated state machine: segments, nodes, gateways, shard placement and
+//! the control-plane members. Pure and deterministic: every member applies the
+//! same committed commands in the same order and reaches the same state.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use dynseg_rules::{Limits, SegmentDef, SegmentId, check::check_set};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ControlError;
+use crate::placement::{self, MAX_WEIGHT, ShardPlacement};
+
+/// The shard count a cluster gets unless set before the first node registers.
+pub const DEFAULT_SHARD_COUNT: u32 = 256;
+/// The largest shard count accepted.
+pub const MAX_SHARD_COUNT: u32 = 65_536;
+
+/// A stored segment and the rule-set version that last wrote it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredSegment {
+    /// Segment id.
+    pub id: String,
+    /// Human-readable name.
+    pub name: String,
+    /// What it is for.
+    pub description: String,
+    /// Rule text.
+    pub rule: String,
+    /// The rule-set version that last wrote this segment.
+    pub version: u64,
+}
+
+impl StoredSegment {
+    /// The rule engine's view of this segment.
+    pub fn def(&self) -> SegmentDef {
+        SegmentDef {
+            id: SegmentId::from(self.id.as_str()),
+            name: self.name.clone(),
+            description: self.description.clone(),
+            rule: self.rule.clone(),
+        }
+    }
+}
+
+/// A segment as a write carries it (before it has a version).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentSpec {
+    /// Segment id.
+    pub id: String,
+    /// Human-readable name.
+    pub name: String,
+    /// What it is for.
+    pub description: String,
+    /// Rule text.
+    pub rule: String,
+}
+
+/// Which kind of cluster member a registration is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberKind {
+    /// A shard node: it receives shards.
+    Node,
+    /// A gateway: it routes, it owns nothing.
+    Gateway,
+}
+
+/// A registered node or gateway.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// Where it serves gRPC.
+    pub address: String,
+    /// Relative share of shards (nodes only), 1 to [`MAX_WEIGHT`].
+    pub weight: u32,
+}
+
+/// A write to the state machine: the payload of one Raft entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Create or replace segments, as one new rule-set version.
+    PutSegments(Vec<SegmentSpec>),
+    /// Delete a segment (one new rule-set version).
+    DeleteSegment(String),
+    /// Register or update a node or gateway.
+    Register {
+        /// Node or gateway.
+        kind: MemberKind,
+        /// Its id.
+        id: String,
+        /// Its gRPC address.
+        address: String,
+        /// Its weight (nodes).
+        weight: u32,
+    },
+    /// Remove a node or gateway.
+    Deregister {
+        /// Node or gateway.
+        kind: MemberKind,
+        /// Its id.
+        id: String,
+    },
+    /// Set the shard count (only while no node is registered).
+    SetShardCount(u32),
+}
+
+/// One committed change, as watchers see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Delta {
+    /// A segment was created or replaced.
+    SegmentPut(StoredSegment),
+    /// A segment was deleted.
+    SegmentDeleted(String),
+    /// Nodes, gateways, the shard count or the placement changed: the new topology.
+    Topology(Arc<Topology>),
+    /// The control-plane members changed: the new members.
+    ControlMembers(BTreeMap<u64, String>),
+}
+
+/// A delta with the revision it created.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Revised {
+    /// Revision (one per delta; increases by one each time).
+    pub revision: u64,
+    /// The rule-set version after it.
+    pub rules_version: u64,
+    /// What changed.
+    pub delta: Delta,
+}
+
+/// Where shards live and who serves: what nodes and gateways watch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Topology {
+    /// Shard nodes by id.
+    pub nodes: BTreeMap<String, Endpoint>,
+    /// Gateways by id.
+    pub gateways: BTreeMap<String, Endpoint>,
+    /// Number of shards.
+    pub shard_count: u32,
+    /// One entry per shard.
+    pub placement: Vec<ShardPlacement>,
+}
+
+/// Everything the control plane replicates.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Increases by one with every committed change.
+    pub revision: u64,
+    /// The cluster-wide rule-set version; increases with every segment change.
+    pub rules_version: u64,
+    /// Segments by id.
+    pub segments: BTreeMap<String, StoredSegment>,
+    /// Nodes, gateways and shard placement.
+    pub topology: Arc<Topology>,
+    /// Raft members of the control plane and their addresses.
+    pub control_members: BTreeMap<u64, String>,
+}
+
+impl Default for ClusterState {
+    fn default() -> Self {
+        let mut state = ClusterState {
+            revision: 0,
+            rules_version: 0,
+            segments: BTreeMap::new(),
+            topology: Arc::new(Topology {
+                nodes: BTreeMap::new(),
+                gateways: BTreeMap::new(),
+                shard_count: DEFAULT_SHARD_COUNT,
+                placement: Vec::new(),
+            }),
+            control_members: BTreeMap::new(),
+        };
+        state.replace_shards();
+        state
+    }
+}
+
+impl ClusterState {
+    /// Checks that `specs`, together with the stored segments they do not replace,
+    /// form a valid rule set. Rule errors carry `line:column`.
+    pub fn validate_put(&self, specs: &[SegmentSpec]) -> Result<(), ControlError> {
+        if specs.is_empty() {
+            return Err(ControlError::InvalidArgument("no segments given".into()));
+        }
+        let mut merged: BTreeMap<&str, SegmentDef> = self
+            .segments
+            .iter()
+            .map(|(id, s)| (id.as_str(), s.def()))
+            .collect();
+        let mut seen = std::collections::BTreeSet::new();
+        for spec in specs {
+            if !seen.insert(spec.id.as_str()) {
+                return Err(ControlError::InvalidArgument(format!(
+                    "segment {} is given twice",
+                    spec.id
+                )));
+            }
+            merged.insert(
+                spec.id.as_str(),
+                SegmentDef {
+                    id: SegmentId::from(spec.id.as_str()),
+                    name: spec.name.clone(),
+                    description: spec.description.clone(),
+                    rule: spec.rule.clone(),
+                },
+            );
+        }
+        let defs: Vec<SegmentDef> = merged.into_values().collect();
+        check_set(&defs, &Limits::default(), None)
+            .map(|_| ())
+            .map_err(|e| ControlError::InvalidRule(e.to_string()))
+    }
+
+    /// Checks that deleting `id` leaves a valid rule set (no segment references it).
+    pub fn validate_delete(&self, id: &str) -> Result<(), ControlError> {
+        if !self.segments.contains_key(id) {
+            return Err(ControlError::SegmentNotFound(id.to_owned()));
+        }
+        let defs: Vec<SegmentDef> = self
+            .segments
+            .values()
+            .filter(|s| s.id != id)
+            .map(StoredSegment::def)
+            .collect();
+        check_set(&defs, &Limits::default(), None)
+            .map(|_| ())
+            .map_err(|e| {
+                ControlError::FailedPrecondition(format!("cannot delete segment {id}: {e}"))
+            })
+    }
+
+    /// Applies one committed command. On error nothing changed; every member
+    /// reaches the same verdict, because the checks read only this state.
+    pub fn apply(&mut self, command: &Command) -> Result<Vec<Revised>, ControlError> {
+        let mut deltas = Vec::new();
+        match command {
+            Command::PutSegments(specs) => {
+                self.validate_put(specs)?;
+                self.rules_version += 1;
+                for spec in specs {
+                    let stored = StoredSegment {
+                        id: spec.id.clone(),
+                        name: spec.name.clone(),
+                        description: spec.description.clone(),
+                        rule: spec.rule.clone(),
+                        version: self.rules_version,
+                    };
+                    self.segments.insert(spec.id.clone(), stored.clone());
+                    deltas.push(Delta::SegmentPut(stored));
+                }
+            }
+            Command::DeleteSegment(id) => {
+                self.validate_delete(id)?;
+                self.rules_version += 1;
+                self.segments.remove(id);
+                deltas.push(Delta::SegmentDeleted(id.clone()));
+            }
+            Command::Register {
+                kind,
+                id,
+                address,
+                weight,
+            } => {
+                validate_member(id, address, *weight)?;
+                let endpoint = Endpoint {
+                    address: address.clone(),
+                    weight: (*weight).max(1),
+                };
+                let topology = Arc::make_mut(&mut self.topology);
+                let members = match kind {
+                    MemberKind::Node => &mut topology.nodes,
+                    MemberKind::Gateway => &mut topology.gateways,
+                };
+                if members.get(id) == Some(&endpoint) {
+                    return Ok(Vec::new()); // Re-registering unchanged is a no-op.
+                }
+                members.insert(id.clone(), endpoint);
+                if *kind == MemberKind::Node {
+                    self.replace_shards();
+                }
+                deltas.push(Delta::Topology(self.topology.clone()));
+            }
+            Command::Deregister { kind, id } => {
+                let topology = Arc::make_mut(&mut self.topology);
+                let members = match kind {
+                    MemberKind::Node => &mut topology.nodes,
+                    MemberKind::Gateway => &mut topology.gateways,
+                };
+                if members.remove(id).is_none() {
+                    return Err(ControlError::MemberNotFound(format!("{kind:?} {id}")));
+                }
+                if *kind == MemberKind::Node {
+                    self.replace_shards();
+                }
+                deltas.push(Delta::Topology(self.topology.clone()));
+            }
+            Command::SetShardCount(count) => {
+                if !(1..=MAX_SHARD_COUNT).contains(count) {
+                    return Err(ControlError::InvalidArgument(format!(
+                        "shard count must be 1 to {MAX_SHARD_COUNT}, not {count}"
+                    )));
+                }
+                if !self.topology.nodes.is_empty() {
+                    return Err(ControlError::FailedPrecondition(
+                        "the shard count is fixed once a node has registered".into(),
+                    ));
+                }
+                let topology = Arc::make_mut(&mut self.topology);
+                topology.shard_count = *count;
+                topology.placement.clear();
+                self.replace_shards();
+                deltas.push(Delta::Topology(self.topology.clone()));
+            }
+        }
+        Ok(self.revise(deltas))
+    }
+
+    /// Records a control-plane membership change (from a Raft conf change).
+    pub fn set_control_member(&mut self, id: u64, address: Option<String>) -> Vec<Revised> {
+        match address {
+            Some(address) => self.control_members.insert(id, address),
+            None => self.control_members.remove(&id),
+        };
+        self.revise(vec![Delta::ControlMembers(self.control_members.clone())])
+    }
+
+    fn revise(&mut self, deltas: Vec<Delta>) -> Vec<Revised> {
+        deltas
+            .into_iter()
+            .map(|delta| {
+                self.revision += 1;
+                Revised {
+                    revision: self.revision,
+                    rules_version: self.rules_version,
+                    delta,
+                }
+            })
+            .collect()
+    }
+
+    fn replace_shards(&mut self) {
+        let topology = Arc::make_mut(&mut self.topology);
+        let weights = topology
+            .nodes
+            .iter()
+            .map(|(id, e)| (id.clone(), e.weight))
+            .collect();
+        placement::replace(&mut topology.placement, topology.shard_count, &weights);
+    }
+}
+
+fn validate_member(id: &str, address: &str, weight: u32) -> Result<(), ControlError> {
+    if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ControlError::InvalidArgument(format!(
+            "member id {id:?} must be 1 to 128 printable ASCII characters"
+        )));
+    }
+    if address.is_empty() || address.len() > 256 {
+        return Err(ControlError::InvalidArgument(format!(
+            "member {id}: address must be 1 to 256 characters"
+        )));
+    }
+    if weight > MAX_WEIGHT {
+        return Err(ControlError::InvalidArgument(format!(
+            "member {id}: weight {weight} is over the limit of {MAX_WEIGHT}"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(id: &str, rule: &str) -> SegmentSpec {
+        SegmentSpec {
+            id: id.into(),
+            name: id.into(),
+            description: String::new(),
+            rule: rule.into(),
+        }
+    }
+
+    fn node(id: &str) -> Command {
+        Command::Register {
+            kind: MemberKind::Node,
+            id: id.into(),
+            address: format!("{id}:7000"),
+            weight: 1,
+        }
+    }
+
+    #[test]
+    fn every_segment_write_is_a_new_rule_version_and_each_delta_a_revision() {
+        let mut state = ClusterState::default();
+        let out = state
+            .apply(&Command::PutSegments(vec![
+                spec("buyers", "count(order_completed) in last 90d >= 2"),
+                spec("vip", "in_segment(\"buyers\") and plan == \"pro\""),
+            ]))
+            .unwrap();
+        assert_eq!(
+            out.iter().map(|r| r.revision).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert!(out.iter().all(|r| r.rules_version == 1));
+        let out = state
+            .apply(&Command::PutSegments(vec![spec(
+                "buyers",
+                "exists(order_completed)",
+            )]))
+            .unwrap();
+        assert_eq!((out[0].revision, out[0].rules_version), (3, 2));
+        assert_eq!(state.segments["buyers"].version, 2);
+        assert_eq!(state.segments["vip"].version, 1);
+    }
+
+    #[test]
+    fn invalid_rules_carry_line_and_column_and_change_nothing() {
+        let mut state = ClusterState::default();
+        let before = state.clone();
+        let err = state
+            .apply(&Command::PutSegments(vec![spec(
+                "bad",
+                "count(order_completed) >=",
+            )]))
+            .unwrap_err();
+        assert!(matches!(err, ControlError::InvalidRule(_)));
+        assert!(err.to_string().contains("1:"), "{err}");
+        let err = state
+            .apply(&Command::PutSegments(vec![spec(
+                "dangling",
+                "in_segment(\"nope\")",
+            )]))
+            .unwrap_err();
+        assert!(matches!(err, ControlError::InvalidRule(_)), "{err}");
+        assert_eq!(state, before);
+    }
+
+    #[test]
+    fn deleting_needs_the_segment_and_no_reference_to_it() {
+        let mut state = ClusterState::default();
+        state
+            .apply(&Command::PutSegments(vec![
+                spec("a", "exists(order_completed)"),
+                spec("b", "in_segment(\"a\")"),
+            ]))
+            .unwrap();
+        assert!(matches!(
+            state.apply(&Command::DeleteSegment("zzz".into())),
+            Err(ControlError::SegmentNotFound(_))
+        ));
+        assert!(matches!(
+            state.apply(&Command::DeleteSegment("a".into())),
+            Err(ControlError::FailedPrecondition(_))
+        ));
+        state.apply(&Command::DeleteSegment("b".into())).unwrap();
+        state.apply(&Command::DeleteSegment("a".into())).unwrap();
+        assert!(state.segments.is_empty());
+        assert_eq!(state.rules_version, 3);
+    }
+
+    #[test]
+    fn registering_nodes_places_every_shard_and_fixes_the_shard_count() {
+        let mut state = ClusterState::default();
+        state.apply(&Command::SetShardCount(16)).unwrap();
+        assert!(state.topology.placement.iter().all(|p| p.node.is_none()));
+        state.apply(&node("n1")).unwrap();
+        assert!(
+            state
+                .topology
+                .placement
+                .iter()
+                .all(|p| p.node.as_deref() == Some("n1") && p.epoch == 1)
+        );
+        // Re-registering unchanged is not a change.
+        assert!(state.apply(&node("n1")).unwrap().is_empty());
+        assert!(matches!(
+            state.apply(&Command::SetShardCount(32)),
+            Err(ControlError::FailedPrecondition(_))
+        ));
+        state.apply(&node("n2")).unwrap();
+        let on_n2 = state
+            .topology
+            .placement
+            .iter()
+            .filter(|p| p.node.as_deref() == Some("n2"));
+        assert!(on_n2.clone().count() > 0);
+        assert!(on_n2.into_iter().all(|p| p.epoch == 2));
+        state
+            .apply(&Command::Deregister {
+                kind: MemberKind::Node,
+                id: "n2".into(),
+            })
+            .unwrap();
+        assert!(
+            state
+                .topology
+                .placement
+                .iter()
+                .all(|p| p.node.as_deref() == Some("n1"))
+        );
+        assert!(matches!(
+            state.apply(&Command::Deregister {
+                kind: MemberKind::Gateway,
+                id: "g9".into()
+            }),
+            Err(ControlError::MemberNotFound(_))
+        ));
+    }
+}

@@ -1,0 +1,151 @@
+//! Conversions between the control plane's types and its gRPC messages.
+
+use std::collections::BTreeMap;
+
+use dynseg_proto::pb;
+
+use crate::error::ControlError;
+use crate::replica::View;
+use crate::state::{
+    ClusterState, Delta, Endpoint, MemberKind, Revised, SegmentSpec, StoredSegment, Topology,
+};
+
+impl TryFrom<pb::SegmentDef> for SegmentSpec {
+    type Error = ControlError;
+
+    fn try_from(def: pb::SegmentDef) -> Result<Self, ControlError> {
+        if !dynseg_rules::segment::is_valid_segment_id(&def.id) {
+            return Err(ControlError::InvalidArgument(format!(
+                "invalid segment id {:?}: use 1 to 128 of A-Z a-z 0-9 _ . -",
+                def.id
+            )));
+        }
+        let name = if def.name.is_empty() {
+            def.id.clone()
+        } else {
+            def.name
+        };
+        Ok(SegmentSpec {
+            id: def.id,
+            name,
+            description: def.description,
+            rule: def.rule,
+        })
+    }
+}
+
+impl TryFrom<i32> for MemberKind {
+    type Error = ControlError;
+
+    fn try_from(kind: i32) -> Result<Self, ControlError> {
+        match pb::MemberKind::try_from(kind) {
+            Ok(pb::MemberKind::Node) => Ok(MemberKind::Node),
+            Ok(pb::MemberKind::Gateway) => Ok(MemberKind::Gateway),
+            _ => Err(ControlError::InvalidArgument(
+                "kind must be MEMBER_KIND_NODE or MEMBER_KIND_GATEWAY".into(),
+            )),
+        }
+    }
+}
+
+impl From<&StoredSegment> for pb::SegmentRecord {
+    fn from(s: &StoredSegment) -> Self {
+        pb::SegmentRecord {
+            def: Some(pb::SegmentDef {
+                id: s.id.clone(),
+                name: s.name.clone(),
+                description: s.description.clone(),
+                rule: s.rule.clone(),
+            }),
+            version: s.version,
+        }
+    }
+}
+
+/// The topology part of a state.
+pub fn topology(state: &Topology) -> pb::Topology {
+    let members = |map: &BTreeMap<String, Endpoint>| {
+        map.iter()
+            .map(|(id, e)| pb::ClusterMember {
+                id: id.clone(),
+                address: e.address.clone(),
+                weight: e.weight,
+            })
+            .collect()
+    };
+    pb::Topology {
+        shard_count: state.shard_count,
+        nodes: members(&state.nodes),
+        gateways: members(&state.gateways),
+        shards: state
+            .placement
+            .iter()
+            .enumerate()
+            .map(|(shard, p)| pb::ShardPlacement {
+                shard: shard as u32,
+                node_id: p.node.clone().unwrap_or_default(),
+                epoch: p.epoch,
+            })
+            .collect(),
+    }
+}
+
+/// The control members, as the API lists them.
+pub fn control_members(members: &BTreeMap<u64, String>) -> pb::ControlMembers {
+    pb::ControlMembers {
+        members: members
+            .iter()
+            .map(|(id, address)| pb::ControlMember {
+                id: *id,
+                address: address.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// A whole state as one watch event.
+pub fn snapshot_event(state: &ClusterState) -> pb::WatchEvent {
+    pb::WatchEvent {
+        revision: state.revision,
+        rules_version: state.rules_version,
+        kind: Some(pb::watch_event::Kind::Snapshot(pb::ClusterSnapshot {
+            rules_version: state.rules_version,
+            segments: state.segments.values().map(Into::into).collect(),
+            topology: Some(topology(&state.topology)),
+            control_members: Some(control_members(&state.control_members)),
+        })),
+    }
+}
+
+/// One committed change as a watch event.
+pub fn delta_event(revised: &Revised) -> pb::WatchEvent {
+    use pb::watch_event::Kind;
+    let kind = match &revised.delta {
+        Delta::SegmentPut(segment) => Kind::SegmentPut(segment.into()),
+        Delta::SegmentDeleted(id) => Kind::SegmentDeleted(id.clone()),
+        Delta::Topology(state) => Kind::Topology(topology(state)),
+        Delta::ControlMembers(members) => Kind::ControlMembers(control_members(members)),
+    };
+    pb::WatchEvent {
+        revision: revised.revision,
+        rules_version: revised.rules_version,
+        kind: Some(kind),
+    }
+}
+
+/// The status of a member.
+pub fn status(view: &View) -> pb::ControlStatus {
+    pb::ControlStatus {
+        id: view.raft.id,
+        role: view.raft.role.as_str().into(),
+        leader_id: view.raft.leader_id,
+        term: view.raft.term,
+        commit_index: view.raft.commit,
+        applied_index: view.raft.applied,
+        revision: view.state.revision,
+        rules_version: view.state.rules_version,
+        members: control_members(&view.state.control_members).members,
+        snapshot_index: view.raft.snapshot_index,
+        snapshots_installed: view.raft.snapshots_installed,
+    }
+}
