@@ -1,7 +1,13 @@
 //! An in-process control-plane cluster on 127.0.0.1 (port 0, temp dirs), with
 //! shared fault knobs and polling helpers (deadlines, never sleeps).
 
-#![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used, clippy::print_stderr)]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    missing_docs,
+    clippy::unwrap_used,
+    clippy::print_stderr
+)]
 
 use std::collections::BTreeMap;
 use std::future::Future;

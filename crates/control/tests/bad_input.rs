@@ -1,0 +1,173 @@
+//! Bad input gets a clear error and changes nothing: invalid rules, unknown
+//! segments, no reachable leader, and raft messages that are malformed or not
+//! from a member.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod support;
+
+use std::time::Duration;
+
+use dynseg_proto::pb;
+use dynseg_proto::pb::raft_peer_client::RaftPeerClient;
+use protobuf::Message as _;
+use support::{Cluster, eventually, local_segments, segment, segments};
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invalid_rules_and_unknown_segments_are_refused_with_the_right_code() {
+    let cluster = Cluster::start(3, 8, |_| {}).await;
+    let leader = cluster.leader().await;
+    let mut client = cluster.client(leader).await;
+    let err = client
+        .apply_segments(segments(vec![segment(
+            "bad",
+            "count(order_completed) in last 0d >= 2",
+        )]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("bad: 1:"), "{}", err.message());
+    let err = client
+        .validate_segments(segments(vec![segment(
+            "syntax",
+            "count(order_completed) >=",
+        )]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("1:"), "{}", err.message());
+    let err = client
+        .apply_segments(segments(vec![segment("bad id!", "exists(login)")]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = client
+        .get_segment(pb::GetSegmentRequest {
+            id: "nope".into(),
+            stale: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = client
+        .delete_segment(pb::DeleteSegmentRequest { id: "nope".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = client
+        .register_member(pb::RegisterMemberRequest {
+            kind: 0,
+            id: "n".into(),
+            address: "x:1".into(),
+            weight: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // Nothing above changed the state.
+    let status = cluster.status(leader).await.unwrap();
+    assert_eq!((status.revision, status.rules_version), (0, 0));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_no_leader_reachable_writes_are_unavailable_and_nothing_is_applied() {
+    let mut cluster = Cluster::start(3, 9, |c| {
+        c.request_timeout = Duration::from_secs(2);
+    })
+    .await;
+    cluster.leader().await;
+    cluster.stop(2).await;
+    cluster.stop(3).await;
+    // Member 1 alone learns it has no leader (a leader steps down without quorum).
+    eventually("member 1 to know it has no leader", || async {
+        let status = cluster.status(1).await?;
+        (status.leader_id == 0).then_some(())
+    })
+    .await;
+    let mut client = cluster.client(1).await;
+    let err = client
+        .apply_segments(segments(vec![segment("orphan", "exists(login)")]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let err = client
+        .list_segments(pb::ReadOptions { stale: false })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    // A stale read still answers from local state.
+    assert!(local_segments(&mut client).await.is_empty());
+    cluster.restart(2).await;
+    cluster.restart(3).await;
+    let leader = cluster.leader().await;
+    cluster
+        .client(leader)
+        .await
+        .apply_segments(segments(vec![segment("later", "exists(login)")]))
+        .await
+        .unwrap();
+    cluster.converged().await;
+    for id in [1, 2, 3] {
+        let mut client = cluster.client(id).await;
+        let ids: Vec<String> = local_segments(&mut client)
+            .await
+            .into_iter()
+            .map(|(id, _, _)| id)
+            .collect();
+        assert_eq!(ids, ["later"], "member {id}");
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn raft_messages_that_are_malformed_or_not_from_a_member_are_rejected() {
+    let cluster = Cluster::start(3, 10, |_| {}).await;
+    let leader = cluster.leader().await;
+    let target = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
+    let addr = cluster.members[&target].addr;
+    let mut peer = RaftPeerClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let garbage = pb::RaftBatch {
+        from: leader,
+        messages: vec![vec![0xff, 0xff, 0xff, 0x0a, 0x80]],
+    };
+    assert_eq!(
+        peer.send(garbage).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let mut forged = raft::eraftpb::Message::default();
+    forged.set_msg_type(raft::eraftpb::MessageType::MsgHeartbeat);
+    forged.from = 99;
+    forged.to = target;
+    forged.term = 1_000;
+    let stranger = pb::RaftBatch {
+        from: 99,
+        messages: vec![forged.write_to_bytes().unwrap()],
+    };
+    assert_eq!(
+        peer.send(stranger).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    // A member's id on the envelope does not vouch for a message claiming another sender.
+    let spoofed = pb::RaftBatch {
+        from: leader,
+        messages: vec![forged.write_to_bytes().unwrap()],
+    };
+    assert_eq!(
+        peer.send(spoofed).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    // The member is unharmed: the term did not jump and writes still commit.
+    let status = cluster.status(target).await.unwrap();
+    assert!(status.term < 1_000, "{status:?}");
+    cluster
+        .client(target)
+        .await
+        .apply_segments(segments(vec![segment("still_fine", "exists(login)")]))
+        .await
+        .unwrap();
+    cluster.shutdown().await;
+}
