@@ -9,6 +9,8 @@
     clippy::print_stderr
 )]
 
+pub mod process;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
