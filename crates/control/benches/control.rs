@@ -4,7 +4,8 @@
 //!
 //! `cargo bench -p dynseg-control --bench control` (release build of the
 //! `dynseg-control` binary). Environment: BENCH_SECS (default 5), BENCH_WRITERS
-//! (default 16), BENCH_KILLS (default 5).
+//! (default 16), BENCH_KILLS (default 5), BENCH_IDS (segment ids per writer,
+//! default 50: the rule set grows to writers × ids segments).
 
 #![allow(clippy::unwrap_used, clippy::print_stdout, missing_docs)]
 
@@ -30,16 +31,20 @@ async fn client(addr: &str) -> Option<ControlClient<Channel>> {
     ControlClient::connect(format!("http://{addr}")).await.ok()
 }
 
+/// Waits until every member knows the same leader.
 async fn leader(addrs: &[String]) -> u64 {
     let start = Instant::now();
     loop {
+        let mut known = Vec::new();
         for addr in addrs {
             if let Some(mut c) = client(addr).await
                 && let Ok(s) = c.get_control_status(pb::ControlStatusRequest {}).await
-                && s.get_ref().leader_id != 0
             {
-                return s.get_ref().leader_id;
+                known.push(s.get_ref().leader_id);
             }
+        }
+        if known.len() == addrs.len() && known[0] != 0 && known.iter().all(|l| *l == known[0]) {
+            return known[0];
         }
         assert!(start.elapsed() < Duration::from_secs(30), "no leader");
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -62,6 +67,7 @@ async fn main() {
     let secs = env("BENCH_SECS", 5);
     let writers = env("BENCH_WRITERS", 16);
     let kills = env("BENCH_KILLS", 5);
+    let ids_per_writer = env("BENCH_IDS", 50);
     let dir = tempfile::tempdir().unwrap();
     let ports = free_ports(3);
     let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
@@ -73,7 +79,13 @@ async fn main() {
         .join(",");
     let mut processes: Vec<ControlProcess> = (0..3)
         .map(|i| {
-            ControlProcess::start(bin, i as u64 + 1, &addrs[i], &peers, &dir.path().join(format!("m{i}")))
+            ControlProcess::start(
+                bin,
+                i as u64 + 1,
+                &addrs[i],
+                &peers,
+                &dir.path().join(format!("m{i}")),
+            )
         })
         .collect();
     let first = leader(&addrs).await;
@@ -89,7 +101,9 @@ async fn main() {
             let mut i = 0u64;
             while Instant::now() < deadline {
                 let started = Instant::now();
-                c.apply_segments(put(format!("w{w}_{}", i % 50), i)).await.unwrap();
+                c.apply_segments(put(format!("w{w}_{}", i % ids_per_writer), i))
+                    .await
+                    .unwrap();
                 latencies.push(started.elapsed());
                 i += 1;
             }

@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use dynseg_rules::{Limits, SegmentDef, SegmentId, check::check_set};
+use dynseg_rules::check::{Schema, check_rule, check_set};
+use dynseg_rules::syntax::parse_rule;
+use dynseg_rules::{Limits, SegmentDef, SegmentId};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ControlError;
@@ -29,6 +31,9 @@ pub struct StoredSegment {
     pub rule: String,
     /// The rule-set version that last wrote this segment.
     pub version: u64,
+    /// The segments its rule reads with `in_segment`.
+    #[serde(default)]
+    pub depends_on: Vec<String>,
 }
 
 impl StoredSegment {
@@ -176,38 +181,82 @@ impl Default for ClusterState {
 
 impl ClusterState {
     /// Checks that `specs`, together with the stored segments they do not replace,
-    /// form a valid rule set. Rule errors carry `line:column`.
-    pub fn validate_put(&self, specs: &[SegmentSpec]) -> Result<(), ControlError> {
+    /// form a valid rule set, and returns each spec's `in_segment` references.
+    /// Rule errors carry `line:column`.
+    ///
+    /// The stored set is valid already, so only the new rules and what they
+    /// reach through `in_segment` are checked: a write costs what it touches,
+    /// not the size of the whole rule set. (Segments that read a replaced one
+    /// stay valid: `in_segment` is a boolean whatever the rule behind it.)
+    pub fn validate_put(&self, specs: &[SegmentSpec]) -> Result<Vec<Vec<String>>, ControlError> {
         if specs.is_empty() {
             return Err(ControlError::InvalidArgument("no segments given".into()));
         }
-        let mut merged: BTreeMap<&str, SegmentDef> = self
-            .segments
-            .iter()
-            .map(|(id, s)| (id.as_str(), s.def()))
-            .collect();
-        let mut seen = std::collections::BTreeSet::new();
+        let limits = Limits::default();
+        let mut given: BTreeMap<&str, &SegmentSpec> = BTreeMap::new();
         for spec in specs {
-            if !seen.insert(spec.id.as_str()) {
+            if given.insert(spec.id.as_str(), spec).is_some() {
                 return Err(ControlError::InvalidArgument(format!(
                     "segment {} is given twice",
                     spec.id
                 )));
             }
-            merged.insert(
-                spec.id.as_str(),
-                SegmentDef {
-                    id: SegmentId::from(spec.id.as_str()),
-                    name: spec.name.clone(),
-                    description: spec.description.clone(),
-                    rule: spec.rule.clone(),
-                },
+        }
+        let added = given
+            .keys()
+            .filter(|id| !self.segments.contains_key(**id))
+            .count();
+        if self.segments.len() + added > limits.max_segments {
+            return Err(ControlError::InvalidRule(format!(
+                "{} segments exceed the limit of {}",
+                self.segments.len() + added,
+                limits.max_segments
+            )));
+        }
+        // The new rules' references, then everything they reach.
+        let mut references = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let wrap = |error| {
+                ControlError::InvalidRule(
+                    dynseg_rules::Error::Rule {
+                        segment: SegmentId::from(spec.id.as_str()),
+                        error,
+                    }
+                    .to_string(),
+                )
+            };
+            let rule = parse_rule(&spec.rule, &limits).map_err(wrap)?;
+            let refs = check_rule(&rule, &limits, &Schema::default()).map_err(wrap)?;
+            references.push(
+                refs.into_iter()
+                    .map(|(id, _)| id.as_str().to_owned())
+                    .collect(),
             );
         }
-        let defs: Vec<SegmentDef> = merged.into_values().collect();
-        check_set(&defs, &Limits::default(), None)
-            .map(|_| ())
-            .map_err(|e| ControlError::InvalidRule(e.to_string()))
+        let mut reached: BTreeMap<&str, SegmentDef> = BTreeMap::new();
+        let mut queue: Vec<&str> = references
+            .iter()
+            .flat_map(|refs: &Vec<String>| refs.iter().map(String::as_str))
+            .collect();
+        while let Some(id) = queue.pop() {
+            if given.contains_key(id) || reached.contains_key(id) {
+                continue;
+            }
+            if let Some(stored) = self.segments.get(id) {
+                reached.insert(id, stored.def());
+                queue.extend(stored.depends_on.iter().map(String::as_str));
+            }
+            // An unknown id is reported by check_set, with its position.
+        }
+        let mut defs: Vec<SegmentDef> = reached.into_values().collect();
+        defs.extend(specs.iter().map(|spec| SegmentDef {
+            id: SegmentId::from(spec.id.as_str()),
+            name: spec.name.clone(),
+            description: spec.description.clone(),
+            rule: spec.rule.clone(),
+        }));
+        check_set(&defs, &limits, None).map_err(|e| ControlError::InvalidRule(e.to_string()))?;
+        Ok(references)
     }
 
     /// Checks that deleting `id` leaves a valid rule set (no segment references it).
@@ -215,17 +264,20 @@ impl ClusterState {
         if !self.segments.contains_key(id) {
             return Err(ControlError::SegmentNotFound(id.to_owned()));
         }
-        let defs: Vec<SegmentDef> = self
+        let readers: Vec<&str> = self
             .segments
             .values()
-            .filter(|s| s.id != id)
-            .map(StoredSegment::def)
+            .filter(|s| s.depends_on.iter().any(|d| d == id))
+            .map(|s| s.id.as_str())
             .collect();
-        check_set(&defs, &Limits::default(), None)
-            .map(|_| ())
-            .map_err(|e| {
-                ControlError::FailedPrecondition(format!("cannot delete segment {id}: {e}"))
-            })
+        if readers.is_empty() {
+            Ok(())
+        } else {
+            Err(ControlError::FailedPrecondition(format!(
+                "cannot delete segment {id}: in_segment(\"{id}\") is read by {}",
+                readers.join(", ")
+            )))
+        }
     }
 
     /// Applies one committed command. On error nothing changed; every member
@@ -234,15 +286,16 @@ impl ClusterState {
         let mut deltas = Vec::new();
         match command {
             Command::PutSegments(specs) => {
-                self.validate_put(specs)?;
+                let references = self.validate_put(specs)?;
                 self.rules_version += 1;
-                for spec in specs {
+                for (spec, depends_on) in specs.iter().zip(references) {
                     let stored = StoredSegment {
                         id: spec.id.clone(),
                         name: spec.name.clone(),
                         description: spec.description.clone(),
                         rule: spec.rule.clone(),
                         version: self.rules_version,
+                        depends_on,
                     };
                     self.segments.insert(spec.id.clone(), stored.clone());
                     deltas.push(Delta::SegmentPut(stored));
@@ -434,6 +487,45 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, ControlError::InvalidRule(_)), "{err}");
         assert_eq!(state, before);
+    }
+
+    #[test]
+    fn a_put_is_checked_against_the_stored_segments_it_reaches() {
+        let mut state = ClusterState::default();
+        state
+            .apply(&Command::PutSegments(vec![
+                spec("a", "exists(order_completed)"),
+                spec("b", "in_segment(\"a\")"),
+            ]))
+            .unwrap();
+        // Closing a cycle through a stored segment is caught, at its position.
+        let err = state
+            .apply(&Command::PutSegments(vec![spec("a", "in_segment(\"b\")")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("cycle"), "{err}");
+        // Reading a stored segment is fine; reading an unknown one is not.
+        state
+            .apply(&Command::PutSegments(vec![spec(
+                "c",
+                "in_segment(\"b\") and exists(login)",
+            )]))
+            .unwrap();
+        assert_eq!(state.segments["c"].depends_on, vec!["b".to_owned()]);
+        let err = state
+            .apply(&Command::PutSegments(vec![spec("d", "in_segment(\"zz\")")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("d: 1:"), "{err}");
+        // Given twice in one write.
+        assert!(matches!(
+            state.apply(&Command::PutSegments(vec![
+                spec("e", "exists(x)"),
+                spec("e", "exists(y)")
+            ])),
+            Err(ControlError::InvalidArgument(_))
+        ));
+        // The incremental check agrees with checking the whole set.
+        let all: Vec<SegmentDef> = state.segments.values().map(StoredSegment::def).collect();
+        assert!(check_set(&all, &Limits::default(), None).is_ok());
     }
 
     #[test]

@@ -93,6 +93,10 @@ async fn killing_the_leader_process_elects_another_and_writes_resume() {
         .await
         .unwrap()
         .into_inner();
-    let ids: Vec<String> = list.segments.into_iter().map(|s| s.def.unwrap().id).collect();
+    let ids: Vec<String> = list
+        .segments
+        .into_iter()
+        .map(|s| s.def.unwrap().id)
+        .collect();
     assert_eq!(ids, ["after", "before"]);
 }
