@@ -525,6 +525,11 @@ impl Replica {
     }
 
     /// The `Ready` loop, in the order raft-rs documents.
+    ///
+    /// Storage writes and the sync run inline on this task: the messages that
+    /// follow must wait for them anyway, and control-plane writes are small and
+    /// few, so a worker thread blocked for a sync costs less than handing every
+    /// `Ready` to a blocking pool.
     fn on_ready(&mut self) -> Result<(), ControlError> {
         if !self.raw.has_ready() {
             return Ok(());
