@@ -33,6 +33,9 @@ pub struct ControlConfig {
     pub request_timeout: Duration,
     /// Network fault injection (tests); the default injects nothing.
     pub faults: Faults,
+    /// A secret every member presents with its raft messages; with it set, a
+    /// member decodes raft messages only from senders that know it.
+    pub cluster_secret: Option<String>,
 }
 
 impl ControlConfig {
@@ -51,12 +54,13 @@ impl ControlConfig {
             watch_history: 1024,
             request_timeout: Duration::from_secs(5),
             faults: Faults::default(),
+            cluster_secret: None,
         }
     }
 }
 
 /// The command line of a control member: `--id N --listen ADDR --data-dir DIR
-/// [--peers ID=ADDR,...] [--join] [--snapshot-interval N]`.
+/// [--peers ID=ADDR,...] [--join] [--snapshot-interval N] [--cluster-secret-file F]`.
 #[derive(Clone, Debug)]
 pub struct ControlArgs {
     /// Where to listen.
@@ -66,8 +70,8 @@ pub struct ControlArgs {
 }
 
 /// The usage line of [`ControlArgs::parse`].
-pub const USAGE: &str =
-    "--id N --listen ADDR --data-dir DIR [--peers ID=ADDR,...] [--join] [--snapshot-interval N]";
+pub const USAGE: &str = "--id N --listen ADDR --data-dir DIR [--peers ID=ADDR,...] [--join] \
+     [--snapshot-interval N] [--cluster-secret-file F] (or DYNSEG_CLUSTER_SECRET)";
 
 impl ControlArgs {
     /// Parses the flags; with no `--peers` (and no `--join`) the member founds a
@@ -79,6 +83,7 @@ impl ControlArgs {
         let mut peers = BTreeMap::new();
         let mut join = false;
         let mut snapshot_interval = None;
+        let mut cluster_secret = std::env::var("DYNSEG_CLUSTER_SECRET").ok();
         let mut it = args.iter();
         while let Some(flag) = it.next() {
             let mut value = || {
@@ -112,6 +117,12 @@ impl ControlArgs {
                     }
                 }
                 "--join" => join = true,
+                "--cluster-secret-file" => {
+                    let path = value()?;
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|e| format!("--cluster-secret-file {path}: {e}"))?;
+                    cluster_secret = Some(text.trim().to_owned());
+                }
                 "--snapshot-interval" => {
                     snapshot_interval = Some(
                         value()?
@@ -134,6 +145,12 @@ impl ControlArgs {
         if let Some(n) = snapshot_interval {
             config.snapshot_interval = n.max(1);
         }
+        if let Some(secret) = &cluster_secret
+            && (secret.len() < 16 || !secret.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err("the cluster secret must be at least 16 printable ASCII characters".into());
+        }
+        config.cluster_secret = cluster_secret;
         Ok(ControlArgs { listen, config })
     }
 }
@@ -169,6 +186,7 @@ mod tests {
             "--id 0 --listen a --data-dir d",
             "--id 1 --listen a --data-dir d --peers 1:a",
             "--id 1 --listen a --data-dir d --bogus",
+            "--id 1 --listen a --data-dir d --cluster-secret-file /nonexistent/secret",
         ] {
             assert!(ControlArgs::parse(&args(bad)).is_err(), "{bad}");
         }

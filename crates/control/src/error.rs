@@ -31,6 +31,9 @@ pub enum ControlError {
     /// The raft task has stopped (the member is shutting down).
     #[error("control member is shutting down")]
     ShuttingDown,
+    /// A raft message came without the cluster secret (or with a wrong one).
+    #[error("raft messages need the cluster secret")]
+    Unauthenticated,
     /// A raft message from a peer could not be decoded or is not from a member.
     #[error("rejected raft message: {0}")]
     BadPeerMessage(String),
@@ -54,6 +57,7 @@ impl From<ControlError> for Status {
             ControlError::SegmentNotFound(_) | ControlError::MemberNotFound(_) => Code::NotFound,
             ControlError::FailedPrecondition(_) => Code::FailedPrecondition,
             ControlError::NoLeader(_) | ControlError::ShuttingDown => Code::Unavailable,
+            ControlError::Unauthenticated => Code::Unauthenticated,
             ControlError::Unconfirmed(_) => Code::DeadlineExceeded,
             ControlError::Storage(_) | ControlError::Raft(_) | ControlError::Corrupt(_) => {
                 Code::Internal

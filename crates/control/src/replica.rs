@@ -264,7 +264,13 @@ pub fn start(config: &ControlConfig) -> Result<(ReplicaHandle, ReplicaTask), Con
     raft_config.validate()?;
     let raw = RawNode::new(&raft_config, storage, &raft_logger(config.id))?;
     let (reports_tx, reports) = mpsc::channel(1024);
-    let mut transport = Transport::new(config.id, config.faults.clone(), reports_tx);
+    let secret = match &config.cluster_secret {
+        Some(secret) => Some(secret.parse().map_err(|_| {
+            ControlError::InvalidArgument("the cluster secret must be printable ASCII".into())
+        })?),
+        None => None,
+    };
+    let mut transport = Transport::new(config.id, secret, config.faults.clone(), reports_tx);
     // A joining member knows nobody until its first snapshot: it answers the
     // peers it was started with.
     if state.control_members.is_empty() {

@@ -43,6 +43,7 @@ impl ControlServer {
         let service = ControlService::new(
             replica.clone(),
             config.peers.keys().copied().collect::<BTreeSet<_>>(),
+            config.cluster_secret.as_deref(),
         );
         let (stop, stopped) = oneshot::channel::<()>();
         let serve = tokio::spawn(

@@ -18,7 +18,13 @@ use tonic::{Request, Response, Status};
 use crate::error::ControlError;
 use crate::replica::{MemberChange, ReplicaHandle, View};
 use crate::state::{Command, MemberKind, Revised, SegmentSpec};
+use crate::transport::SECRET_HEADER;
 use crate::wire;
+
+/// Compares without revealing, through timing, how long a matching prefix is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
 
 /// Events buffered per watcher before the stream waits for the client.
 const WATCH_BUFFER: usize = 256;
@@ -30,15 +36,22 @@ pub struct ControlService {
     /// Who may send raft messages while this member's state names no members
     /// yet (a joining member before its first snapshot): the configured peers.
     initial_peers: Arc<BTreeSet<u64>>,
+    /// The secret raft senders must present, when the cluster has one.
+    secret: Option<Arc<str>>,
 }
 
 impl ControlService {
     /// Services answering from `replica`; `initial_peers` are trusted until the
     /// replicated state names the group's members.
-    pub fn new(replica: ReplicaHandle, initial_peers: BTreeSet<u64>) -> ControlService {
+    pub fn new(
+        replica: ReplicaHandle,
+        initial_peers: BTreeSet<u64>,
+        secret: Option<&str>,
+    ) -> ControlService {
         ControlService {
             replica,
             initial_peers: Arc::new(initial_peers),
+            secret: secret.map(Arc::from),
         }
     }
 
@@ -272,6 +285,16 @@ async fn feed_watcher(
 #[tonic::async_trait]
 impl RaftPeer for ControlService {
     async fn send(&self, request: Request<pb::RaftBatch>) -> Result<Response<pb::RaftAck>, Status> {
+        if let Some(secret) = &self.secret {
+            let given = request
+                .metadata()
+                .get(SECRET_HEADER)
+                .map(|v| v.as_bytes())
+                .unwrap_or_default();
+            if !constant_time_eq(given, secret.as_bytes()) {
+                return Err(ControlError::Unauthenticated.into());
+            }
+        }
         let batch = request.into_inner();
         let view = self.replica.view();
         // protobuf 2.28 (raft's codec) must only ever decode bytes from cluster

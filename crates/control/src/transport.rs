@@ -14,12 +14,16 @@ use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Endpoint;
 
 use crate::faults::{Faults, Verdict};
 
 /// Messages queued per peer before new ones are lost.
 const PEER_QUEUE: usize = 1024;
+/// The metadata key that carries the cluster secret.
+pub const SECRET_HEADER: &str = "x-dynseg-cluster-secret";
+
 /// Messages sent in one `RaftPeer.Send` call at most.
 const BATCH: usize = 256;
 
@@ -40,6 +44,7 @@ struct Peer {
 /// The outbound side of raft messaging.
 pub struct Transport {
     id: u64,
+    secret: Option<MetadataValue<Ascii>>,
     peers: BTreeMap<u64, Peer>,
     faults: Faults,
     reports: mpsc::Sender<Report>,
@@ -47,10 +52,17 @@ pub struct Transport {
 }
 
 impl Transport {
-    /// A transport for member `id`; delivery problems go to `reports`.
-    pub fn new(id: u64, faults: Faults, reports: mpsc::Sender<Report>) -> Transport {
+    /// A transport for member `id`, presenting `secret` (if any) with every
+    /// batch; delivery problems go to `reports`.
+    pub fn new(
+        id: u64,
+        secret: Option<MetadataValue<Ascii>>,
+        faults: Faults,
+        reports: mpsc::Sender<Report>,
+    ) -> Transport {
         Transport {
             id,
+            secret,
             peers: BTreeMap::new(),
             faults,
             reports,
@@ -72,6 +84,7 @@ impl Transport {
                 self.id,
                 id,
                 address.clone(),
+                self.secret.clone(),
                 rx,
                 self.faults.clone(),
                 self.reports.clone(),
@@ -120,6 +133,7 @@ async fn send_loop(
     from: u64,
     to: u64,
     address: String,
+    secret: Option<MetadataValue<Ascii>>,
     mut queue: mpsc::Receiver<Message>,
     faults: Faults,
     reports: mpsc::Sender<Report>,
@@ -160,7 +174,11 @@ async fn send_loop(
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        let sent = client.clone().send(pb::RaftBatch { from, messages }).await;
+        let mut request = tonic::Request::new(pb::RaftBatch { from, messages });
+        if let Some(secret) = &secret {
+            request.metadata_mut().insert(SECRET_HEADER, secret.clone());
+        }
+        let sent = client.clone().send(request).await;
         let delivered = match sent {
             Ok(_) => true,
             Err(status) => {

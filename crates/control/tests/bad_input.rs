@@ -171,3 +171,49 @@ async fn raft_messages_that_are_malformed_or_not_from_a_member_are_rejected() {
         .unwrap();
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_a_cluster_secret_raft_messages_without_it_are_refused_before_decoding() {
+    let secret = "correct-horse-battery-staple";
+    let cluster = Cluster::start(3, 12, |c| c.cluster_secret = Some(secret.into())).await;
+    // The members themselves present it: the group elects and commits.
+    let leader = cluster.leader().await;
+    cluster
+        .client(leader)
+        .await
+        .apply_segments(segments(vec![segment("ok", "exists(login)")]))
+        .await
+        .unwrap();
+    let target = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
+    let addr = cluster.members[&target].addr;
+    let mut peer = RaftPeerClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let batch = || pb::RaftBatch {
+        from: leader,
+        messages: vec![vec![0xff; 8]],
+    };
+    assert_eq!(
+        peer.send(batch()).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    let mut wrong = tonic::Request::new(batch());
+    wrong.metadata_mut().insert(
+        "x-dynseg-cluster-secret",
+        "correct-horse-battery-stapler".parse().unwrap(),
+    );
+    assert_eq!(
+        peer.send(wrong).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    // With the secret, the same garbage reaches the decoder and is refused there.
+    let mut right = tonic::Request::new(batch());
+    right
+        .metadata_mut()
+        .insert("x-dynseg-cluster-secret", secret.parse().unwrap());
+    assert_eq!(
+        peer.send(right).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    cluster.shutdown().await;
+}
