@@ -15,12 +15,14 @@
 //! | [`changelog`] | published changes and how subscribers follow them |
 //! | [`runtime`] | shard tasks, recovery, checkpoints, the [`Node`] handle |
 //! | [`service`], [`transfer`], [`server`] | gRPC service, shard export/import, serving |
+//! | [`control_link`] | following the control plane: rule versions, shard placement |
 //! | [`error`] | errors and their gRPC codes |
 
 pub mod changelog;
 pub mod clock;
 pub mod commit;
 pub mod config;
+pub mod control_link;
 pub mod error;
 pub mod record;
 pub mod runtime;

@@ -378,6 +378,16 @@ impl Node {
             })
     }
 
+    /// The shards this node serves, with their epochs, in shard order.
+    pub fn serving(&self) -> Vec<(u32, u64)> {
+        let mut shards: Vec<(u32, u64)> = read(&self.inner.shards)
+            .iter()
+            .map(|(id, h)| (*id, h.epoch.load(Ordering::SeqCst)))
+            .collect();
+        shards.sort_unstable();
+        shards
+    }
+
     pub(crate) fn handles(&self) -> Vec<(u32, ShardHandle)> {
         read(&self.inner.shards)
             .iter()

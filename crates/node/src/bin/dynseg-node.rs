@@ -1,6 +1,11 @@
 //! Runs one shard node: `dynseg-node --data-dir DIR [--listen ADDR] [--node-id ID]
 //! [--shard-count N] [--shards A-B] [--clock system|manual[=RFC3339]]
-//! [--checkpoint-secs S] [--memory-mib M]`.
+//! [--checkpoint-secs S] [--memory-mib M] [--control ADDR [--advertise ADDR]
+//! [--weight N]]`.
+//!
+//! With `--control`, the node registers with the control plane and serves the
+//! shards placement gives it (not `--shards`), applying each rule-set version
+//! the control plane commits.
 //!
 //! Prints `listening on ADDR` once it serves, and shuts down cleanly (checkpoint,
 //! sync) on SIGTERM or Ctrl-C.
@@ -11,6 +16,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use dynseg_node::control_link::{ControlLink, LinkConfig};
 use dynseg_node::{Clock, NodeConfig, Server};
 use dynseg_rules::Timestamp;
 
@@ -23,12 +29,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn usage(problem: &str) -> ExitCode {
     eprintln!("dynseg-node: {problem}");
     eprintln!(
-        "usage: dynseg-node --data-dir DIR [--listen ADDR] [--node-id ID] [--shard-count N] [--shards A-B] [--clock system|manual[=RFC3339]] [--checkpoint-secs S] [--memory-mib M]"
+        "usage: dynseg-node --data-dir DIR [--listen ADDR] [--node-id ID] [--shard-count N] [--shards A-B] [--clock system|manual[=RFC3339]] [--checkpoint-secs S] [--memory-mib M] [--control ADDR [--advertise ADDR] [--weight N]]"
     );
     ExitCode::from(1)
 }
 
-fn parse(args: &[String]) -> Result<NodeConfig, String> {
+fn parse(args: &[String]) -> Result<(NodeConfig, Option<LinkConfig>), String> {
     let mut data_dir = None;
     let mut listen = "127.0.0.1:0".to_owned();
     let mut node_id = "node-1".to_owned();
@@ -37,6 +43,9 @@ fn parse(args: &[String]) -> Result<NodeConfig, String> {
     let mut clock = Clock::System;
     let mut checkpoint_secs = None;
     let mut memory_mib = None;
+    let mut control = None;
+    let mut advertise = None;
+    let mut weight = 1u32;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let mut value = || {
@@ -85,6 +94,9 @@ fn parse(args: &[String]) -> Result<NodeConfig, String> {
                         .map_err(|_| "--memory-mib takes a number")?,
                 )
             }
+            "--control" => control = Some(value()?),
+            "--advertise" => advertise = Some(value()?),
+            "--weight" => weight = value()?.parse().map_err(|_| "--weight takes a number")?,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -95,17 +107,27 @@ fn parse(args: &[String]) -> Result<NodeConfig, String> {
     let mut config = NodeConfig::new(data_dir, listen, clock);
     config.node_id = node_id;
     config.shard_count = shard_count;
-    let (a, b) = shards.unwrap_or((0, shard_count.saturating_sub(1)));
-    config.shards = (a..=b.min(shard_count.saturating_sub(1)))
-        .map(|s| (s, 1))
-        .collect();
+    if control.is_some() && shards.is_some() {
+        return Err("--shards and --control exclude each other: placement decides".into());
+    }
+    if control.is_none() {
+        let (a, b) = shards.unwrap_or((0, shard_count.saturating_sub(1)));
+        config.shards = (a..=b.min(shard_count.saturating_sub(1)))
+            .map(|s| (s, 1))
+            .collect();
+    }
     if let Some(mib) = memory_mib {
         config.memory_budget = mib.saturating_mul(1 << 20);
     }
     if let Some(s) = checkpoint_secs {
         config.checkpoint_every = std::time::Duration::from_secs(s.max(1));
     }
-    Ok(config)
+    let link = control.map(|control| LinkConfig {
+        control,
+        advertise: advertise.unwrap_or_else(|| listen.to_string()),
+        weight,
+    });
+    Ok((config, link))
 }
 
 #[tokio::main]
@@ -117,8 +139,8 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let config = match parse(&args) {
-        Ok(config) => config,
+    let (config, link) = match parse(&args) {
+        Ok(parsed) => parsed,
         Err(problem) => return usage(&problem),
     };
     let server = match Server::start(config).await {
@@ -129,6 +151,12 @@ async fn main() -> ExitCode {
         }
     };
     println!("listening on {}", server.addr);
+    let link = link.map(|mut link| {
+        if link.advertise.ends_with(":0") {
+            link.advertise = server.addr.to_string();
+        }
+        ControlLink::spawn(server.node.clone(), link)
+    });
     let _ = std::io::stdout().flush();
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(term) => term,
@@ -140,6 +168,9 @@ async fn main() -> ExitCode {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+    if let Some(link) = link {
+        link.shutdown().await;
     }
     server.shutdown().await;
     ExitCode::SUCCESS
