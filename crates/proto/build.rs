@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "dynseg/v1/changes.proto",
         "dynseg/v1/node.proto",
         "dynseg/v1/control.proto",
+        "dynseg/v1/gateway.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed=../../proto/{file}");

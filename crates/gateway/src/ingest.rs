@@ -1,0 +1,217 @@
+//! Ingest through the gateway: split a client's events per shard, send each part
+//! to its owner with the epoch the routing table names, retry redirects and
+//! restarts until placement settles, and merge the replies. The client is
+//! acknowledged only when every part is durable on its shard.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dynseg_proto::pb;
+use dynseg_proto::shard_for;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tonic::Code;
+
+use crate::error::GatewayError;
+use crate::routing::Routing;
+
+/// The events of one request bound for one shard, with their request indexes.
+#[derive(Debug, Default, PartialEq)]
+pub struct Part {
+    /// Index in the request of each event.
+    pub indexes: Vec<u32>,
+    /// The events.
+    pub events: Vec<pb::Event>,
+}
+
+/// The key a user is routed by: `user_id`, else `anonymous_id`.
+pub fn user_key(event: &pb::Event) -> Option<&str> {
+    [&event.user_id, &event.anonymous_id]
+        .into_iter()
+        .find(|id| !id.is_empty())
+        .map(String::as_str)
+}
+
+/// Groups events by shard, keeping request order within each shard; events
+/// with no user are refused here, by index.
+pub fn split(
+    events: Vec<pb::Event>,
+    shard_count: u32,
+) -> (BTreeMap<u32, Part>, Vec<pb::RejectedEvent>) {
+    let mut parts: BTreeMap<u32, Part> = BTreeMap::new();
+    let mut rejected = Vec::new();
+    for (index, event) in events.into_iter().enumerate() {
+        let index = index as u32;
+        match user_key(&event) {
+            Some(user) => {
+                let part = parts.entry(shard_for(user, shard_count)).or_default();
+                part.indexes.push(index);
+                part.events.push(event);
+            }
+            None => rejected.push(pb::RejectedEvent {
+                index,
+                reason: "an event needs a user_id or an anonymous_id".into(),
+            }),
+        }
+    }
+    (parts, rejected)
+}
+
+/// Sends events to their shards' owners.
+#[derive(Clone)]
+pub struct Ingestor {
+    routing: watch::Receiver<Arc<Routing>>,
+    /// Bounds the shard batches in flight across all clients: when full, new
+    /// requests wait (backpressure), nothing queues without bound.
+    inflight: Arc<Semaphore>,
+    retry_for: Duration,
+}
+
+impl Ingestor {
+    /// An ingestor over `routing`, with at most `max_inflight` shard batches in
+    /// flight, retrying a redirected batch for up to `retry_for`.
+    pub fn new(
+        routing: watch::Receiver<Arc<Routing>>,
+        max_inflight: usize,
+        retry_for: Duration,
+    ) -> Ingestor {
+        Ingestor {
+            routing,
+            inflight: Arc::new(Semaphore::new(max_inflight.max(1))),
+            retry_for,
+        }
+    }
+
+    /// Ingests `events` and returns the merged reply, rejected indexes as in
+    /// the request.
+    pub async fn ingest(&self, events: Vec<pb::Event>) -> Result<pb::IngestReply, GatewayError> {
+        let shard_count = self.shard_count().await?;
+        let (parts, mut rejected) = split(events, shard_count);
+        let mut reply = pb::IngestReply::default();
+        let mut sends = JoinSet::new();
+        for (shard, part) in parts {
+            let ingestor = self.clone();
+            sends.spawn(async move {
+                let _permit = ingestor
+                    .inflight
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| GatewayError::ShuttingDown)?;
+                let response = ingestor.send(shard, &part.events).await?;
+                Ok::<_, GatewayError>((part.indexes, response))
+            });
+        }
+        // Dropping the set on an error aborts the other parts; their events may
+        // still have landed, which a retry with the same message ids makes harmless.
+        while let Some(joined) = sends.join_next().await {
+            let (indexes, response) =
+                joined.map_err(|e| GatewayError::Unavailable(e.to_string()))??;
+            reply.accepted += response.accepted;
+            reply.duplicates += response.duplicates;
+            for r in response.rejected {
+                let index = indexes.get(r.index as usize).copied().unwrap_or(u32::MAX);
+                rejected.push(pb::RejectedEvent {
+                    index,
+                    reason: r.reason,
+                });
+            }
+        }
+        rejected.sort_by_key(|r| r.index);
+        reply.rejected = rejected;
+        Ok(reply)
+    }
+
+    async fn shard_count(&self) -> Result<u32, GatewayError> {
+        let mut routing = self.routing.clone();
+        let wait = routing.wait_for(|r| r.shard_count > 0);
+        match tokio::time::timeout(self.retry_for, wait).await {
+            Ok(Ok(r)) => Ok(r.shard_count),
+            Ok(Err(_)) => Err(GatewayError::ShuttingDown),
+            Err(_) => Err(GatewayError::Unavailable(
+                "no shard placement from the control plane yet".into(),
+            )),
+        }
+    }
+
+    async fn send(
+        &self,
+        shard: u32,
+        events: &[pb::Event],
+    ) -> Result<pb::IngestResponse, GatewayError> {
+        let deadline = Instant::now() + self.retry_for;
+        let mut routing = self.routing.clone();
+        loop {
+            let target = {
+                let table = routing.borrow_and_update();
+                table
+                    .owner(shard)
+                    .map(|(owner, client)| (owner.epoch, client))
+            };
+            let problem = match target {
+                None => format!("shard {shard} has no owner yet"),
+                Some((epoch, mut client)) => {
+                    let batch = pb::EventBatch {
+                        shard,
+                        epoch,
+                        events: events.to_vec(),
+                    };
+                    match client.ingest(batch).await {
+                        Ok(response) => return Ok(response.into_inner()),
+                        // A stale epoch, a moved shard, a restarting node: wait
+                        // for placement to change (or a moment) and try again.
+                        Err(status)
+                            if matches!(status.code(), Code::Aborted | Code::Unavailable) =>
+                        {
+                            status.message().to_owned()
+                        }
+                        Err(status) => return Err(GatewayError::Node(status)),
+                    }
+                }
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(GatewayError::Unavailable(format!(
+                    "shard {shard} did not take the batch in {:?}: {problem}",
+                    self.retry_for
+                )));
+            }
+            let pause = left.min(Duration::from_millis(100));
+            let _ = tokio::time::timeout(pause, routing.changed()).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(user: &str, anonymous: &str) -> pb::Event {
+        pb::Event {
+            user_id: user.into(),
+            anonymous_id: anonymous.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn split_groups_by_shard_keeps_indexes_and_refuses_anonymous_events() {
+        let events = vec![
+            event("alice", ""),
+            event("", ""),
+            event("", "anon-7"),
+            event("alice", "ignored"),
+        ];
+        let (parts, rejected) = split(events, 16);
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].index, 1);
+        let alice = &parts[&shard_for("alice", 16)];
+        assert!(alice.indexes.starts_with(&[0]));
+        assert!(alice.indexes.contains(&3));
+        let anon = &parts[&shard_for("anon-7", 16)];
+        assert!(anon.indexes.contains(&2));
+        let total: usize = parts.values().map(|p| p.events.len()).sum();
+        assert_eq!(total, 3);
+    }
+}

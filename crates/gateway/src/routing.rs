@@ -1,0 +1,170 @@
+//! Where every shard lives, as the control plane publishes it: a table the
+//! topology task rebuilds on every change and publishes on a `watch` channel,
+//! so request handlers read it without locks or waiting.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dynseg_proto::pb;
+use dynseg_proto::pb::control_client::ControlClient;
+use dynseg_proto::pb::node_client::NodeClient;
+use dynseg_proto::pb::watch_event::Kind;
+use tokio::sync::{oneshot, watch};
+use tonic::transport::{Channel, Endpoint};
+
+/// One shard's owner.
+#[derive(Clone, Debug)]
+pub struct Owner {
+    /// Node id.
+    pub node: String,
+    /// The epoch to present.
+    pub epoch: u64,
+}
+
+/// The routing table at one control-plane revision.
+#[derive(Clone, Debug, Default)]
+pub struct Routing {
+    /// The control-plane revision it reflects (0: nothing received yet).
+    pub revision: u64,
+    /// Number of shards (0 until the first topology arrives).
+    pub shard_count: u32,
+    /// Owner per shard (None: unplaced).
+    pub shards: Vec<Option<Owner>>,
+    /// A client per node, by node id.
+    pub nodes: BTreeMap<String, NodeClient<Channel>>,
+    /// Each node's address, by node id.
+    pub addresses: BTreeMap<String, String>,
+}
+
+impl Routing {
+    /// The owner of `shard` and a client for it.
+    pub fn owner(&self, shard: u32) -> Option<(&Owner, NodeClient<Channel>)> {
+        let owner = self.shards.get(shard as usize)?.as_ref()?;
+        let client = self.nodes.get(&owner.node)?.clone();
+        Some((owner, client))
+    }
+
+    /// The shards each node owns.
+    pub fn shards_by_node(&self) -> BTreeMap<String, Vec<u32>> {
+        let mut by_node: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+        for (shard, owner) in self.shards.iter().enumerate() {
+            if let Some(owner) = owner {
+                by_node
+                    .entry(owner.node.clone())
+                    .or_default()
+                    .push(shard as u32);
+            }
+        }
+        by_node
+    }
+
+    fn rebuild(&self, revision: u64, topology: &pb::Topology) -> Routing {
+        let mut nodes = BTreeMap::new();
+        for node in &topology.nodes {
+            // Keep an existing client (and its connection) when the address is unchanged.
+            let client = match self.nodes.get(&node.id) {
+                Some(client) if self.addresses.get(&node.id) == Some(&node.address) => {
+                    client.clone()
+                }
+                _ => match node_client(&node.address) {
+                    Some(client) => client,
+                    None => continue,
+                },
+            };
+            nodes.insert(node.id.clone(), client);
+        }
+        let shards = topology
+            .shards
+            .iter()
+            .map(|p| {
+                (!p.node_id.is_empty()).then(|| Owner {
+                    node: p.node_id.clone(),
+                    epoch: p.epoch,
+                })
+            })
+            .collect();
+        Routing {
+            revision,
+            shard_count: topology.shard_count,
+            shards,
+            nodes,
+            addresses: topology
+                .nodes
+                .iter()
+                .map(|n| (n.id.clone(), n.address.clone()))
+                .collect(),
+        }
+    }
+}
+
+fn url(address: &str) -> String {
+    if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("http://{address}")
+    }
+}
+
+fn node_client(address: &str) -> Option<NodeClient<Channel>> {
+    let endpoint = Endpoint::from_shared(url(address)).ok()?;
+    Some(
+        NodeClient::new(
+            endpoint
+                .connect_timeout(Duration::from_secs(1))
+                .connect_lazy(),
+        )
+        .max_decoding_message_size(64 << 20),
+    )
+}
+
+/// Follows the control plane's `Watch` and publishes a new [`Routing`] on every
+/// topology change; reconnects with a capped backoff. Ends when `stop` fires.
+pub async fn follow_topology(
+    control: String,
+    publish: watch::Sender<Arc<Routing>>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            result = watch_once(&control, &publish) => {
+                if let Err(status) = result {
+                    tracing::warn!(%control, %status, "topology watch lost; reconnecting");
+                }
+            }
+        }
+        tokio::select! {
+            _ = &mut stop => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn watch_once(
+    control: &str,
+    publish: &watch::Sender<Arc<Routing>>,
+) -> Result<(), tonic::Status> {
+    let mut client = ControlClient::connect(url(control))
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?
+        .max_decoding_message_size(64 << 20);
+    let mut stream = client
+        .watch(pb::WatchRequest { from_revision: 0 })
+        .await?
+        .into_inner();
+    while let Some(event) = stream.message().await? {
+        let topology = match event.kind {
+            Some(Kind::Snapshot(snapshot)) => snapshot.topology,
+            Some(Kind::Topology(topology)) => Some(topology),
+            _ => None,
+        };
+        if let Some(topology) = topology {
+            let next = publish.borrow().rebuild(event.revision, &topology);
+            publish.send_replace(Arc::new(next));
+        }
+    }
+    Err(tonic::Status::unavailable("watch stream ended"))
+}

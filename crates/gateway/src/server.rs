@@ -1,0 +1,110 @@
+//! Serving a gateway: the topology task and the gRPC listener, started and
+//! stopped together.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dynseg_proto::pb::gateway_server::GatewayServer as GatewayGrpc;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::ingest::Ingestor;
+use crate::routing::{self, Routing};
+use crate::service::GatewayService;
+
+/// How a gateway runs.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    /// A control-plane member to follow.
+    pub control: String,
+    /// Shard batches in flight at most, across all clients.
+    pub max_inflight: usize,
+    /// How long a batch is retried while its shard is redirected or its owner
+    /// restarts, before the client gets UNAVAILABLE.
+    pub retry_for: Duration,
+}
+
+impl GatewayConfig {
+    /// Defaults: 1,024 batches in flight, 10 s of retries.
+    pub fn new(control: impl Into<String>) -> GatewayConfig {
+        GatewayConfig {
+            control: control.into(),
+            max_inflight: 1024,
+            retry_for: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A running gateway.
+pub struct GatewayServer {
+    addr: SocketAddr,
+    routing: watch::Receiver<Arc<Routing>>,
+    stop_topology: oneshot::Sender<()>,
+    topology: JoinHandle<()>,
+    stop_serving: oneshot::Sender<()>,
+    serving: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl GatewayServer {
+    /// Starts a gateway serving on `listener`.
+    pub async fn start(
+        config: GatewayConfig,
+        listener: TcpListener,
+    ) -> std::io::Result<GatewayServer> {
+        let addr = listener.local_addr()?;
+        let (publish, routing) = watch::channel(Arc::new(Routing::default()));
+        let (stop_topology, stopped) = oneshot::channel();
+        let topology = tokio::spawn(routing::follow_topology(
+            config.control.clone(),
+            publish,
+            stopped,
+        ));
+        let ingestor = Ingestor::new(routing.clone(), config.max_inflight, config.retry_for);
+        let service = GatewayService::new(routing.clone(), ingestor);
+        let (stop_serving, stop) = oneshot::channel::<()>();
+        let serving = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(GatewayGrpc::new(service).max_decoding_message_size(64 << 20))
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                    let _ = stop.await;
+                }),
+        );
+        tracing::info!(%addr, control = %config.control, "gateway serving");
+        Ok(GatewayServer {
+            addr,
+            routing,
+            stop_topology,
+            topology,
+            stop_serving,
+            serving,
+        })
+    }
+
+    /// Where it serves.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Waits until the gateway has a placement for every shard (or `timeout`).
+    pub async fn ready(&self, timeout: Duration) -> bool {
+        let mut routing = self.routing.clone();
+        let placed =
+            routing.wait_for(|r| r.shard_count > 0 && r.shards.iter().all(Option::is_some));
+        matches!(tokio::time::timeout(timeout, placed).await, Ok(Ok(_)))
+    }
+
+    /// Stops serving, then stops following the control plane.
+    pub async fn shutdown(self) {
+        let _ = self.stop_serving.send(());
+        let _ = self.stop_topology.send(());
+        let _ = self.topology.await;
+        match self.serving.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "gateway server ended with an error"),
+            Err(e) => tracing::warn!(error = %e, "gateway server task failed"),
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! The `Gateway` gRPC service: thin handlers over the ingestor, the merged
+//! subscription and the routing table.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use dynseg_proto::pb;
+use dynseg_proto::pb::gateway_server::Gateway;
+use dynseg_proto::shard_for;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::GatewayError;
+use crate::ingest::Ingestor;
+use crate::routing::Routing;
+use crate::subscribe::{self, Position};
+
+/// Changes buffered per subscriber before the merge waits for the client.
+const SUBSCRIBE_BUFFER: usize = 1024;
+
+/// The gateway's service.
+#[derive(Clone)]
+pub struct GatewayService {
+    routing: watch::Receiver<Arc<Routing>>,
+    ingestor: Ingestor,
+}
+
+impl GatewayService {
+    /// A service routing by `routing`.
+    pub fn new(routing: watch::Receiver<Arc<Routing>>, ingestor: Ingestor) -> GatewayService {
+        GatewayService { routing, ingestor }
+    }
+
+    fn table(&self) -> Result<Arc<Routing>, GatewayError> {
+        let table = self.routing.borrow().clone();
+        if table.shard_count == 0 {
+            return Err(GatewayError::Unavailable(
+                "no shard placement from the control plane yet".into(),
+            ));
+        }
+        Ok(table)
+    }
+
+    /// Every node's client (for fan-out calls).
+    fn all_nodes(
+        &self,
+    ) -> Result<
+        Vec<dynseg_proto::pb::node_client::NodeClient<tonic::transport::Channel>>,
+        GatewayError,
+    > {
+        Ok(self.table()?.nodes.values().cloned().collect())
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Gateway for GatewayService {
+    async fn ingest(
+        &self,
+        request: Request<pb::IngestRequest>,
+    ) -> Result<Response<pb::IngestReply>, Status> {
+        let reply = self.ingestor.ingest(request.into_inner().events).await?;
+        Ok(Response::new(reply))
+    }
+
+    type IngestStreamStream = BoxStream<pb::IngestReply>;
+
+    async fn ingest_stream(
+        &self,
+        request: Request<Streaming<pb::IngestRequest>>,
+    ) -> Result<Response<Self::IngestStreamStream>, Status> {
+        let mut batches = request.into_inner();
+        let ingestor = self.ingestor.clone();
+        let (tx, rx) = mpsc::channel(16);
+        // Lives as long as the call: ends when the client closes its side or
+        // stops reading replies.
+        tokio::spawn(async move {
+            while let Some(batch) = batches.next().await {
+                let reply = match batch {
+                    Ok(batch) => ingestor.ingest(batch.events).await.map_err(Status::from),
+                    Err(status) => Err(status),
+                };
+                let failed = reply.is_err();
+                if tx.send(reply).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn track(
+        &self,
+        request: Request<pb::Event>,
+    ) -> Result<Response<pb::IngestReply>, Status> {
+        let mut event = request.into_inner();
+        if event.r#type == pb::EventType::Unspecified as i32 {
+            event.r#type = pb::EventType::Track as i32;
+        }
+        Ok(Response::new(self.ingestor.ingest(vec![event]).await?))
+    }
+
+    async fn identify(
+        &self,
+        request: Request<pb::Event>,
+    ) -> Result<Response<pb::IngestReply>, Status> {
+        let mut event = request.into_inner();
+        event.r#type = pb::EventType::Identify as i32;
+        Ok(Response::new(self.ingestor.ingest(vec![event]).await?))
+    }
+
+    type SubscribeStream = BoxStream<pb::GatewayChange>;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::GatewaySubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let request = request.into_inner();
+        let position = Position::parse(&request.resume_token)?;
+        let (tx, rx) = mpsc::channel(SUBSCRIBE_BUFFER);
+        // The merge task ends when the client goes away or the gateway stops.
+        tokio::spawn(subscribe::merge(
+            self.routing.clone(),
+            request,
+            position,
+            tx,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_user(
+        &self,
+        request: Request<pb::GetUserRequest>,
+    ) -> Result<Response<pb::GetUserResponse>, Status> {
+        let request = request.into_inner();
+        let table = self.table()?;
+        let shard = shard_for(&request.user_id, table.shard_count);
+        let (_, mut client) = table
+            .owner(shard)
+            .ok_or_else(|| GatewayError::Unavailable(format!("shard {shard} has no owner yet")))?;
+        client.get_user(request).await
+    }
+
+    async fn list_members(
+        &self,
+        request: Request<pb::ListMembersRequest>,
+    ) -> Result<Response<pb::ListMembersResponse>, Status> {
+        // Nodes in id order, each paged in its own stable order; the token is
+        // `node index/node token`.
+        let request = request.into_inner();
+        let nodes = self.all_nodes()?;
+        let (mut index, mut inner) = match request.page_token.split_once('/') {
+            Some((i, t)) => (
+                i.parse::<usize>()
+                    .map_err(|_| GatewayError::InvalidArgument("malformed page token".into()))?,
+                t.to_owned(),
+            ),
+            None if request.page_token.is_empty() => (0, String::new()),
+            None => return Err(GatewayError::InvalidArgument("malformed page token".into()).into()),
+        };
+        let page_size = if request.page_size == 0 {
+            100
+        } else {
+            request.page_size.min(10_000)
+        };
+        let mut user_ids = Vec::new();
+        while index < nodes.len() && user_ids.len() < page_size as usize {
+            let mut client = nodes[index].clone();
+            let page = client
+                .list_members(pb::ListMembersRequest {
+                    segment: request.segment.clone(),
+                    page_size: page_size - user_ids.len() as u32,
+                    page_token: inner.clone(),
+                })
+                .await?
+                .into_inner();
+            user_ids.extend(page.user_ids);
+            if page.next_page_token.is_empty() {
+                index += 1;
+                inner.clear();
+            } else {
+                inner = page.next_page_token;
+            }
+        }
+        let next_page_token = if index < nodes.len() {
+            format!("{index}/{inner}")
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListMembersResponse {
+            user_ids,
+            next_page_token,
+        }))
+    }
+
+    async fn segment_counts(
+        &self,
+        _request: Request<pb::SegmentCountsRequest>,
+    ) -> Result<Response<pb::SegmentCountsResponse>, Status> {
+        let mut totals: std::collections::BTreeMap<String, u64> = Default::default();
+        let mut users = 0;
+        for mut client in self.all_nodes()? {
+            let counts = client
+                .segment_counts(pb::SegmentCountsRequest {})
+                .await?
+                .into_inner();
+            users += counts.users;
+            for count in counts.counts {
+                *totals.entry(count.segment).or_default() += count.members;
+            }
+        }
+        Ok(Response::new(pb::SegmentCountsResponse {
+            counts: totals
+                .into_iter()
+                .map(|(segment, members)| pb::SegmentCount { segment, members })
+                .collect(),
+            users,
+        }))
+    }
+
+    async fn advance_clock(
+        &self,
+        request: Request<pb::AdvanceClockRequest>,
+    ) -> Result<Response<pb::AdvanceClockResponse>, Status> {
+        let request = request.into_inner();
+        let mut now_ms = i64::MIN;
+        for mut client in self.all_nodes()? {
+            let reply = client.advance_clock(request).await?.into_inner();
+            now_ms = now_ms.max(reply.now_ms);
+        }
+        Ok(Response::new(pb::AdvanceClockResponse { now_ms }))
+    }
+}
