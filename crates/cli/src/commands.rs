@@ -1,0 +1,531 @@
+//! The client commands: segments (against the control plane), and ingest, tail,
+//! lookups and the clock (against a gateway).
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::time::Instant;
+
+use dynseg_proto::pb;
+use dynseg_proto::pb::control_client::ControlClient;
+use dynseg_proto::pb::gateway_client::GatewayClient;
+use serde_json::json;
+use tonic::transport::Channel;
+
+use crate::args::{Args, duration_ms};
+use crate::error::CliError;
+use crate::event_json::parse_event;
+use crate::output::{self, Output};
+use crate::segments_file;
+
+/// Default addresses of `dynseg dev`.
+pub const CONTROL_ADDR: &str = "127.0.0.1:7100";
+/// The dev cluster's gateway.
+pub const GATEWAY_ADDR: &str = "127.0.0.1:7102";
+
+fn url(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+async fn control(args: &Args) -> Result<ControlClient<Channel>, CliError> {
+    let addr = args.get("addr").unwrap_or(CONTROL_ADDR);
+    Ok(ControlClient::connect(url(addr))
+        .await
+        .map_err(|e| {
+            CliError::Connection(format!("cannot reach the control plane at {addr}: {e}"))
+        })?
+        .max_decoding_message_size(64 << 20))
+}
+
+async fn gateway(args: &Args) -> Result<GatewayClient<Channel>, CliError> {
+    let addr = args.get("addr").unwrap_or(GATEWAY_ADDR);
+    Ok(GatewayClient::connect(url(addr))
+        .await
+        .map_err(|e| CliError::Connection(format!("cannot reach the gateway at {addr}: {e}")))?
+        .max_decoding_message_size(64 << 20))
+}
+
+fn record_json(record: &pb::SegmentRecord) -> serde_json::Value {
+    let def = record.def.clone().unwrap_or_default();
+    json!({"id": def.id, "name": def.name, "description": def.description, "rule": def.rule, "version": record.version})
+}
+
+/// `dynseg segment validate|apply|list|get|delete`.
+pub async fn segment(args: &Args, out: Output) -> Result<(), CliError> {
+    let action = args.positional.get(1).map(String::as_str).unwrap_or("");
+    match action {
+        "validate" | "apply" => {
+            let path = args
+                .get("f")
+                .or_else(|| args.get("file"))
+                .ok_or_else(|| CliError::User(format!("segment {action} needs -f FILE")))?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| CliError::User(format!("{path}: {e}")))?;
+            let defs = segments_file::parse(&text)?;
+            let request = pb::SegmentsRequest {
+                segments: defs.clone(),
+            };
+            let mut client = control(args).await?;
+            let explain = |status: tonic::Status| match status.code() {
+                tonic::Code::InvalidArgument => {
+                    CliError::User(segments_file::explain(status.message(), &defs))
+                }
+                _ => CliError::from(status),
+            };
+            if action == "validate" {
+                let reply = client
+                    .validate_segments(request)
+                    .await
+                    .map_err(explain)?
+                    .into_inner();
+                match out {
+                    Output::Json => output::json(
+                        &json!({"valid": true, "segments": defs.len(), "next_rules_version": reply.next_rules_version}),
+                    ),
+                    Output::Table => println!(
+                        "{} segment(s) valid; applying them would make rule-set version {}",
+                        defs.len(),
+                        reply.next_rules_version
+                    ),
+                }
+            } else {
+                let reply = client
+                    .apply_segments(request)
+                    .await
+                    .map_err(explain)?
+                    .into_inner();
+                match out {
+                    Output::Json => output::json(
+                        &json!({"applied": defs.len(), "rules_version": reply.rules_version, "revision": reply.revision}),
+                    ),
+                    Output::Table => println!(
+                        "applied {} segment(s): rule-set version {}",
+                        defs.len(),
+                        reply.rules_version
+                    ),
+                }
+            }
+        }
+        "list" => {
+            let list = control(args)
+                .await?
+                .list_segments(pb::ReadOptions { stale: false })
+                .await?
+                .into_inner();
+            match out {
+                Output::Json => output::json(
+                    &json!({"rules_version": list.rules_version, "segments": list.segments.iter().map(record_json).collect::<Vec<_>>()}),
+                ),
+                Output::Table => {
+                    let rows: Vec<Vec<String>> = list
+                        .segments
+                        .iter()
+                        .map(|r| {
+                            let def = r.def.clone().unwrap_or_default();
+                            vec![
+                                def.id,
+                                format!("v{}", r.version),
+                                def.rule.replace('\n', " "),
+                            ]
+                        })
+                        .collect();
+                    output::table(&["SEGMENT", "VERSION", "RULE"], &rows);
+                }
+            }
+        }
+        "get" => {
+            let id = args
+                .positional
+                .get(2)
+                .ok_or_else(|| CliError::User("segment get needs an id".into()))?;
+            let record = control(args)
+                .await?
+                .get_segment(pb::GetSegmentRequest {
+                    id: id.clone(),
+                    stale: false,
+                })
+                .await?
+                .into_inner();
+            match out {
+                Output::Json => output::json(&record_json(&record)),
+                Output::Table => {
+                    let def = record.def.unwrap_or_default();
+                    println!(
+                        "id:          {}\nname:        {}\ndescription: {}\nversion:     v{}\nrule:        {}",
+                        def.id, def.name, def.description, record.version, def.rule
+                    );
+                }
+            }
+        }
+        "delete" => {
+            let id = args
+                .positional
+                .get(2)
+                .ok_or_else(|| CliError::User("segment delete needs an id".into()))?;
+            let reply = control(args)
+                .await?
+                .delete_segment(pb::DeleteSegmentRequest { id: id.clone() })
+                .await?
+                .into_inner();
+            match out {
+                Output::Json => {
+                    output::json(&json!({"deleted": id, "rules_version": reply.rules_version}))
+                }
+                Output::Table => println!("deleted {id}: rule-set version {}", reply.rules_version),
+            }
+        }
+        other => {
+            return Err(CliError::User(format!(
+                "unknown segment command {other:?} (validate, apply, list, get, delete)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `dynseg ingest FILE.ndjson`: batches of events, a progress line, and a
+/// summary of what was refused and why.
+pub async fn ingest(args: &Args, out: Output) -> Result<(), CliError> {
+    let path = args
+        .positional
+        .get(1)
+        .ok_or_else(|| CliError::User("ingest needs a file (one JSON event per line)".into()))?;
+    let batch_size: usize = args.number("batch", 500)?;
+    let file = std::fs::File::open(path).map_err(|e| CliError::User(format!("{path}: {e}")))?;
+    let total_bytes = file.metadata().map(|m| m.len()).unwrap_or(0).max(1);
+    let mut client = gateway(args).await?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let started = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let (mut accepted, mut duplicates, mut read_bytes) = (0u64, 0u64, 0u64);
+    let mut refused: Vec<(usize, String)> = Vec::new();
+    let mut batch = Vec::with_capacity(batch_size);
+    let mut lines_of_batch = Vec::with_capacity(batch_size);
+    let mut lines = std::io::BufReader::new(file).lines().enumerate();
+    loop {
+        let next = lines.next();
+        let finished = next.is_none();
+        if let Some((number, line)) = next {
+            let line = line.map_err(|e| CliError::User(format!("{path}: {e}")))?;
+            read_bytes += line.len() as u64 + 1;
+            if line.trim().is_empty() {
+                continue;
+            }
+            match parse_event(&line, now_ms) {
+                Ok(event) => {
+                    batch.push(event);
+                    lines_of_batch.push(number + 1);
+                }
+                Err(reason) => refused.push((number + 1, reason)),
+            }
+            if batch.len() < batch_size {
+                continue;
+            }
+        }
+        if !batch.is_empty() {
+            let reply = client
+                .ingest(pb::IngestRequest {
+                    events: std::mem::take(&mut batch),
+                })
+                .await?
+                .into_inner();
+            accepted += u64::from(reply.accepted);
+            duplicates += u64::from(reply.duplicates);
+            for r in reply.rejected {
+                let line = lines_of_batch.get(r.index as usize).copied().unwrap_or(0);
+                refused.push((line, r.reason));
+            }
+            lines_of_batch.clear();
+            if tty {
+                eprint!(
+                    "\r{:>3}%  {accepted} accepted, {} refused",
+                    read_bytes * 100 / total_bytes,
+                    refused.len()
+                );
+            }
+        }
+        if finished {
+            break;
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+    refused.sort();
+    let secs = started.elapsed().as_secs_f64();
+    match out {
+        Output::Json => output::json(&json!({
+            "accepted": accepted, "duplicates": duplicates, "refused": refused.len(), "seconds": secs,
+            "refusals": refused.iter().take(100).map(|(l, r)| json!({"line": l, "reason": r})).collect::<Vec<_>>(),
+        })),
+        Output::Table => {
+            println!(
+                "{accepted} events accepted ({duplicates} repeats ignored), {} refused, in {secs:.1} s",
+                refused.len()
+            );
+            for (line, reason) in refused.iter().take(20) {
+                println!("  line {line}: {reason}");
+            }
+            if refused.len() > 20 {
+                println!("  ... and {} more", refused.len() - 20);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn kind_name(kind: i32) -> &'static str {
+    match pb::ChangeKind::try_from(kind) {
+        Ok(pb::ChangeKind::Enter) => "enter",
+        Ok(pb::ChangeKind::Exit) => "exit",
+        _ => "?",
+    }
+}
+
+fn cause_name(cause: i32) -> &'static str {
+    match pb::ChangeCause::try_from(cause) {
+        Ok(pb::ChangeCause::Event) => "event",
+        Ok(pb::ChangeCause::Time) => "time",
+        Ok(pb::ChangeCause::Rule) => "rule",
+        _ => "?",
+    }
+}
+
+/// One change as a line of text.
+pub fn change_line(change: &pb::MembershipChange) -> String {
+    let at = dynseg_rules::Timestamp(change.at_ms);
+    format!(
+        "{at}  {:<5}  {}  {}  ({}, v{})",
+        kind_name(change.kind),
+        change.segment,
+        change.user_id,
+        cause_name(change.cause),
+        change.rule_version
+    )
+}
+
+/// `dynseg tail [--segment S]... [--from TOKEN] [--from-now] [--limit N]`.
+pub async fn tail(args: &Args, out: Output) -> Result<(), CliError> {
+    let limit: u64 = args.number("limit", 0)?;
+    let mut stream = gateway(args)
+        .await?
+        .subscribe(pb::GatewaySubscribeRequest {
+            segments: args.all("segment"),
+            resume_token: args.get("from").unwrap_or_default().to_owned(),
+            from_now: args.has("from-now"),
+        })
+        .await?
+        .into_inner();
+    let mut seen = 0u64;
+    let mut last_token = String::new();
+    let stdout = std::io::stdout();
+    loop {
+        let next = tokio::select! {
+            next = stream.message() => next?,
+            _ = tokio::signal::ctrl_c() => None,
+        };
+        let Some(item) = next else { break };
+        let Some(change) = item.change else { continue };
+        let mut lock = stdout.lock();
+        let _ = match out {
+            Output::Json => writeln!(
+                lock,
+                "{}",
+                json!({"at_ms": change.at_ms, "user": change.user_id, "segment": change.segment,
+                       "kind": kind_name(change.kind), "cause": cause_name(change.cause),
+                       "rule_version": change.rule_version, "resume_token": item.resume_token})
+            ),
+            Output::Table => writeln!(lock, "{}", change_line(&change)),
+        };
+        last_token = item.resume_token;
+        seen += 1;
+        if limit > 0 && seen >= limit {
+            break;
+        }
+    }
+    if !last_token.is_empty() {
+        eprintln!("resume with: dynseg tail --from {last_token}");
+    }
+    Ok(())
+}
+
+/// `dynseg user ID`.
+pub async fn user(args: &Args, out: Output) -> Result<(), CliError> {
+    let id = args
+        .positional
+        .get(1)
+        .ok_or_else(|| CliError::User("user needs an id".into()))?;
+    let reply = gateway(args)
+        .await?
+        .get_user(pb::GetUserRequest {
+            user_id: id.clone(),
+        })
+        .await?
+        .into_inner();
+    match out {
+        Output::Json => output::json(
+            &json!({"user": id, "known": reply.exists, "shard": reply.shard, "segments": reply.segments}),
+        ),
+        Output::Table if !reply.exists => println!("{id}: not seen (shard {})", reply.shard),
+        Output::Table => {
+            println!(
+                "{id} (shard {}) is in {} segment(s)",
+                reply.shard,
+                reply.segments.len()
+            );
+            for segment in reply.segments {
+                println!("  {segment}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `dynseg members SEGMENT [--limit N]`.
+pub async fn members(args: &Args, out: Output) -> Result<(), CliError> {
+    let segment = args
+        .positional
+        .get(1)
+        .ok_or_else(|| CliError::User("members needs a segment".into()))?;
+    let limit: usize = args.number("limit", 100)?;
+    let mut client = gateway(args).await?;
+    let mut users = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_members(pb::ListMembersRequest {
+                segment: segment.clone(),
+                page_size: (limit - users.len()).min(1000) as u32,
+                page_token: token,
+            })
+            .await?
+            .into_inner();
+        users.extend(page.user_ids);
+        token = page.next_page_token;
+        if token.is_empty() || users.len() >= limit {
+            break;
+        }
+    }
+    match out {
+        Output::Json => {
+            output::json(&json!({"segment": segment, "members": users, "more": !token.is_empty()}))
+        }
+        Output::Table => {
+            for user in &users {
+                println!("{user}");
+            }
+            if !token.is_empty() {
+                eprintln!("(first {} shown; --limit N for more)", users.len());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `dynseg clock advance DURATION` or `dynseg clock advance --to TIME`.
+pub async fn clock(args: &Args, out: Output) -> Result<(), CliError> {
+    if args.positional.get(1).map(String::as_str) != Some("advance") {
+        return Err(CliError::User(
+            "usage: dynseg clock advance DURATION | --to RFC3339".into(),
+        ));
+    }
+    let target = match (args.positional.get(2), args.get("to")) {
+        (Some(by), None) => pb::advance_clock_request::Target::ByMs(duration_ms(by)?),
+        (None, Some(to)) => pb::advance_clock_request::Target::ToMs(
+            dynseg_rules::Timestamp::parse_rfc3339(to)
+                .map_err(|e| CliError::User(format!("--to {to}: {e}")))?
+                .millis(),
+        ),
+        _ => {
+            return Err(CliError::User(
+                "give a duration or --to TIME, not both".into(),
+            ));
+        }
+    };
+    let reply = gateway(args)
+        .await?
+        .advance_clock(pb::AdvanceClockRequest {
+            target: Some(target),
+        })
+        .await?
+        .into_inner();
+    let now = dynseg_rules::Timestamp(reply.now_ms);
+    match out {
+        Output::Json => output::json(&json!({"now_ms": reply.now_ms, "now": now.to_string()})),
+        Output::Table => println!("clock now {now}; every change due by then is durable"),
+    }
+    Ok(())
+}
+
+/// `dynseg cluster status`.
+pub async fn cluster_status(args: &Args, out: Output) -> Result<(), CliError> {
+    let mut client = control(args).await?;
+    let status = client
+        .get_control_status(pb::ControlStatusRequest {})
+        .await?
+        .into_inner();
+    let topology = client
+        .get_topology(pb::ReadOptions { stale: true })
+        .await?
+        .into_inner()
+        .topology
+        .unwrap_or_default();
+    let shards_of = |node: &str| topology.shards.iter().filter(|s| s.node_id == node).count();
+    match out {
+        Output::Json => output::json(&json!({
+            "control": {"member": status.id, "role": status.role, "leader": status.leader_id, "term": status.term,
+                        "commit_index": status.commit_index, "revision": status.revision, "rules_version": status.rules_version,
+                        "members": status.members.iter().map(|m| json!({"id": m.id, "address": m.address})).collect::<Vec<_>>()},
+            "shard_count": topology.shard_count,
+            "nodes": topology.nodes.iter().map(|n| json!({"id": n.id, "address": n.address, "weight": n.weight, "shards": shards_of(&n.id)})).collect::<Vec<_>>(),
+            "gateways": topology.gateways.iter().map(|g| json!({"id": g.id, "address": g.address})).collect::<Vec<_>>(),
+        })),
+        Output::Table => {
+            println!(
+                "control plane: member {} is {}, leader {}, term {}, {} member(s), rule-set version {}",
+                status.id,
+                status.role,
+                status.leader_id,
+                status.term,
+                status.members.len(),
+                status.rules_version
+            );
+            println!("{} shards\n", topology.shard_count);
+            let rows: Vec<Vec<String>> = topology
+                .nodes
+                .iter()
+                .map(|n| {
+                    vec![
+                        n.id.clone(),
+                        n.address.clone(),
+                        n.weight.to_string(),
+                        shards_of(&n.id).to_string(),
+                    ]
+                })
+                .collect();
+            output::table(&["NODE", "ADDRESS", "WEIGHT", "SHARDS"], &rows);
+        }
+    }
+    Ok(())
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+pub async fn until_stopped() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

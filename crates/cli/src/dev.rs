@@ -1,0 +1,159 @@
+//! The whole cluster in one process: one control member, one node serving every
+//! shard, one gateway; storage under one directory, so a restart resumes.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use dynseg_control::{ControlConfig, ControlServer};
+use dynseg_gateway::{GatewayConfig, GatewayServer};
+use dynseg_node::control_link::{ControlLink, LinkConfig};
+use dynseg_node::{Clock, NodeConfig};
+use tokio::net::TcpListener;
+
+/// A running dev cluster.
+pub struct DevCluster {
+    /// The control member's address.
+    pub control: SocketAddr,
+    /// The node's address.
+    pub node: SocketAddr,
+    /// The gateway's address (what clients use).
+    pub gateway: SocketAddr,
+    control_server: ControlServer,
+    node_server: dynseg_node::Server,
+    link: ControlLink,
+    gateway_server: GatewayServer,
+}
+
+async fn bind(port: u16) -> Result<TcpListener, String> {
+    TcpListener::bind(("127.0.0.1", port))
+        .await
+        .map_err(|e| format!("cannot listen on 127.0.0.1:{port}: {e}"))
+}
+
+impl DevCluster {
+    /// Starts the cluster under `data`, listening on `base_port`, `+1`, `+2`
+    /// (control, node, gateway; 0: any free ports), and waits until every shard
+    /// is placed and served.
+    pub async fn start(
+        data: &Path,
+        base_port: u16,
+        clock: Clock,
+        shard_count: u32,
+    ) -> Result<DevCluster, String> {
+        let port = |offset: u16| {
+            if base_port == 0 {
+                0
+            } else {
+                base_port + offset
+            }
+        };
+        let control_listener = bind(port(0)).await?;
+        let control = control_listener.local_addr().map_err(|e| e.to_string())?;
+        let mut control_config = ControlConfig::new(1, data.join("control"));
+        control_config.peers = BTreeMap::from([(1, control.to_string())]);
+        let control_server = ControlServer::start(control_config, control_listener)
+            .await
+            .map_err(|e| format!("control plane: {e}"))?;
+        set_shard_count(control, shard_count).await?;
+
+        let node_listener = bind(port(1)).await?;
+        let node_addr = node_listener.local_addr().map_err(|e| e.to_string())?;
+        drop(node_listener);
+        let mut node_config = NodeConfig::new(data.join("node"), node_addr, clock);
+        node_config.node_id = "node-1".into();
+        node_config.shard_count = shard_count;
+        node_config.shards = Vec::new();
+        let node_server = dynseg_node::Server::start(node_config)
+            .await
+            .map_err(|e| format!("node: {e}"))?;
+        let link = ControlLink::spawn(
+            node_server.node.clone(),
+            LinkConfig {
+                control: control.to_string(),
+                advertise: node_server.addr.to_string(),
+                weight: 1,
+            },
+        );
+
+        let gateway_listener = bind(port(2)).await?;
+        let gateway_server =
+            GatewayServer::start(GatewayConfig::new(control.to_string()), gateway_listener)
+                .await
+                .map_err(|e| format!("gateway: {e}"))?;
+        let cluster = DevCluster {
+            control,
+            node: node_server.addr,
+            gateway: gateway_server.addr(),
+            control_server,
+            node_server,
+            link,
+            gateway_server,
+        };
+        cluster.wait_ready(shard_count).await?;
+        Ok(cluster)
+    }
+
+    async fn wait_ready(&self, shard_count: u32) -> Result<(), String> {
+        if !self.gateway_server.ready(Duration::from_secs(30)).await {
+            return Err("the gateway got no placement within 30 s".into());
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.node_server.node.serving().len() < shard_count as usize {
+            if tokio::time::Instant::now() > deadline {
+                return Err("the node did not take its shards within 30 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Stops the gateway, the node (checkpointing) and the control member.
+    pub async fn shutdown(self) {
+        self.gateway_server.shutdown().await;
+        self.link.shutdown().await;
+        self.node_server.shutdown().await;
+        self.control_server.shutdown().await;
+    }
+}
+
+/// Sets the shard count on a new cluster; a cluster that already has one keeps it
+/// (a mismatch is reported).
+async fn set_shard_count(control: SocketAddr, shard_count: u32) -> Result<(), String> {
+    use dynseg_proto::pb;
+    let mut client = pb::control_client::ControlClient::connect(format!("http://{control}"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let topology = client.get_topology(pb::ReadOptions { stale: false }).await;
+        match topology {
+            Ok(t) => {
+                let topology = t.into_inner().topology.unwrap_or_default();
+                if topology.shard_count == shard_count {
+                    return Ok(());
+                }
+                if !topology.nodes.is_empty() {
+                    return Err(format!(
+                        "this data directory holds a cluster of {} shards, not {shard_count}",
+                        topology.shard_count
+                    ));
+                }
+                client
+                    .set_shard_count(pb::SetShardCountRequest { shard_count })
+                    .await
+                    .map_err(|e| e.message().to_owned())?;
+                return Ok(());
+            }
+            // The group of one elects itself within a second or so.
+            Err(status)
+                if status.code() == tonic::Code::Unavailable
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(status) => return Err(format!("control plane: {}", status.message())),
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! `dynseg`: one binary for every role and every operator task (SPEC.md
+//! section 5). `dynseg help` lists the commands.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use dynseg_node::Clock;
+use dynseg_rules::Timestamp;
+
+use dynseg_cli::args::Args;
+use dynseg_cli::error::CliError;
+use dynseg_cli::output::Output;
+use dynseg_cli::{commands, demo, dev};
+
+// The node's allocation-heavy paths run faster on mimalloc (docs/performance.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const HELP: &str = "\
+dynseg: real-time customer segmentation
+
+Run:
+  dynseg dev [--data DIR] [--clock system|manual[=RFC3339]] [--base-port P] [--shards N]
+                                   the whole cluster in one process (control P, node P+1, gateway P+2)
+  dynseg demo [--users N] [--rate EVENTS_PER_S] [--duration SECS] [--data DIR]
+                                   dev cluster + the nine SPEC segments + live traffic and changes
+  dynseg control|gateway ARGS      run one role (see `dynseg control --help`)
+
+Segments (control plane, --addr default 127.0.0.1:7100):
+  dynseg segment validate|apply -f FILE.yaml|json
+  dynseg segment list | get ID | delete ID
+  dynseg cluster status
+
+Data (gateway, --addr default 127.0.0.1:7102):
+  dynseg ingest FILE.ndjson [--batch N]
+  dynseg tail [--segment S]... [--from TOKEN] [--from-now] [--limit N]
+  dynseg user ID
+  dynseg members SEGMENT [--limit N]
+  dynseg clock advance DURATION | --to RFC3339     (manual clock)
+
+Everywhere: --output table|json. Exit status: 1 for a user error, 2 when a server cannot be reached.";
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("dynseg: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(argv)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("dynseg: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn init_logs(default: &str) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default.into()),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn parse_clock(text: Option<&str>) -> Result<Clock, CliError> {
+    Ok(match text {
+        None | Some("system") => Clock::System,
+        Some("manual") => Clock::manual(Clock::System.now()),
+        Some(other) => match other.strip_prefix("manual=") {
+            Some(at) => Clock::manual(
+                Timestamp::parse_rfc3339(at)
+                    .map_err(|e| CliError::User(format!("--clock {other}: {e}")))?,
+            ),
+            None => {
+                return Err(CliError::User(format!(
+                    "unknown clock {other:?} (system, manual, manual=RFC3339)"
+                )));
+            }
+        },
+    })
+}
+
+async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
+    let command = argv.first().map(String::as_str).unwrap_or("help");
+    // Roles take their own flags.
+    match command {
+        "control" => return run_control(&argv[1..]).await,
+        "gateway" => return run_gateway(&argv[1..]).await,
+        "help" | "--help" | "-h" => {
+            println!("{HELP}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
+    let args = Args::parse(&argv, &["from-now"])?;
+    let out = match args.get("output") {
+        None | Some("table") => Output::Table,
+        Some("json") => Output::Json,
+        Some(other) => {
+            return Err(CliError::User(format!(
+                "--output {other}: use table or json"
+            )));
+        }
+    };
+    let common = ["addr", "output"];
+    let known = |extra: &[&str]| args.only(&[&common[..], extra].concat());
+    match command {
+        "dev" => {
+            known(&["data", "clock", "base-port", "shards"])?;
+            init_logs("warn,dynseg=info");
+            let data = PathBuf::from(args.get("data").unwrap_or("data"));
+            let clock = parse_clock(args.get("clock"))?;
+            let cluster = dev::DevCluster::start(
+                &data,
+                args.number("base-port", 7100)?,
+                clock,
+                args.number("shards", 256)?,
+            )
+            .await
+            .map_err(CliError::User)?;
+            println!("dynseg dev cluster, data in {}", data.display());
+            println!("control  {}", cluster.control);
+            println!("node     {}", cluster.node);
+            println!("gateway  {}", cluster.gateway);
+            println!(
+                "ready; Ctrl-C stops it (a restart resumes from {})",
+                data.display()
+            );
+            commands::until_stopped().await;
+            cluster.shutdown().await;
+        }
+        "demo" => {
+            known(&["data", "users", "rate", "duration", "base-port", "shards"])?;
+            init_logs("warn");
+            let temp;
+            let data = match args.get("data") {
+                Some(dir) => PathBuf::from(dir),
+                None => {
+                    temp = std::env::temp_dir().join(format!("dynseg-demo-{}", std::process::id()));
+                    temp
+                }
+            };
+            let cluster = dev::DevCluster::start(
+                &data,
+                args.number("base-port", 0)?,
+                Clock::System,
+                args.number("shards", 64)?,
+            )
+            .await
+            .map_err(CliError::User)?;
+            println!(
+                "dynseg demo: control {}, gateway {}, data in {}",
+                cluster.control,
+                cluster.gateway,
+                data.display()
+            );
+            let duration: u64 = args.number("duration", 0)?;
+            let result = demo::run(
+                &cluster.control.to_string(),
+                &cluster.gateway.to_string(),
+                args.number("users", 5_000)?,
+                args.number("rate", 2_000)?,
+                (duration > 0).then(|| Duration::from_secs(duration)),
+            )
+            .await;
+            cluster.shutdown().await;
+            if args.get("data").is_none() {
+                let _ = std::fs::remove_dir_all(&data);
+            }
+            result?;
+        }
+        "segment" => commands::segment(&args, out).await?,
+        "ingest" => {
+            known(&["batch"])?;
+            commands::ingest(&args, out).await?;
+        }
+        "tail" => {
+            known(&["segment", "from", "from-now", "limit"])?;
+            commands::tail(&args, out).await?;
+        }
+        "user" => commands::user(&args, out).await?,
+        "members" => {
+            known(&["limit"])?;
+            commands::members(&args, out).await?;
+        }
+        "clock" => {
+            known(&["to"])?;
+            commands::clock(&args, out).await?;
+        }
+        "cluster" => match args.positional.get(1).map(String::as_str) {
+            Some("status") => commands::cluster_status(&args, out).await?,
+            _ => return Err(CliError::User("usage: dynseg cluster status".into())),
+        },
+        other => {
+            return Err(CliError::User(format!(
+                "unknown command {other:?}; `dynseg help` lists them"
+            )));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_control(argv: &[String]) -> Result<ExitCode, CliError> {
+    use dynseg_control::config::{ControlArgs, USAGE};
+    let dynseg_control::config::ControlArgs { listen, config } = ControlArgs::parse(argv)
+        .map_err(|e| CliError::User(format!("{e}\nusage: dynseg control {USAGE}")))?;
+    init_logs("info,raft=warn");
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .map_err(|e| CliError::User(format!("cannot listen on {listen}: {e}")))?;
+    let server = dynseg_control::ControlServer::start(config, listener)
+        .await
+        .map_err(|e| CliError::User(e.to_string()))?;
+    println!("listening on {}", server.addr());
+    commands::until_stopped().await;
+    server.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_gateway(argv: &[String]) -> Result<ExitCode, CliError> {
+    let args = Args::parse(argv, &[])?;
+    args.only(&["control", "listen"])?;
+    let control = args.get("control").ok_or_else(|| {
+        CliError::User("usage: dynseg gateway --control ADDR [--listen ADDR]".into())
+    })?;
+    init_logs("info");
+    let listen = args.get("listen").unwrap_or("127.0.0.1:7102");
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| CliError::User(format!("cannot listen on {listen}: {e}")))?;
+    let server =
+        dynseg_gateway::GatewayServer::start(dynseg_gateway::GatewayConfig::new(control), listener)
+            .await
+            .map_err(|e| CliError::User(e.to_string()))?;
+    println!("listening on {}", server.addr());
+    commands::until_stopped().await;
+    server.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}

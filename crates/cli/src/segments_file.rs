@@ -1,0 +1,204 @@
+//! Segment files for `dynseg segment validate|apply -f`: a JSON list, or a YAML
+//! list of maps with `id`, `name`, `description` and `rule` (plain, quoted, or
+//! `|`/`>` block values). Rule errors are shown under the rule text with a caret.
+
+use dynseg_proto::pb;
+use serde_json::Value as Json;
+
+use crate::error::CliError;
+
+/// Reads segments from a file's text (JSON when it starts with `[`).
+pub fn parse(text: &str) -> Result<Vec<pb::SegmentDef>, CliError> {
+    if text.trim_start().starts_with('[') {
+        parse_json(text)
+    } else {
+        parse_yaml(text)
+    }
+}
+
+fn parse_json(text: &str) -> Result<Vec<pb::SegmentDef>, CliError> {
+    let json: Json =
+        serde_json::from_str(text).map_err(|e| CliError::User(format!("segments file: {e}")))?;
+    let Json::Array(items) = json else {
+        return Err(CliError::User("segments file: expected a list".into()));
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let field = |key: &str| {
+                item.get(key)
+                    .and_then(Json::as_str)
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            let def = pb::SegmentDef {
+                id: field("id"),
+                name: field("name"),
+                description: field("description"),
+                rule: field("rule"),
+            };
+            check_required(&def, &format!("segment {}", i + 1))?;
+            Ok(def)
+        })
+        .collect()
+}
+
+fn check_required(def: &pb::SegmentDef, at: &str) -> Result<(), CliError> {
+    if def.id.is_empty() || def.rule.is_empty() {
+        return Err(CliError::User(format!(
+            "{at}: every segment needs an id and a rule"
+        )));
+    }
+    Ok(())
+}
+
+fn unquote(value: &str, line: usize) -> Result<String, CliError> {
+    let value = value.trim();
+    let bad = || CliError::User(format!("line {line}: unterminated quoted value"));
+    if let Some(inner) = value.strip_prefix('"') {
+        let inner = inner.strip_suffix('"').ok_or_else(bad)?;
+        Ok(inner.replace("\\\"", "\"").replace("\\\\", "\\"))
+    } else if let Some(inner) = value.strip_prefix('\'') {
+        Ok(inner.strip_suffix('\'').ok_or_else(bad)?.replace("''", "'"))
+    } else {
+        Ok(value.to_owned())
+    }
+}
+
+fn parse_yaml(text: &str) -> Result<Vec<pb::SegmentDef>, CliError> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut segments: Vec<pb::SegmentDef> = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let raw = lines[i];
+        let number = i + 1;
+        i += 1;
+        let trimmed = raw.trim();
+        if trimmed.is_empty() || trimmed.starts_with('#') || trimmed == "---" {
+            continue;
+        }
+        let entry = if let Some(rest) = trimmed.strip_prefix("- ") {
+            segments.push(pb::SegmentDef::default());
+            rest
+        } else {
+            trimmed
+        };
+        let Some(current) = segments.last_mut() else {
+            return Err(CliError::User(format!(
+                "line {number}: expected a list item (- id: ...)"
+            )));
+        };
+        let (key, value) = entry
+            .split_once(':')
+            .ok_or_else(|| CliError::User(format!("line {number}: expected key: value")))?;
+        let value = value.trim();
+        let value = if value == "|" || value == ">" {
+            // A block scalar: the following lines indented deeper than the key.
+            let indent = raw.len() - raw.trim_start().len();
+            let mut block = Vec::new();
+            while i < lines.len() {
+                let next = lines[i];
+                let next_indent = next.len() - next.trim_start().len();
+                if !next.trim().is_empty()
+                    && next_indent <= indent + usize::from(raw.trim_start().starts_with("- ")) * 2
+                {
+                    break;
+                }
+                block.push(next.trim());
+                i += 1;
+            }
+            let joiner = if value == "|" { "\n" } else { " " };
+            block.join(joiner).trim().to_owned()
+        } else {
+            unquote(value, number)?
+        };
+        match key.trim() {
+            "id" => current.id = value,
+            "name" => current.name = value,
+            "description" => current.description = value,
+            "rule" => current.rule = value,
+            other => {
+                return Err(CliError::User(format!(
+                    "line {number}: unknown key {other:?}"
+                )));
+            }
+        }
+    }
+    for (i, def) in segments.iter().enumerate() {
+        check_required(def, &format!("segment {}", i + 1))?;
+    }
+    if segments.is_empty() {
+        return Err(CliError::User("segments file: no segments".into()));
+    }
+    Ok(segments)
+}
+
+/// Renders a rule error (`segment ID: LINE:COL: message`) with the rule's line
+/// and a caret under the column, when the message names a segment in `defs`.
+pub fn explain(message: &str, defs: &[pb::SegmentDef]) -> String {
+    let rendered = (|| {
+        let at = message.find("segment ")?;
+        let rest = &message[at + "segment ".len()..];
+        let (id, rest) = rest.split_once(": ")?;
+        let (line, rest) = rest.split_once(':')?;
+        let (column, detail) = rest.split_once(": ")?;
+        let line: usize = line.parse().ok()?;
+        let column: usize = column.parse().ok()?;
+        let def = defs.iter().find(|d| d.id == id)?;
+        let text = def.rule.lines().nth(line.checked_sub(1)?)?;
+        Some(format!(
+            "segment {id}, rule line {line}, column {column}: {detail}\n  {text}\n  {}^",
+            " ".repeat(column.saturating_sub(1))
+        ))
+    })();
+    rendered.unwrap_or_else(|| message.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_and_json_lists_read_the_same() {
+        let yaml = r#"
+# the first two SPEC segments
+- id: repeat_buyers
+  name: Repeat buyers
+  rule: count(order_completed) in last 90d >= 2
+- id: shoes
+  description: 'viewed shoes, bought none'
+  rule: |
+    count(product_viewed where category == "shoes") in last 7d >= 3
+    and not exists(order_completed) in last 7d
+"#;
+        let from_yaml = parse(yaml).unwrap();
+        assert_eq!(from_yaml.len(), 2);
+        assert_eq!(from_yaml[0].name, "Repeat buyers");
+        assert_eq!(from_yaml[1].description, "viewed shoes, bought none");
+        assert!(
+            from_yaml[1]
+                .rule
+                .starts_with("count(product_viewed where category == \"shoes\")")
+        );
+        assert!(from_yaml[1].rule.ends_with("in last 7d"));
+        let json = r#"[{"id":"repeat_buyers","name":"Repeat buyers","rule":"count(order_completed) in last 90d >= 2"}]"#;
+        assert_eq!(parse(json).unwrap()[0], from_yaml[0]);
+        assert!(parse("- id: x\n").is_err());
+        assert!(parse("- id: x\n  colour: red\n  rule: exists(a)\n").is_err());
+    }
+
+    #[test]
+    fn rule_errors_point_at_the_column() {
+        let defs = vec![pb::SegmentDef {
+            id: "bad".into(),
+            rule: "count(order_completed) >=".into(),
+            ..Default::default()
+        }];
+        let shown = explain("invalid rule: segment bad: 1:26: expected a number", &defs);
+        assert_eq!(
+            shown,
+            "segment bad, rule line 1, column 26: expected a number\n  count(order_completed) >=\n                           ^"
+        );
+    }
+}
