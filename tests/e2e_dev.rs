@@ -1,0 +1,289 @@
+//! End to end on the real `dynseg dev` binary, manual clock: the nine SPEC
+//! segments, a generated e-commerce and SaaS scenario (10,000 users, 200,000
+//! events by default) interleaved with clock moves; after every step every
+//! membership is compared with the reference evaluator of dynseg-rules, and the
+//! change stream (through the gateway) with the memberships it must add up to.
+//!
+//! `DYNSEG_E2E_USERS`, `DYNSEG_E2E_EVENTS` and `DYNSEG_SEED` change the scenario;
+//! the seed is printed.
+
+#![allow(clippy::unwrap_used, clippy::print_stderr, missing_docs)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dynseg_cli::demo::Traffic;
+use dynseg_proto::pb;
+use dynseg_proto::pb::control_client::ControlClient;
+use dynseg_proto::pb::gateway_client::GatewayClient;
+use dynseg_rules::reference::Reference;
+use dynseg_rules::{Event, Limits, SegmentDef, Timestamp};
+use tokio::sync::mpsc;
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// `dynseg dev` in a temp dir; killed when dropped.
+struct Dev {
+    child: Child,
+    control: String,
+    gateway: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Dev {
+    fn start(clock: &str) -> Dev {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dynseg"))
+            .args([
+                "dev",
+                "--base-port",
+                "0",
+                "--shards",
+                "16",
+                "--clock",
+                clock,
+                "--data",
+            ])
+            .arg(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let _ = tx.send(line);
+            }
+        });
+        let (mut control, mut gateway) = (String::new(), String::new());
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("dynseg dev did not become ready");
+            if let Some(addr) = line.strip_prefix("control") {
+                control = addr.trim().to_owned();
+            } else if let Some(addr) = line.strip_prefix("gateway") {
+                gateway = addr.trim().to_owned();
+            } else if line.starts_with("ready") {
+                break;
+            }
+        }
+        Dev {
+            child,
+            control,
+            gateway,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every member of every segment, as the cluster lists them.
+async fn listed(
+    client: &mut GatewayClient<tonic::transport::Channel>,
+    segments: &[String],
+) -> BTreeSet<(String, String)> {
+    let mut members = BTreeSet::new();
+    for segment in segments {
+        let mut token = String::new();
+        loop {
+            let page = client
+                .list_members(pb::ListMembersRequest {
+                    segment: segment.clone(),
+                    page_size: 10_000,
+                    page_token: token,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            members.extend(page.user_ids.into_iter().map(|u| (u, segment.clone())));
+            token = page.next_page_token;
+            if token.is_empty() {
+                break;
+            }
+        }
+    }
+    members
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dev_cluster_matches_the_reference_through_ingest_and_clock_moves() {
+    let seed = env("DYNSEG_SEED", 20_261_129);
+    let users = env("DYNSEG_E2E_USERS", 10_000);
+    let total_events = env("DYNSEG_E2E_EVENTS", 200_000);
+    eprintln!("e2e scenario: seed {seed}, {users} users, {total_events} events");
+    let start = Timestamp::parse_rfc3339("2026-01-01T00:00:00Z").unwrap();
+    let dev = Dev::start("manual=2026-01-01T00:00:00Z");
+    let mut control = ControlClient::connect(format!("http://{}", dev.control))
+        .await
+        .unwrap();
+    let mut gateway = GatewayClient::connect(format!("http://{}", dev.gateway))
+        .await
+        .unwrap()
+        .max_decoding_message_size(64 << 20);
+
+    let defs: Vec<SegmentDef> = dynseg_rules::examples::spec_segments();
+    let segments: Vec<String> = defs.iter().map(|d| d.id.as_str().to_owned()).collect();
+    control
+        .apply_segments(pb::SegmentsRequest {
+            segments: defs.iter().map(pb::SegmentDef::from).collect(),
+        })
+        .await
+        .unwrap();
+    let reference = Reference::new(&defs, &Limits::default()).unwrap();
+    // The node applies the committed rules through its control link.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let counts = gateway
+            .segment_counts(pb::SegmentCountsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if counts.counts.len() == segments.len() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "rules never reached the node");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Follow every change through the gateway from the start.
+    let (changes_tx, mut changes) = mpsc::unbounded_channel();
+    let mut stream = gateway
+        .subscribe(pb::GatewaySubscribeRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::spawn(async move {
+        while let Ok(Some(item)) = stream.message().await {
+            if changes_tx.send(item.change.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+
+    let moves_ms: [i64; 10] = [
+        3_600_000,
+        30 * 60_000,
+        86_400_000,
+        6 * 3_600_000,
+        3 * 86_400_000,
+        2 * 60_000,
+        10 * 86_400_000,
+        3_600_000,
+        45 * 86_400_000,
+        5 * 60_000,
+    ];
+    let per_step = (total_events / moves_ms.len() as u64).max(1);
+    let mut traffic = Traffic::new(users, seed);
+    let mut history: BTreeMap<String, Vec<Event>> = BTreeMap::new();
+    let mut from_stream: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut last_sequence: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut now = start;
+    for (step, advance) in moves_ms.iter().enumerate() {
+        // Ingest this step's events (dated at or before the node's now).
+        let events: Vec<pb::Event> = (0..per_step)
+            .map(|_| traffic.next_event(now.millis()))
+            .collect();
+        for chunk in events.chunks(1_000) {
+            let reply = gateway
+                .ingest(pb::IngestRequest {
+                    events: chunk.to_vec(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(
+                reply.rejected.is_empty(),
+                "step {step}: refused {:?} (seed {seed})",
+                &reply.rejected[..1]
+            );
+        }
+        for event in events {
+            let event = Event::try_from(event).unwrap();
+            history
+                .entry(event.user.as_str().to_owned())
+                .or_default()
+                .push(event);
+        }
+        // Move the clock: it returns once every change due is durable.
+        let reply = gateway
+            .advance_clock(pb::AdvanceClockRequest {
+                target: Some(pb::advance_clock_request::Target::ByMs(*advance)),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        now = Timestamp(reply.now_ms);
+        assert_eq!(
+            now.millis(),
+            start.millis() + moves_ms[..=step].iter().sum::<i64>()
+        );
+
+        let expected: BTreeSet<(String, String)> = history
+            .iter()
+            .flat_map(|(user, events)| {
+                reference
+                    .members(events, now)
+                    .into_iter()
+                    .map(move |s| (user.clone(), s.as_str().to_owned()))
+            })
+            .collect();
+        let actual = listed(&mut gateway, &segments).await;
+        if actual != expected {
+            let missing: Vec<_> = expected.difference(&actual).take(5).collect();
+            let extra: Vec<_> = actual.difference(&expected).take(5).collect();
+            panic!(
+                "step {step} at {now}: memberships differ (seed {seed}); missing {missing:?}, extra {extra:?}"
+            );
+        }
+        // The change stream adds up to the same memberships: every enter of a
+        // member and exit of a non-member, in order per shard, none twice.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while from_stream != expected {
+            let change = tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), changes.recv())
+                .await
+                .unwrap_or_else(|_| {
+                    let missing: Vec<_> = expected.difference(&from_stream).take(5).collect();
+                    panic!("step {step}: the change stream stopped short (seed {seed}); missing {missing:?}")
+                })
+                .unwrap();
+            let cursor = change.cursor.unwrap();
+            let last = last_sequence.entry(cursor.shard).or_insert(0);
+            assert!(
+                cursor.sequence > *last,
+                "shard {} repeated or reordered a change",
+                cursor.shard
+            );
+            *last = cursor.sequence;
+            let key = (change.user_id.clone(), change.segment.clone());
+            if change.kind == pb::ChangeKind::Enter as i32 {
+                assert!(
+                    from_stream.insert(key),
+                    "enter twice without exit: {change:?}"
+                );
+            } else {
+                assert!(from_stream.remove(&key), "exit of a non-member: {change:?}");
+            }
+        }
+        eprintln!(
+            "step {step}: {} users, {} memberships at {now}",
+            history.len(),
+            expected.len()
+        );
+    }
+}
