@@ -9,9 +9,9 @@
 
 #![allow(clippy::unwrap_used, clippy::print_stderr, missing_docs)]
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dynseg_cli::demo::Traffic;
@@ -20,6 +20,7 @@ use dynseg_proto::pb::control_client::ControlClient;
 use dynseg_proto::pb::gateway_client::GatewayClient;
 use dynseg_rules::reference::Reference;
 use dynseg_rules::{Event, Limits, SegmentDef, Timestamp};
+use support::{Process, args, fold_change, listed};
 use tokio::sync::mpsc;
 
 fn env(name: &str, default: u64) -> u64 {
@@ -29,9 +30,9 @@ fn env(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// `dynseg dev` in a temp dir; killed when dropped.
+/// `dynseg dev` in a temp dir: the process and the addresses it printed.
 struct Dev {
-    child: Child,
+    _process: Process,
     control: String,
     gateway: String,
     _dir: tempfile::TempDir,
@@ -40,85 +41,24 @@ struct Dev {
 impl Dev {
     fn start(clock: &str) -> Dev {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dynseg"))
-            .args([
-                "dev",
-                "--base-port",
-                "0",
-                "--shards",
-                "16",
-                "--clock",
-                clock,
-                "--data",
-            ])
-            .arg(dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                let _ = tx.send(line);
-            }
-        });
-        let (mut control, mut gateway) = (String::new(), String::new());
-        loop {
-            let line = rx
-                .recv_timeout(Duration::from_secs(60))
-                .expect("dynseg dev did not become ready");
-            if let Some(addr) = line.strip_prefix("control") {
-                control = addr.trim().to_owned();
-            } else if let Some(addr) = line.strip_prefix("gateway") {
-                gateway = addr.trim().to_owned();
-            } else if line.starts_with("ready") {
-                break;
-            }
-        }
+        let line = format!("dev --base-port 0 --shards 16 --clock {clock} --data");
+        let process = Process::start(&args(&line, dir.path()), "ready");
+        let find = |prefix: &str| {
+            process
+                .lines
+                .iter()
+                .find_map(|l| l.strip_prefix(prefix))
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
         Dev {
-            child,
-            control,
-            gateway,
+            control: find("control"),
+            gateway: find("gateway"),
+            _process: process,
             _dir: dir,
         }
     }
-}
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Every member of every segment, as the cluster lists them.
-async fn listed(
-    client: &mut GatewayClient<tonic::transport::Channel>,
-    segments: &[String],
-) -> BTreeSet<(String, String)> {
-    let mut members = BTreeSet::new();
-    for segment in segments {
-        let mut token = String::new();
-        loop {
-            let page = client
-                .list_members(pb::ListMembersRequest {
-                    segment: segment.clone(),
-                    page_size: 10_000,
-                    page_token: token,
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            members.extend(page.user_ids.into_iter().map(|u| (u, segment.clone())));
-            token = page.next_page_token;
-            if token.is_empty() {
-                break;
-            }
-        }
-    }
-    members
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,23 +202,7 @@ async fn the_dev_cluster_matches_the_reference_through_ingest_and_clock_moves() 
                     panic!("step {step}: the change stream stopped short (seed {seed}); missing {missing:?}")
                 })
                 .unwrap();
-            let cursor = change.cursor.unwrap();
-            let last = last_sequence.entry(cursor.shard).or_insert(0);
-            assert!(
-                cursor.sequence > *last,
-                "shard {} repeated or reordered a change",
-                cursor.shard
-            );
-            *last = cursor.sequence;
-            let key = (change.user_id.clone(), change.segment.clone());
-            if change.kind == pb::ChangeKind::Enter as i32 {
-                assert!(
-                    from_stream.insert(key),
-                    "enter twice without exit: {change:?}"
-                );
-            } else {
-                assert!(from_stream.remove(&key), "exit of a non-member: {change:?}");
-            }
+            fold_change(&change, &mut from_stream, &mut last_sequence);
         }
         eprintln!(
             "step {step}: {} users, {} memberships at {now}",

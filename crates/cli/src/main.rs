@@ -27,7 +27,7 @@ Run:
                                    the whole cluster in one process (control P, node P+1, gateway P+2)
   dynseg demo [--users N] [--rate EVENTS_PER_S] [--duration SECS] [--data DIR]
                                    dev cluster + the nine SPEC segments + live traffic and changes
-  dynseg control|gateway ARGS      run one role (see `dynseg control --help`)
+  dynseg control|node|gateway ARGS run one role (`dynseg node --help` shows its flags)
 
 Segments (control plane, --addr default 127.0.0.1:7100):
   dynseg segment validate|apply -f FILE.yaml|json
@@ -95,6 +95,7 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
     match command {
         "control" => return run_control(&argv[1..]).await,
         "gateway" => return run_gateway(&argv[1..]).await,
+        "node" => return run_node(&argv[1..]).await,
         "help" | "--help" | "-h" => {
             println!("{HELP}");
             return Ok(ExitCode::SUCCESS);
@@ -223,6 +224,18 @@ async fn run_control(argv: &[String]) -> Result<ExitCode, CliError> {
     println!("listening on {}", server.addr());
     commands::until_stopped().await;
     server.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_node(argv: &[String]) -> Result<ExitCode, CliError> {
+    use dynseg_node::args::{USAGE, parse};
+    let (config, link) =
+        parse(argv).map_err(|e| CliError::User(format!("{e}\nusage: dynseg node {USAGE}")))?;
+    init_logs("info");
+    let ready = |addr| println!("listening on {addr}");
+    dynseg_node::server::run_linked(config, link, ready, commands::until_stopped())
+        .await
+        .map_err(|e| CliError::User(e.to_string()))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -118,10 +118,11 @@ fn node_client(address: &str) -> Option<NodeClient<Channel>> {
     )
 }
 
-/// Follows the control plane's `Watch` and publishes a new [`Routing`] on every
+/// Registers this gateway, follows the control plane's `Watch` and publishes a new [`Routing`] on every
 /// topology change; reconnects with a capped backoff. Ends when `stop` fires.
 pub async fn follow_topology(
     control: String,
+    me: pb::RegisterMemberRequest,
     publish: watch::Sender<Arc<Routing>>,
     mut stop: oneshot::Receiver<()>,
 ) {
@@ -129,7 +130,7 @@ pub async fn follow_topology(
     loop {
         tokio::select! {
             _ = &mut stop => return,
-            result = watch_once(&control, &publish) => {
+            result = watch_once(&control, &me, &publish) => {
                 if let Err(status) = result {
                     tracing::warn!(%control, %status, "topology watch lost; reconnecting");
                 }
@@ -145,12 +146,15 @@ pub async fn follow_topology(
 
 async fn watch_once(
     control: &str,
+    me: &pb::RegisterMemberRequest,
     publish: &watch::Sender<Arc<Routing>>,
 ) -> Result<(), tonic::Status> {
     let mut client = ControlClient::connect(url(control))
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?
         .max_decoding_message_size(64 << 20);
+    // Registered so operators see every gateway; re-registering is a no-op.
+    client.register_member(me.clone()).await?;
     let mut stream = client
         .watch(pb::WatchRequest { from_revision: 0 })
         .await?

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dynseg_proto::pb;
 use dynseg_proto::pb::gateway_server::GatewayServer as GatewayGrpc;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -20,6 +21,10 @@ use crate::service::GatewayService;
 pub struct GatewayConfig {
     /// A control-plane member to follow.
     pub control: String,
+    /// This gateway's id (default: `gateway-` and its port).
+    pub id: Option<String>,
+    /// The address clients reach it at (default: where it listens).
+    pub advertise: Option<String>,
     /// Shard batches in flight at most, across all clients.
     pub max_inflight: usize,
     /// How long a batch is retried while its shard is redirected or its owner
@@ -32,6 +37,8 @@ impl GatewayConfig {
     pub fn new(control: impl Into<String>) -> GatewayConfig {
         GatewayConfig {
             control: control.into(),
+            id: None,
+            advertise: None,
             max_inflight: 1024,
             retry_for: Duration::from_secs(10),
         }
@@ -57,8 +64,18 @@ impl GatewayServer {
         let addr = listener.local_addr()?;
         let (publish, routing) = watch::channel(Arc::new(Routing::default()));
         let (stop_topology, stopped) = oneshot::channel();
+        let me = pb::RegisterMemberRequest {
+            kind: pb::MemberKind::Gateway as i32,
+            id: config
+                .id
+                .clone()
+                .unwrap_or_else(|| format!("gateway-{}", addr.port())),
+            address: config.advertise.clone().unwrap_or_else(|| addr.to_string()),
+            weight: 0,
+        };
         let topology = tokio::spawn(routing::follow_topology(
             config.control.clone(),
+            me,
             publish,
             stopped,
         ));

@@ -7,7 +7,7 @@
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`config`], [`clock`] | settings; the node's one clock (system or manual) |
+//! | [`config`], [`clock`], [`args`] | settings; the node's one clock (system or manual); the command line |
 //! | [`validate`] | bounds on incoming events |
 //! | [`wal`], [`commit`], [`record`] | the write-ahead log, group commit, what it records |
 //! | [`store`] | sled: checkpoints, retained events, change log |
@@ -18,6 +18,7 @@
 //! | [`control_link`] | following the control plane: rule versions, shard placement |
 //! | [`error`] | errors and their gRPC codes |
 
+pub mod args;
 pub mod changelog;
 pub mod clock;
 pub mod commit;

@@ -67,3 +67,28 @@ pub async fn run(config: NodeConfig, signal: impl Future<Output = ()>) -> Result
     server.shutdown().await;
     Ok(())
 }
+
+/// Runs a node until `signal`, following the control plane when `link` is given
+/// (its advertised address defaults to where the node listens). `on_ready` gets
+/// the address once the node serves.
+pub async fn run_linked(
+    config: NodeConfig,
+    link: Option<crate::control_link::LinkConfig>,
+    on_ready: impl FnOnce(SocketAddr),
+    signal: impl Future<Output = ()>,
+) -> Result<(), NodeError> {
+    let server = Server::start(config).await?;
+    on_ready(server.addr);
+    let link = link.map(|mut link| {
+        if link.advertise.is_empty() || link.advertise.ends_with(":0") {
+            link.advertise = server.addr.to_string();
+        }
+        crate::control_link::ControlLink::spawn(server.node.clone(), link)
+    });
+    signal.await;
+    if let Some(link) = link {
+        link.shutdown().await;
+    }
+    server.shutdown().await;
+    Ok(())
+}

@@ -13,12 +13,10 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use dynseg_node::control_link::{ControlLink, LinkConfig};
-use dynseg_node::{Clock, NodeConfig, Server};
-use dynseg_rules::Timestamp;
+use dynseg_node::args::{USAGE, parse};
+use dynseg_node::server::run_linked;
 
 // Allocation-heavy paths (protobuf decoding, sled's pages) run markedly faster
 // on mimalloc than on glibc's malloc; docs/performance.md has the numbers.
@@ -28,106 +26,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn usage(problem: &str) -> ExitCode {
     eprintln!("dynseg-node: {problem}");
-    eprintln!(
-        "usage: dynseg-node --data-dir DIR [--listen ADDR] [--node-id ID] [--shard-count N] [--shards A-B] [--clock system|manual[=RFC3339]] [--checkpoint-secs S] [--memory-mib M] [--control ADDR [--advertise ADDR] [--weight N]]"
-    );
+    eprintln!("usage: dynseg-node {USAGE}");
     ExitCode::from(1)
-}
-
-fn parse(args: &[String]) -> Result<(NodeConfig, Option<LinkConfig>), String> {
-    let mut data_dir = None;
-    let mut listen = "127.0.0.1:0".to_owned();
-    let mut node_id = "node-1".to_owned();
-    let mut shard_count = 256u32;
-    let mut shards: Option<(u32, u32)> = None;
-    let mut clock = Clock::System;
-    let mut checkpoint_secs = None;
-    let mut memory_mib = None;
-    let mut control = None;
-    let mut advertise = None;
-    let mut weight = 1u32;
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let mut value = || {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{flag} needs a value"))
-        };
-        match flag.as_str() {
-            "--data-dir" => data_dir = Some(PathBuf::from(value()?)),
-            "--listen" => listen = value()?,
-            "--node-id" => node_id = value()?,
-            "--shard-count" => {
-                shard_count = value()?
-                    .parse()
-                    .map_err(|_| "--shard-count takes a number")?
-            }
-            "--shards" => {
-                let v = value()?;
-                let (a, b) = v.split_once('-').unwrap_or((&v, &v));
-                let a = a.parse().map_err(|_| "--shards takes A-B")?;
-                let b = b.parse().map_err(|_| "--shards takes A-B")?;
-                shards = Some((a, b));
-            }
-            "--clock" => {
-                let v = value()?;
-                clock = match v.split_once('=') {
-                    None if v == "system" => Clock::System,
-                    None if v == "manual" => Clock::manual(Clock::System.now()),
-                    Some(("manual", at)) => {
-                        Clock::manual(Timestamp::parse_rfc3339(at).map_err(|e| e.to_string())?)
-                    }
-                    _ => return Err(format!("unknown clock {v}")),
-                };
-            }
-            "--checkpoint-secs" => {
-                checkpoint_secs = Some(
-                    value()?
-                        .parse::<u64>()
-                        .map_err(|_| "--checkpoint-secs takes a number")?,
-                )
-            }
-            "--memory-mib" => {
-                memory_mib = Some(
-                    value()?
-                        .parse::<usize>()
-                        .map_err(|_| "--memory-mib takes a number")?,
-                )
-            }
-            "--control" => control = Some(value()?),
-            "--advertise" => advertise = Some(value()?),
-            "--weight" => weight = value()?.parse().map_err(|_| "--weight takes a number")?,
-            other => return Err(format!("unknown argument {other}")),
-        }
-    }
-    let data_dir = data_dir.ok_or("--data-dir is required")?;
-    let listen = listen
-        .parse()
-        .map_err(|_| format!("invalid --listen address {listen}"))?;
-    let mut config = NodeConfig::new(data_dir, listen, clock);
-    config.node_id = node_id;
-    config.shard_count = shard_count;
-    if control.is_some() && shards.is_some() {
-        return Err("--shards and --control exclude each other: placement decides".into());
-    }
-    if control.is_none() {
-        let (a, b) = shards.unwrap_or((0, shard_count.saturating_sub(1)));
-        config.shards = (a..=b.min(shard_count.saturating_sub(1)))
-            .map(|s| (s, 1))
-            .collect();
-    }
-    if let Some(mib) = memory_mib {
-        config.memory_budget = mib.saturating_mul(1 << 20);
-    }
-    if let Some(s) = checkpoint_secs {
-        config.checkpoint_every = std::time::Duration::from_secs(s.max(1));
-    }
-    let link = control.map(|control| LinkConfig {
-        control,
-        advertise: advertise.unwrap_or_else(|| listen.to_string()),
-        weight,
-    });
-    Ok((config, link))
 }
 
 #[tokio::main]
@@ -143,21 +43,6 @@ async fn main() -> ExitCode {
         Ok(parsed) => parsed,
         Err(problem) => return usage(&problem),
     };
-    let server = match Server::start(config).await {
-        Ok(server) => server,
-        Err(e) => {
-            eprintln!("dynseg-node: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    println!("listening on {}", server.addr);
-    let link = link.map(|mut link| {
-        if link.advertise.ends_with(":0") {
-            link.advertise = server.addr.to_string();
-        }
-        ControlLink::spawn(server.node.clone(), link)
-    });
-    let _ = std::io::stdout().flush();
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(term) => term,
         Err(e) => {
@@ -165,13 +50,19 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    let ready = |addr| {
+        println!("listening on {addr}");
+        let _ = std::io::stdout().flush();
+    };
+    let stopped = async {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    if let Err(e) = run_linked(config, link, ready, stopped).await {
+        eprintln!("dynseg-node: {e}");
+        return ExitCode::from(2);
     }
-    if let Some(link) = link {
-        link.shutdown().await;
-    }
-    server.shutdown().await;
     ExitCode::SUCCESS
 }

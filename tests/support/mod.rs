@@ -1,0 +1,159 @@
+//! Shared by the end-to-end tests: real `dynseg` processes, free ports, and the
+//! memberships a cluster lists.
+
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use dynseg_proto::pb;
+use dynseg_proto::pb::gateway_client::GatewayClient;
+use tonic::transport::Channel;
+
+/// Free loopback ports, found by binding port 0 and letting go.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// A `dynseg` process; killed (SIGKILL) when dropped.
+pub struct Process {
+    args: Vec<String>,
+    child: Option<Child>,
+    /// Lines it printed on stdout before the one it was waiting for.
+    pub lines: Vec<String>,
+}
+
+impl Process {
+    /// Starts `dynseg ARGS` and waits for a stdout line starting with `ready_prefix`.
+    pub fn start(args: &[String], ready_prefix: &str) -> Process {
+        let mut process = Process {
+            args: args.to_vec(),
+            child: None,
+            lines: Vec::new(),
+        };
+        process.spawn(ready_prefix);
+        process
+    }
+
+    fn spawn(&mut self, ready_prefix: &str) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dynseg"))
+            .args(&self.args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(60))
+                .unwrap_or_else(|_| {
+                    panic!("dynseg {:?} did not print {ready_prefix:?}", self.args)
+                });
+            let done = line.starts_with(ready_prefix);
+            self.lines.push(line);
+            if done {
+                break;
+            }
+        }
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again with `args` (for example a new clock), same readiness line.
+    pub fn restart_with(&mut self, args: &[String], ready_prefix: &str) {
+        assert!(self.child.is_none());
+        self.args = args.to_vec();
+        self.spawn(ready_prefix);
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Arguments from a space-separated line plus a path.
+pub fn args(line: &str, dir: &Path) -> Vec<String> {
+    let mut args: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+    args.push(dir.to_string_lossy().into_owned());
+    args
+}
+
+/// Every (user, segment) membership the cluster lists through a gateway.
+pub async fn listed(
+    client: &mut GatewayClient<Channel>,
+    segments: &[String],
+) -> BTreeSet<(String, String)> {
+    let mut members = BTreeSet::new();
+    for segment in segments {
+        let mut token = String::new();
+        loop {
+            let page = client
+                .list_members(pb::ListMembersRequest {
+                    segment: segment.clone(),
+                    page_size: 10_000,
+                    page_token: token,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            members.extend(page.user_ids.into_iter().map(|u| (u, segment.clone())));
+            token = page.next_page_token;
+            if token.is_empty() {
+                break;
+            }
+        }
+    }
+    members
+}
+
+/// Folds one change into stream-derived memberships, checking it is the next
+/// in its shard and consistent (enter of a non-member, exit of a member).
+pub fn fold_change(
+    change: &pb::MembershipChange,
+    members: &mut BTreeSet<(String, String)>,
+    last_sequence: &mut std::collections::BTreeMap<u32, u64>,
+) {
+    let cursor = change.cursor.unwrap();
+    let last = last_sequence.entry(cursor.shard).or_insert(0);
+    assert!(
+        cursor.sequence > *last,
+        "shard {} repeated or reordered a change: {change:?}",
+        cursor.shard
+    );
+    *last = cursor.sequence;
+    let key = (change.user_id.clone(), change.segment.clone());
+    if change.kind == pb::ChangeKind::Enter as i32 {
+        assert!(members.insert(key), "enter twice without exit: {change:?}");
+    } else {
+        assert!(members.remove(&key), "exit of a non-member: {change:?}");
+    }
+}
