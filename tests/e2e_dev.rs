@@ -89,15 +89,21 @@ async fn the_dev_cluster_matches_the_reference_through_ingest_and_clock_moves() 
     // The node applies the committed rules through its control link.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let counts = gateway
-            .segment_counts(pb::SegmentCountsRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        if counts.counts.len() == segments.len() {
+        // A node answers NOT_FOUND for a segment its rules do not have yet.
+        let probe = gateway
+            .list_members(pb::ListMembersRequest {
+                segment: segments[segments.len() - 1].clone(),
+                page_size: 1,
+                page_token: String::new(),
+            })
+            .await;
+        if probe.is_ok() {
             break;
         }
-        assert!(Instant::now() < deadline, "rules never reached the node");
+        assert!(
+            Instant::now() < deadline,
+            "rules never reached the node: {probe:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 

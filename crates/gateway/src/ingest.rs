@@ -159,13 +159,13 @@ impl Ingestor {
                     };
                     match client.ingest(batch).await {
                         Ok(response) => return Ok(response.into_inner()),
-                        // A stale epoch, a moved shard, a restarting node: wait
-                        // for placement to change (or a moment) and try again.
-                        Err(status)
-                            if matches!(status.code(), Code::Aborted | Code::Unavailable) =>
-                        {
-                            status.message().to_owned()
-                        }
+                        // A stale epoch, a moved shard, a restarting node, a
+                        // connection cut mid-call (tonic reports UNKNOWN or
+                        // CANCELLED; the batch may or may not have landed, and
+                        // resending it is safe: the node drops repeated message
+                        // ids): wait for placement to change (or a moment) and
+                        // try again.
+                        Err(status) if retryable(status.code()) => status.message().to_owned(),
                         Err(status) => return Err(GatewayError::Node(status)),
                     }
                 }
@@ -181,6 +181,14 @@ impl Ingestor {
             let _ = tokio::time::timeout(pause, routing.changed()).await;
         }
     }
+}
+
+/// Codes after which a batch is worth resending.
+fn retryable(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Aborted | Code::Unavailable | Code::Unknown | Code::Cancelled
+    )
 }
 
 #[cfg(test)]
