@@ -13,7 +13,7 @@ use dynseg_rules::Timestamp;
 use dynseg_cli::args::Args;
 use dynseg_cli::error::CliError;
 use dynseg_cli::output::Output;
-use dynseg_cli::{commands, demo, dev};
+use dynseg_cli::{bench, commands, demo, dev};
 
 // The node's allocation-heavy paths run faster on mimalloc (docs/performance.md).
 #[global_allocator]
@@ -40,6 +40,7 @@ Data (gateway, --addr default 127.0.0.1:7102):
   dynseg user ID
   dynseg members SEGMENT [--limit N]
   dynseg clock advance DURATION | --to RFC3339     (manual clock)
+  dynseg bench [--users N] [--rate EVENTS_PER_S|0=max] [--duration SECS] [--batch N] [--connections N]
 
 Everywhere: --output table|json. Exit status: 1 for a user error, 2 when a server cannot be reached.";
 
@@ -178,6 +179,21 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
                 let _ = std::fs::remove_dir_all(&data);
             }
             result?;
+        }
+        "bench" => {
+            known(&["users", "rate", "duration", "batch", "connections"])?;
+            let config = bench::BenchConfig {
+                addr: args
+                    .get("addr")
+                    .unwrap_or(commands::GATEWAY_ADDR)
+                    .to_owned(),
+                users: args.number("users", 100_000)?,
+                rate: args.number("rate", 0)?,
+                duration: Duration::from_secs(args.number("duration", 10)?),
+                batch: args.number("batch", 1_000)?,
+                connections: args.number("connections", 8)?,
+            };
+            bench::run(config, out).await?;
         }
         "segment" => commands::segment(&args, out).await?,
         "ingest" => {

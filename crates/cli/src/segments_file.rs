@@ -189,6 +189,17 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_holds_exactly_the_spec_segments() {
+        let parsed = parse(include_str!("../../../docs/examples/segments.yaml")).unwrap();
+        let got: Vec<(String, String)> = parsed.into_iter().map(|d| (d.id, d.rule)).collect();
+        let want: Vec<(String, String)> = dynseg_rules::examples::SPEC_SEGMENTS
+            .iter()
+            .map(|(id, rule)| ((*id).to_owned(), (*rule).to_owned()))
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
     fn rule_errors_point_at_the_column() {
         let defs = vec![pb::SegmentDef {
             id: "bad".into(),

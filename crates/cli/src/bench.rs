@@ -1,0 +1,164 @@
+//! `dynseg bench`: a load generator against a gateway. Connections send batches
+//! of generated events (the demo's mix) as fast as acknowledgements allow, or at
+//! a target rate; a subscriber measures how long each event-caused change takes
+//! from the ingest call to the subscriber. Prints events/s and percentiles.
+
+#![allow(clippy::print_stdout)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use dynseg_proto::pb;
+use dynseg_proto::pb::gateway_client::GatewayClient;
+use serde_json::json;
+use tokio::task::JoinSet;
+
+use crate::demo::Traffic;
+use crate::error::CliError;
+use crate::output::{self, Output};
+
+/// What to generate.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    /// The gateway.
+    pub addr: String,
+    /// Distinct users.
+    pub users: u64,
+    /// Events per second in total (0: as fast as acknowledgements allow).
+    pub rate: u64,
+    /// How long to send.
+    pub duration: Duration,
+    /// Events per batch.
+    pub batch: usize,
+    /// Concurrent connections, each with one batch in flight.
+    pub connections: usize,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Runs the load and prints what it measured.
+pub async fn run(config: BenchConfig, out: Output) -> Result<(), CliError> {
+    let url = format!("http://{}", config.addr);
+    let mut watcher = GatewayClient::connect(url.clone()).await?;
+    let mut feed = watcher
+        .subscribe(pb::GatewaySubscribeRequest {
+            from_now: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let done = Arc::new(AtomicBool::new(false));
+    let changes_task = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            // Event-caused changes carry the node's processing time: the
+            // latency is from then to now, on one machine's clock.
+            let mut latencies = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                match tokio::time::timeout(Duration::from_millis(200), feed.message()).await {
+                    Ok(Ok(Some(item))) => {
+                        if let Some(change) = item.change
+                            && change.cause == pb::ChangeCause::Event as i32
+                        {
+                            let ms = (now_ms() - change.at_ms).max(0) as u64;
+                            latencies.push(Duration::from_millis(ms));
+                        }
+                    }
+                    Ok(_) => break,
+                    Err(_) => {}
+                }
+            }
+            latencies
+        })
+    };
+    let started = Instant::now();
+    let per_connection_rate = config.rate as f64 / config.connections.max(1) as f64;
+    let mut senders = JoinSet::new();
+    for connection in 0..config.connections.max(1) {
+        let config = config.clone();
+        let url = url.clone();
+        senders.spawn(async move {
+            let mut client = GatewayClient::connect(url).await?;
+            let mut traffic = Traffic::new(config.users, 1 + connection as u64 * 7_919);
+            let mut acks = Vec::new();
+            let mut sent = 0u64;
+            while started.elapsed() < config.duration {
+                if per_connection_rate > 0.0 {
+                    let due = Duration::from_secs_f64(sent as f64 / per_connection_rate);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                let now = now_ms();
+                let events: Vec<pb::Event> =
+                    (0..config.batch).map(|_| traffic.next_event(now)).collect();
+                let t = Instant::now();
+                let reply = client
+                    .ingest(pb::IngestRequest { events })
+                    .await?
+                    .into_inner();
+                acks.push(t.elapsed());
+                sent += u64::from(reply.accepted);
+            }
+            Ok::<_, CliError>((sent, acks))
+        });
+    }
+    let mut sent = 0u64;
+    let mut acks = Vec::new();
+    while let Some(joined) = senders.join_next().await {
+        let (n, mut a) = joined.map_err(|e| CliError::Connection(e.to_string()))??;
+        sent += n;
+        acks.append(&mut a);
+    }
+    let elapsed = started.elapsed();
+    // Let the last changes arrive, then stop the subscriber.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    done.store(true, Ordering::Relaxed);
+    let mut change_latencies = changes_task
+        .await
+        .map_err(|e| CliError::Connection(e.to_string()))?;
+    acks.sort();
+    change_latencies.sort();
+    let rate = sent as f64 / elapsed.as_secs_f64();
+    match out {
+        Output::Json => output::json(&json!({
+            "events": sent, "seconds": elapsed.as_secs_f64(), "events_per_s": rate,
+            "ack_ms": {"p50": percentile(&acks, 0.5).as_secs_f64() * 1e3, "p99": percentile(&acks, 0.99).as_secs_f64() * 1e3},
+            "changes": change_latencies.len(),
+            "change_ms": {"p50": percentile(&change_latencies, 0.5).as_secs_f64() * 1e3, "p99": percentile(&change_latencies, 0.99).as_secs_f64() * 1e3},
+        })),
+        Output::Table => {
+            println!(
+                "{sent} events in {:.1} s: {rate:.0} events/s ({} connections, batches of {})",
+                elapsed.as_secs_f64(),
+                config.connections,
+                config.batch
+            );
+            println!(
+                "ack latency per batch: p50 {:?}, p99 {:?}, max {:?}",
+                percentile(&acks, 0.5),
+                percentile(&acks, 0.99),
+                acks.last().copied().unwrap_or_default()
+            );
+            println!(
+                "change latency (event processed to subscriber), {} changes: p50 {:?}, p99 {:?}",
+                change_latencies.len(),
+                percentile(&change_latencies, 0.5),
+                percentile(&change_latencies, 0.99)
+            );
+        }
+    }
+    Ok(())
+}
