@@ -89,8 +89,25 @@ impl Ingestor {
         let shard_count = self.shard_count().await?;
         let (parts, mut rejected) = split(events, shard_count);
         let mut reply = pb::IngestReply::default();
+        // One call per owning node carries all its shards' parts; a shard the
+        // call could not place is retried on its own, as placement settles.
+        let mut by_node: BTreeMap<String, Vec<(u32, u64, Part)>> = BTreeMap::new();
+        let mut unplaced = Vec::new();
+        {
+            let table = self.routing.borrow();
+            for (shard, part) in parts {
+                match table.owner(shard) {
+                    Some((owner, _)) => by_node.entry(owner.node.clone()).or_default().push((
+                        shard,
+                        owner.epoch,
+                        part,
+                    )),
+                    None => unplaced.push((shard, part)),
+                }
+            }
+        }
         let mut sends = JoinSet::new();
-        for (shard, part) in parts {
+        for (node, parts) in by_node {
             let ingestor = self.clone();
             sends.spawn(async move {
                 let _permit = ingestor
@@ -99,28 +116,82 @@ impl Ingestor {
                     .acquire_owned()
                     .await
                     .map_err(|_| GatewayError::ShuttingDown)?;
+                ingestor.send_to_node(&node, parts).await
+            });
+        }
+        for (shard, part) in unplaced {
+            let ingestor = self.clone();
+            sends.spawn(async move {
                 let response = ingestor.send(shard, &part.events).await?;
-                Ok::<_, GatewayError>((part.indexes, response))
+                Ok(vec![(part.indexes, response)])
             });
         }
         // Dropping the set on an error aborts the other parts; their events may
         // still have landed, which a retry with the same message ids makes harmless.
         while let Some(joined) = sends.join_next().await {
-            let (indexes, response) =
-                joined.map_err(|e| GatewayError::Unavailable(e.to_string()))??;
-            reply.accepted += response.accepted;
-            reply.duplicates += response.duplicates;
-            for r in response.rejected {
-                let index = indexes.get(r.index as usize).copied().unwrap_or(u32::MAX);
-                rejected.push(pb::RejectedEvent {
-                    index,
-                    reason: r.reason,
-                });
+            let answered = joined.map_err(|e| GatewayError::Unavailable(e.to_string()))??;
+            for (indexes, response) in answered {
+                reply.accepted += response.accepted;
+                reply.duplicates += response.duplicates;
+                for r in response.rejected {
+                    let index = indexes.get(r.index as usize).copied().unwrap_or(u32::MAX);
+                    rejected.push(pb::RejectedEvent {
+                        index,
+                        reason: r.reason,
+                    });
+                }
             }
         }
         rejected.sort_by_key(|r| r.index);
         reply.rejected = rejected;
         Ok(reply)
+    }
+
+    /// Sends a node all its shards' parts in one `IngestShards` call; parts
+    /// the node refuses with a retryable error (a moved shard, a stale epoch)
+    /// or that a failed call leaves unanswered go through [`Ingestor::send`].
+    async fn send_to_node(
+        &self,
+        node: &str,
+        parts: Vec<(u32, u64, Part)>,
+    ) -> Result<Vec<(Vec<u32>, pb::IngestResponse)>, GatewayError> {
+        let client = self.routing.borrow().nodes.get(node).cloned();
+        let batches: Vec<pb::EventBatch> = parts
+            .iter()
+            .map(|(shard, epoch, part)| pb::EventBatch {
+                shard: *shard,
+                epoch: *epoch,
+                events: part.events.clone(),
+            })
+            .collect();
+        let results = match client {
+            Some(mut client) => match client.ingest_shards(pb::ShardBatches { batches }).await {
+                Ok(results) => results.into_inner().results,
+                Err(status) if retryable(status.code()) => Vec::new(),
+                Err(status) => return Err(GatewayError::Node(status)),
+            },
+            None => Vec::new(),
+        };
+        let mut answered = Vec::with_capacity(parts.len());
+        for (i, (shard, _, part)) in parts.into_iter().enumerate() {
+            match results.get(i) {
+                Some(pb::ShardBatchResult {
+                    response: Some(response),
+                    ..
+                }) => answered.push((part.indexes, response.clone())),
+                Some(result) if !retryable(Code::from(result.error_code)) => {
+                    return Err(GatewayError::Node(tonic::Status::new(
+                        Code::from(result.error_code),
+                        result.error.clone(),
+                    )));
+                }
+                _ => {
+                    let response = self.send(shard, &part.events).await?;
+                    answered.push((part.indexes, response));
+                }
+            }
+        }
+        Ok(answered)
     }
 
     async fn shard_count(&self) -> Result<u32, GatewayError> {

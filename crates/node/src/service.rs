@@ -119,6 +119,49 @@ impl node_server::Node for NodeService {
         Ok(Response::new(answer(rx).await?))
     }
 
+    async fn ingest_shards(
+        &self,
+        request: Request<pb::ShardBatches>,
+    ) -> Result<Response<pb::ShardBatchResults>, Status> {
+        let batches = request.into_inner().batches;
+        let limit = self.node.config().event_limits.max_batch;
+        let total: usize = batches.iter().map(|b| b.events.len()).sum();
+        if total > limit {
+            return Err(NodeError::Invalid(format!(
+                "{total} events in one call, over the limit of {limit}"
+            ))
+            .into());
+        }
+        // Submit every batch before waiting for any: their records then share
+        // the same group commits.
+        let mut submitted = Vec::with_capacity(batches.len());
+        for batch in batches {
+            submitted.push(self.submit(batch).await);
+        }
+        let mut results = Vec::with_capacity(submitted.len());
+        for waiting in submitted {
+            let outcome = match waiting {
+                Ok(rx) => answer(rx).await,
+                Err(e) => Err(e),
+            };
+            results.push(match outcome {
+                Ok(response) => pb::ShardBatchResult {
+                    response: Some(response),
+                    ..Default::default()
+                },
+                Err(e) => {
+                    let status = Status::from(e);
+                    pb::ShardBatchResult {
+                        response: None,
+                        error_code: status.code() as i32,
+                        error: status.message().to_owned(),
+                    }
+                }
+            });
+        }
+        Ok(Response::new(pb::ShardBatchResults { results }))
+    }
+
     type IngestStreamStream = Stream_<pb::IngestResponse>;
 
     async fn ingest_stream(
