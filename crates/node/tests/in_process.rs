@@ -367,6 +367,38 @@ async fn bad_events_are_reported_by_index_and_stale_epochs_redirect() {
     assert_eq!(stale.metadata().get("dynseg-error").unwrap(), "wrong-epoch");
     assert_eq!(stale.metadata().get("dynseg-epoch").unwrap(), "1");
 
+    // Several shards in one call: each batch gets its own result, in order; a
+    // stale epoch fails only its own batch.
+    let other_user = (0..)
+        .map(|i| format!("user{i}"))
+        .find(|u| shard_for(u, SHARDS) != shard)
+        .unwrap();
+    let other = shard_for(&other_user, SHARDS);
+    let results = node
+        .ingest_shards(pb::ShardBatches {
+            batches: vec![
+                pb::EventBatch {
+                    shard,
+                    epoch: 1,
+                    events: vec![track("m1", "alice", "e", now, &[])],
+                },
+                pb::EventBatch {
+                    shard: other,
+                    epoch: 0,
+                    events: vec![track("m2", &other_user, "e", now, &[])],
+                },
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 2);
+    assert_eq!(results[0].response.as_ref().unwrap().accepted, 1);
+    assert!(results[1].response.is_none());
+    assert_eq!(results[1].error_code, Code::Aborted as i32);
+    assert!(results[1].error.contains("epoch"), "{}", results[1].error);
+
     node.release_shard(pb::ReleaseShardRequest {
         shard,
         new_owner: "10.0.0.9:7000".into(),
