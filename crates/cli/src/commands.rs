@@ -198,9 +198,6 @@ pub async fn ingest(args: &Args, out: Output) -> Result<(), CliError> {
     let file = std::fs::File::open(path).map_err(|e| CliError::User(format!("{path}: {e}")))?;
     let total_bytes = file.metadata().map(|m| m.len()).unwrap_or(0).max(1);
     let mut client = gateway(args).await?;
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
     let started = Instant::now();
     let tty = std::io::stderr().is_terminal();
     let (mut accepted, mut duplicates, mut read_bytes) = (0u64, 0u64, 0u64);
@@ -217,7 +214,7 @@ pub async fn ingest(args: &Args, out: Output) -> Result<(), CliError> {
             if line.trim().is_empty() {
                 continue;
             }
-            match parse_event(&line, now_ms) {
+            match parse_event(&line) {
                 Ok(event) => {
                     batch.push(event);
                     lines_of_batch.push(number + 1);

@@ -12,8 +12,9 @@ use dynseg_proto::pb;
 use dynseg_rules::Timestamp;
 use serde_json::Value as Json;
 
-/// Converts one JSON event; `now_ms` stands in for a missing timestamp.
-pub fn parse_event(line: &str, now_ms: i64) -> Result<pb::Event, String> {
+/// Converts one JSON event. A missing timestamp is sent as 0, which the node
+/// reads as "when received, by my clock" (the manual clock too).
+pub fn parse_event(line: &str) -> Result<pb::Event, String> {
     let json: Json = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
     let Json::Object(map) = json else {
         return Err("an event must be a JSON object".into());
@@ -37,7 +38,7 @@ pub fn parse_event(line: &str, now_ms: i64) -> Result<pb::Event, String> {
         }
     };
     let timestamp_ms = match map.get("timestamp") {
-        None | Some(Json::Null) => now_ms,
+        None | Some(Json::Null) => 0,
         Some(Json::Number(n)) => n.as_i64().ok_or("timestamp must be whole milliseconds")?,
         Some(Json::String(s)) => Timestamp::parse_rfc3339(s)
             .map_err(|e| format!("timestamp {s:?}: {e}"))?
@@ -101,7 +102,7 @@ mod tests {
     #[test]
     fn segment_shaped_events_convert() {
         let line = r#"{"type":"track","userId":"u1","event":"order_completed","messageId":"m1","timestamp":"2026-01-01T00:00:00Z","properties":{"revenue":120.5,"category":"shoes","tags":["a","b"],"gift":null}}"#;
-        let event = parse_event(line, 0).unwrap();
+        let event = parse_event(line).unwrap();
         assert_eq!(event.user_id, "u1");
         assert_eq!(event.r#type, pb::EventType::Track as i32);
         assert_eq!(
@@ -111,21 +112,15 @@ mod tests {
                 .millis()
         );
         assert_eq!(event.properties.len(), 4);
-        let identify = parse_event(
-            r#"{"type":"identify","userId":"u1","traits":{"plan":"pro"}}"#,
-            42,
-        )
-        .unwrap();
-        assert_eq!((identify.timestamp_ms, identify.traits.len()), (42, 1));
+        let identify =
+            parse_event(r#"{"type":"identify","userId":"u1","traits":{"plan":"pro"}}"#).unwrap();
+        assert_eq!((identify.timestamp_ms, identify.traits.len()), (0, 1));
         // A line without a message id gets a stable one.
         assert_eq!(
             identify.message_id,
-            parse_event(
-                r#"{"type":"identify","userId":"u1","traits":{"plan":"pro"}}"#,
-                7
-            )
-            .unwrap()
-            .message_id
+            parse_event(r#"{"type":"identify","userId":"u1","traits":{"plan":"pro"}}"#)
+                .unwrap()
+                .message_id
         );
     }
 
@@ -138,7 +133,7 @@ mod tests {
             (r#"{"timestamp":"yesterday"}"#, "timestamp"),
             (r#"{"properties":{"a":{"b":1}}}"#, "properties.a: nested"),
         ] {
-            let err = parse_event(line, 0).unwrap_err();
+            let err = parse_event(line).unwrap_err();
             assert!(err.contains(needle), "{line}: {err}");
         }
     }

@@ -58,7 +58,12 @@ impl NodeService {
         let mut events = Vec::with_capacity(batch.events.len());
         let mut wire = Vec::with_capacity(batch.events.len());
         let mut rejected = Vec::new();
-        for (index, raw) in batch.events.into_iter().enumerate() {
+        for (index, mut raw) in batch.events.into_iter().enumerate() {
+            // No timestamp: the event happened when the node received it
+            // (recorded in the log as filled in, so replay sees the same).
+            if raw.timestamp_ms == 0 {
+                raw.timestamp_ms = now.millis();
+            }
             let checked = Event::try_from(raw.clone())
                 .map_err(|e| e.0)
                 .and_then(|event| {
