@@ -21,15 +21,8 @@ use dynseg_proto::pb::control_client::ControlClient;
 use dynseg_proto::pb::gateway_client::GatewayClient;
 use dynseg_rules::reference::Reference;
 use dynseg_rules::{Event, Limits, SegmentDef, Timestamp};
-use support::{Process, args, fold_change, free_ports, listed};
+use support::{Process, args, env_number, fold_change, free_ports, listed};
 use tonic::transport::Channel;
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 async fn connect_gateway(addr: &str) -> GatewayClient<Channel> {
     GatewayClient::connect(format!("http://{addr}"))
@@ -79,9 +72,9 @@ async fn ingest_until_acked(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_restarts_and_memberships_stay_exact_across_gateways() {
-    let seed = env("DYNSEG_SEED", 7_777);
-    let users = env("DYNSEG_E2E_USERS", 2_000);
-    let total_events = env("DYNSEG_E2E_EVENTS", 30_000);
+    let seed = env_number("DYNSEG_SEED", 7_777);
+    let users = env_number("DYNSEG_E2E_USERS", 2_000);
+    let total_events = env_number("DYNSEG_E2E_EVENTS", 30_000);
     eprintln!("e2e cluster scenario: seed {seed}, {users} users, {total_events} events");
     let dir = tempfile::tempdir().unwrap();
     let ports = free_ports(7);

@@ -20,15 +20,8 @@ use dynseg_proto::pb::control_client::ControlClient;
 use dynseg_proto::pb::gateway_client::GatewayClient;
 use dynseg_rules::reference::Reference;
 use dynseg_rules::{Event, Limits, SegmentDef, Timestamp};
-use support::{Process, args, fold_change, listed};
+use support::{Process, args, env_number, fold_change, listed};
 use tokio::sync::mpsc;
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// `dynseg dev` in a temp dir: the process and the addresses it printed.
 struct Dev {
@@ -63,9 +56,9 @@ impl Dev {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dev_cluster_matches_the_reference_through_ingest_and_clock_moves() {
-    let seed = env("DYNSEG_SEED", 20_261_129);
-    let users = env("DYNSEG_E2E_USERS", 10_000);
-    let total_events = env("DYNSEG_E2E_EVENTS", 200_000);
+    let seed = env_number("DYNSEG_SEED", 20_261_129);
+    let users = env_number("DYNSEG_E2E_USERS", 10_000);
+    let total_events = env_number("DYNSEG_E2E_EVENTS", 200_000);
     eprintln!("e2e scenario: seed {seed}, {users} users, {total_events} events");
     let start = Timestamp::parse_rfc3339("2026-01-01T00:00:00Z").unwrap();
     let dev = Dev::start("manual=2026-01-01T00:00:00Z");
@@ -216,4 +209,98 @@ async fn the_dev_cluster_matches_the_reference_through_ingest_and_clock_moves() 
             expected.len()
         );
     }
+}
+
+/// The control and gateway addresses the latest start printed.
+fn addresses(process: &Process) -> (String, String) {
+    let find = |prefix: &str| {
+        process
+            .lines
+            .iter()
+            .rev()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    (find("control"), find("gateway"))
+}
+
+async fn members(
+    gateway: &mut GatewayClient<tonic::transport::Channel>,
+    segment: &str,
+) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let page = gateway
+            .list_members(pb::ListMembersRequest {
+                segment: segment.into(),
+                page_size: 100,
+                page_token: String::new(),
+            })
+            .await;
+        match page {
+            Ok(page) => return page.into_inner().user_ids,
+            // NOT_FOUND until the node has the rules.
+            Err(status) => assert!(Instant::now() < deadline, "{status:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_the_dev_cluster_cleanly_and_a_restart_resumes_from_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let line = "dev --base-port 0 --shards 4 --clock manual=2026-01-01T00:00:00Z --data";
+    let mut process = Process::start(&args(line, dir.path()), "ready");
+    let (control, gateway) = addresses(&process);
+    ControlClient::connect(format!("http://{control}"))
+        .await
+        .unwrap()
+        .apply_segments(pb::SegmentsRequest {
+            segments: vec![pb::SegmentDef {
+                id: "buyers".into(),
+                rule: "count(order_completed) in last 90d >= 1".into(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap();
+    let mut client = GatewayClient::connect(format!("http://{gateway}"))
+        .await
+        .unwrap();
+    assert!(members(&mut client, "buyers").await.is_empty());
+    let start = Timestamp::parse_rfc3339("2026-01-01T00:00:00Z").unwrap();
+    let events = (0..3)
+        .map(|i| pb::Event {
+            message_id: format!("m{i}"),
+            user_id: format!("u{i}"),
+            r#type: pb::EventType::Track as i32,
+            event: "order_completed".into(),
+            timestamp_ms: start.millis(),
+            ..Default::default()
+        })
+        .collect();
+    client.ingest(pb::IngestRequest { events }).await.unwrap();
+    assert_eq!(members(&mut client, "buyers").await, ["u0", "u1", "u2"]);
+
+    assert!(
+        process.interrupt(),
+        "dynseg dev did not exit cleanly on Ctrl-C"
+    );
+    process.restart_with(&args(line, dir.path()), "ready");
+    let (_, gateway) = addresses(&process);
+    let mut client = GatewayClient::connect(format!("http://{gateway}"))
+        .await
+        .unwrap();
+    assert_eq!(members(&mut client, "buyers").await, ["u0", "u1", "u2"]);
+    // Time still drives exits after the restart: 90 days on, the orders leave
+    // the window.
+    client
+        .advance_clock(pb::AdvanceClockRequest {
+            target: Some(pb::advance_clock_request::Target::ByMs(91 * 86_400_000)),
+        })
+        .await
+        .unwrap();
+    assert!(members(&mut client, "buyers").await.is_empty());
 }

@@ -14,6 +14,14 @@ use dynseg_proto::pb;
 use dynseg_proto::pb::gateway_client::GatewayClient;
 use tonic::transport::Channel;
 
+/// A number from the environment, or `default`.
+pub fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Free loopback ports, found by binding port 0 and letting go.
 pub fn free_ports(n: usize) -> Vec<u16> {
     let listeners: Vec<std::net::TcpListener> = (0..n)
@@ -76,6 +84,18 @@ impl Process {
             }
         }
         self.child = Some(child);
+    }
+
+    /// SIGINT (Ctrl-C), then waits for a clean exit; true when it exited 0.
+    pub fn interrupt(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        let sent = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        sent && child.wait().is_ok_and(|s| s.success())
     }
 
     /// SIGKILL: no shutdown path runs.
