@@ -154,7 +154,10 @@ async fn a_killed_node_restarts_and_memberships_stay_exact_across_gateways() {
     }
     let defs: Vec<SegmentDef> = dynseg_rules::examples::spec_segments();
     let segments: Vec<String> = defs.iter().map(|d| d.id.as_str().to_owned()).collect();
-    control
+    // Through a gateway, which forwards the admin API to the control plane.
+    ControlClient::connect(format!("http://{}", addr(6)))
+        .await
+        .unwrap()
         .apply_segments(pb::SegmentsRequest {
             segments: defs.iter().map(pb::SegmentDef::from).collect(),
         })

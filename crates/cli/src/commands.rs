@@ -18,9 +18,8 @@ use crate::event_json::parse_event;
 use crate::output::{self, Output};
 use crate::segments_file;
 
-/// Default addresses of `dynseg dev`.
-pub const CONTROL_ADDR: &str = "127.0.0.1:7100";
-/// The dev cluster's gateway.
+/// The dev cluster's gateway: it serves the data API and forwards the control
+/// plane's admin API, so every command can use it.
 pub const GATEWAY_ADDR: &str = "127.0.0.1:7102";
 
 fn url(addr: &str) -> String {
@@ -32,7 +31,7 @@ fn url(addr: &str) -> String {
 }
 
 async fn control(args: &Args) -> Result<ControlClient<Channel>, CliError> {
-    let addr = args.get("addr").unwrap_or(CONTROL_ADDR);
+    let addr = args.get("addr").unwrap_or(GATEWAY_ADDR);
     Ok(ControlClient::connect(url(addr))
         .await
         .map_err(|e| {

@@ -29,7 +29,7 @@ Run:
                                    dev cluster + the nine SPEC segments + live traffic and changes
   dynseg control|node|gateway ARGS run one role (`dynseg node --help` shows its flags)
 
-Segments (control plane, --addr default 127.0.0.1:7100):
+Segments (a gateway or a control member, --addr default 127.0.0.1:7102):
   dynseg segment validate|apply -f FILE.yaml|json
   dynseg segment list | get ID | delete ID
   dynseg cluster status

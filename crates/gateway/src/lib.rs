@@ -13,8 +13,10 @@
 //! | [`ingest`] | splitting, sending with retries, merging replies |
 //! | [`subscribe`] | resume tokens and the merged change stream |
 //! | [`service`], [`server`] | the gRPC service and serving |
+//! | [`admin`] | the control plane's admin API, forwarded |
 //! | [`error`] | errors and their gRPC codes |
 
+pub mod admin;
 pub mod error;
 pub mod ingest;
 pub mod routing;

@@ -6,12 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dynseg_proto::pb;
+use dynseg_proto::pb::control_server::ControlServer as ControlGrpc;
 use dynseg_proto::pb::gateway_server::GatewayServer as GatewayGrpc;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::admin::AdminProxy;
 use crate::ingest::Ingestor;
 use crate::routing::{self, Routing};
 use crate::service::GatewayService;
@@ -82,9 +84,12 @@ impl GatewayServer {
         let ingestor = Ingestor::new(routing.clone(), config.max_inflight, config.retry_for);
         let service = GatewayService::new(routing.clone(), ingestor);
         let (stop_serving, stop) = oneshot::channel::<()>();
+        let admin = AdminProxy::new(&config.control)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let serving = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(GatewayGrpc::new(service).max_decoding_message_size(64 << 20))
+                .add_service(ControlGrpc::new(admin).max_decoding_message_size(64 << 20))
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                     let _ = stop.await;
                 }),

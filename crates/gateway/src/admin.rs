@@ -1,0 +1,143 @@
+//! The control plane's `Control` API served by the gateway too: every call is
+//! forwarded to the control-plane member the gateway follows, so clients need
+//! one address for everything.
+
+use std::pin::Pin;
+
+use dynseg_proto::pb;
+use dynseg_proto::pb::control_client::ControlClient;
+use dynseg_proto::pb::control_server::Control;
+use tokio_stream::Stream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status, Streaming};
+
+/// Forwards `Control` calls to a control-plane member.
+#[derive(Clone)]
+pub struct AdminProxy {
+    control: ControlClient<Channel>,
+}
+
+impl AdminProxy {
+    /// A proxy to the member at `address` (connected on first use).
+    pub fn new(address: &str) -> Result<AdminProxy, tonic::transport::Error> {
+        let url = if address.contains("://") {
+            address.to_owned()
+        } else {
+            format!("http://{address}")
+        };
+        let channel = Endpoint::from_shared(url)?.connect_lazy();
+        Ok(AdminProxy {
+            control: ControlClient::new(channel).max_decoding_message_size(64 << 20),
+        })
+    }
+
+    fn client(&self) -> ControlClient<Channel> {
+        self.control.clone()
+    }
+}
+
+/// Forwards one unary call, keeping the caller's request metadata.
+macro_rules! forward {
+    ($self:ident, $method:ident, $request:ident) => {
+        $self.client().$method($request).await
+    };
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Control for AdminProxy {
+    async fn validate_segments(
+        &self,
+        request: Request<pb::SegmentsRequest>,
+    ) -> Result<Response<pb::ValidateSegmentsResponse>, Status> {
+        forward!(self, validate_segments, request)
+    }
+
+    async fn apply_segments(
+        &self,
+        request: Request<pb::SegmentsRequest>,
+    ) -> Result<Response<pb::WriteResult>, Status> {
+        forward!(self, apply_segments, request)
+    }
+
+    async fn delete_segment(
+        &self,
+        request: Request<pb::DeleteSegmentRequest>,
+    ) -> Result<Response<pb::WriteResult>, Status> {
+        forward!(self, delete_segment, request)
+    }
+
+    async fn get_segment(
+        &self,
+        request: Request<pb::GetSegmentRequest>,
+    ) -> Result<Response<pb::SegmentRecord>, Status> {
+        forward!(self, get_segment, request)
+    }
+
+    async fn list_segments(
+        &self,
+        request: Request<pb::ReadOptions>,
+    ) -> Result<Response<pb::ListSegmentsResponse>, Status> {
+        forward!(self, list_segments, request)
+    }
+
+    async fn register_member(
+        &self,
+        request: Request<pb::RegisterMemberRequest>,
+    ) -> Result<Response<pb::WriteResult>, Status> {
+        forward!(self, register_member, request)
+    }
+
+    async fn deregister_member(
+        &self,
+        request: Request<pb::DeregisterMemberRequest>,
+    ) -> Result<Response<pb::WriteResult>, Status> {
+        forward!(self, deregister_member, request)
+    }
+
+    async fn set_shard_count(
+        &self,
+        request: Request<pb::SetShardCountRequest>,
+    ) -> Result<Response<pb::WriteResult>, Status> {
+        forward!(self, set_shard_count, request)
+    }
+
+    async fn get_topology(
+        &self,
+        request: Request<pb::ReadOptions>,
+    ) -> Result<Response<pb::TopologyResponse>, Status> {
+        forward!(self, get_topology, request)
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let upstream: Streaming<pb::WatchEvent> = self.client().watch(request).await?.into_inner();
+        Ok(Response::new(Box::pin(upstream)))
+    }
+
+    async fn add_control_member(
+        &self,
+        request: Request<pb::AddControlMemberRequest>,
+    ) -> Result<Response<pb::ControlStatus>, Status> {
+        forward!(self, add_control_member, request)
+    }
+
+    async fn remove_control_member(
+        &self,
+        request: Request<pb::RemoveControlMemberRequest>,
+    ) -> Result<Response<pb::ControlStatus>, Status> {
+        forward!(self, remove_control_member, request)
+    }
+
+    async fn get_control_status(
+        &self,
+        request: Request<pb::ControlStatusRequest>,
+    ) -> Result<Response<pb::ControlStatus>, Status> {
+        forward!(self, get_control_status, request)
+    }
+}
