@@ -109,6 +109,43 @@ pub async fn segment(args: &Args, out: Output) -> Result<(), CliError> {
                 }
             }
         }
+        "preview" => {
+            let path = args
+                .get("f")
+                .or_else(|| args.get("file"))
+                .ok_or_else(|| CliError::User("segment preview needs -f FILE".into()))?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| CliError::User(format!("{path}: {e}")))?;
+            let defs = segments_file::parse(&text)?;
+            let reply = gateway(args)
+                .await?
+                .preview_segments(pb::PreviewSegmentsRequest {
+                    segments: defs.clone(),
+                })
+                .await
+                .map_err(|status| match status.code() {
+                    tonic::Code::InvalidArgument => {
+                        CliError::User(segments_file::explain(status.message(), &defs))
+                    }
+                    _ => CliError::from(status),
+                })?
+                .into_inner();
+            match out {
+                Output::Json => output::json(&json!({
+                    "users": reply.users,
+                    "segments": reply.counts.iter().map(|c| json!({"id": c.segment, "members_now": c.members})).collect::<Vec<_>>(),
+                })),
+                Output::Table => {
+                    let rows: Vec<Vec<String>> = reply
+                        .counts
+                        .iter()
+                        .map(|c| vec![c.segment.clone(), c.members.to_string()])
+                        .collect();
+                    output::table(&["SEGMENT", "MEMBERS NOW"], &rows);
+                    println!("(of {} users; nothing was applied)", reply.users);
+                }
+            }
+        }
         "list" => {
             let list = control(args)
                 .await?
@@ -179,7 +216,7 @@ pub async fn segment(args: &Args, out: Output) -> Result<(), CliError> {
         }
         other => {
             return Err(CliError::User(format!(
-                "unknown segment command {other:?} (validate, apply, list, get, delete)"
+                "unknown segment command {other:?} (validate, apply, preview, list, get, delete)"
             )));
         }
     }

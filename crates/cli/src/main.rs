@@ -30,7 +30,7 @@ Run:
   dynseg control|node|gateway ARGS run one role (`dynseg node --help` shows its flags)
 
 Segments (a gateway or a control member, --addr default 127.0.0.1:7102):
-  dynseg segment validate|apply -f FILE.yaml|json
+  dynseg segment validate|apply|preview -f FILE.yaml|json
   dynseg segment list | get ID | delete ID
   dynseg cluster status
 

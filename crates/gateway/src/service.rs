@@ -221,6 +221,30 @@ impl Gateway for GatewayService {
         }))
     }
 
+    async fn preview_segments(
+        &self,
+        request: Request<pb::PreviewSegmentsRequest>,
+    ) -> Result<Response<pb::SegmentCountsResponse>, Status> {
+        let request = request.into_inner();
+        let mut totals: Vec<pb::SegmentCount> = Vec::new();
+        let mut users = 0;
+        for mut client in self.all_nodes()? {
+            let counts = client.preview_segments(request.clone()).await?.into_inner();
+            users += counts.users;
+            if totals.is_empty() {
+                totals = counts.counts;
+            } else {
+                for (total, count) in totals.iter_mut().zip(counts.counts) {
+                    total.members += count.members;
+                }
+            }
+        }
+        Ok(Response::new(pb::SegmentCountsResponse {
+            counts: totals,
+            users,
+        }))
+    }
+
     async fn advance_clock(
         &self,
         request: Request<pb::AdvanceClockRequest>,

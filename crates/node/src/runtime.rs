@@ -67,6 +67,11 @@ pub(crate) enum Command {
     Counts {
         reply: Reply<(BTreeMap<SegmentId, u64>, u64)>,
     },
+    Preview {
+        plan: Arc<Plan>,
+        segments: Vec<SegmentId>,
+        reply: Reply<(Vec<u64>, u64)>,
+    },
     Status {
         reply: Reply<pb::ShardStatus>,
     },
@@ -541,6 +546,43 @@ impl Node {
         Ok(())
     }
 
+    /// The sizes `defs` would have now (each replacing the segment of its id or
+    /// added to the current rules), over every shard's users, without applying
+    /// anything; also the number of users.
+    pub async fn preview(
+        &self,
+        defs: Vec<SegmentDef>,
+    ) -> Result<(Vec<(SegmentId, u64)>, u64), NodeError> {
+        let (version, mut merged) = {
+            let rules = read(&self.inner.rules);
+            (rules.plan.version().0, rules.defs.clone())
+        };
+        for def in &defs {
+            match merged.iter_mut().find(|d| d.id == def.id) {
+                Some(current) => *current = def.clone(),
+                None => merged.push(def.clone()),
+            }
+        }
+        let plan = compile(version + 1, &merged, &self.inner.config)?;
+        let segments: Vec<SegmentId> = defs.iter().map(|d| d.id.clone()).collect();
+        let mut totals = vec![0u64; segments.len()];
+        let mut users = 0;
+        for (_, handle) in self.handles() {
+            let (counts, shard_users) = self
+                .ask(&handle, |reply| Command::Preview {
+                    plan: plan.clone(),
+                    segments: segments.clone(),
+                    reply,
+                })
+                .await?;
+            users += shard_users;
+            for (total, count) in totals.iter_mut().zip(counts) {
+                *total += count;
+            }
+        }
+        Ok((segments.into_iter().zip(totals).collect(), users))
+    }
+
     /// Starts serving `shard` at `epoch` (opening its stored data, if any).
     pub async fn assign_shard(&self, shard: u32, epoch: u64) -> Result<(), NodeError> {
         if let Ok(handle) = self.handle(shard) {
@@ -998,6 +1040,18 @@ impl ShardTask {
             }
             Command::Counts { reply } => {
                 let _ = reply.send(Ok((self.shard.counts(), self.shard.user_count())));
+            }
+            Command::Preview {
+                plan,
+                segments,
+                reply,
+            } => {
+                let counted = self
+                    .shard
+                    .preview(&plan, &segments, self.clock.now())
+                    .map(|counts| (counts, self.shard.user_count()))
+                    .map_err(NodeError::from);
+                let _ = reply.send(counted);
             }
             Command::Status { reply } => {
                 let _ = reply.send(Ok(pb::ShardStatus {

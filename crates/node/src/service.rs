@@ -339,6 +339,33 @@ impl node_server::Node for NodeService {
         Ok(Response::new(pb::SegmentCountsResponse { counts, users }))
     }
 
+    async fn preview_segments(
+        &self,
+        request: Request<pb::PreviewSegmentsRequest>,
+    ) -> Result<Response<pb::SegmentCountsResponse>, Status> {
+        let defs = request
+            .into_inner()
+            .segments
+            .into_iter()
+            .map(SegmentDef::try_from)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| NodeError::Invalid(e.to_string()))?;
+        if defs.is_empty() {
+            return Err(NodeError::Invalid("no segments to preview".into()).into());
+        }
+        let (counts, users) = self.node.preview(defs).await?;
+        Ok(Response::new(pb::SegmentCountsResponse {
+            counts: counts
+                .into_iter()
+                .map(|(segment, members)| pb::SegmentCount {
+                    segment: segment.to_string(),
+                    members,
+                })
+                .collect(),
+            users,
+        }))
+    }
+
     type ApplyRulesStream = Stream_<pb::RuleProgress>;
 
     async fn apply_rules(

@@ -454,6 +454,50 @@ impl Shard {
         Ok(out)
     }
 
+    /// How many users would be in each of `segments` under `plan` now, without
+    /// applying it: every user's state is migrated and backfilled on a copy,
+    /// exactly as [`Shard::apply_rules`] would, and what that would emit is
+    /// dropped. Nothing in the shard changes.
+    pub fn preview(
+        &self,
+        plan: &Plan,
+        segments: &[SegmentId],
+        now: Timestamp,
+    ) -> Result<Vec<u64>, StoreError> {
+        let migration = plan.migration_from(&self.plan);
+        let retained = if migration.needs_backfill() {
+            self.retained_events()?
+        } else {
+            FastMap::default()
+        };
+        let mut counts = vec![0u64; segments.len()];
+        let mut dropped = Vec::new();
+        let mut count = |user: &UserId, mut state: UserState| {
+            migration.migrate(&mut state, user, now, &mut dropped);
+            if let Some(events) = retained.get(user) {
+                migration.backfill(&mut state, user, events, &mut dropped);
+            }
+            dropped.clear();
+            for (i, segment) in segments.iter().enumerate() {
+                if plan.is_member(&state, segment.as_str()) {
+                    counts[i] += 1;
+                }
+            }
+        };
+        // Active users' states are newer than their stored ones.
+        self.store.visit_users(|user, record| {
+            let user = UserId::from(user);
+            if !self.users.contains_key(&user) {
+                count(&user, record.state);
+            }
+            Ok(())
+        })?;
+        for (user, entry) in &self.users {
+            count(user, entry.state.clone());
+        }
+        Ok(counts)
+    }
+
     /// The segments `user` is in, or `None` when the shard has never seen them.
     pub fn user_segments(&self, user: &UserId) -> Result<Option<Vec<SegmentId>>, StoreError> {
         if let Some(entry) = self.users.get(user) {

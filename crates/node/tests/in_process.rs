@@ -463,6 +463,47 @@ async fn rule_updates_backfill_and_carry_their_version() {
         .await
         .unwrap()
         .into_inner();
+    // A preview tells what applying would give, and applies nothing.
+    let sequences = |status: pb::StatusResponse| -> Vec<u64> {
+        status.shards.iter().map(|s| s.last_sequence).collect()
+    };
+    let before = node
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let preview = node
+        .preview_segments(pb::PreviewSegmentsRequest {
+            segments: vec![
+                pb::SegmentDef {
+                    id: "vip".into(),
+                    rule: "sum(order_completed.revenue) >= 1000".into(),
+                    ..Default::default()
+                },
+                pb::SegmentDef {
+                    id: "buyers".into(),
+                    rule: "exists(order_completed)".into(),
+                    ..Default::default()
+                },
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let previewed: Vec<(&str, u64)> = preview
+        .counts
+        .iter()
+        .map(|c| (c.segment.as_str(), c.members))
+        .collect();
+    assert_eq!(previewed, [("vip", 1), ("buyers", 2)]);
+    assert_eq!(preview.users, 2);
+    let after = node
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.rule_version, before.rule_version);
+    assert_eq!(sequences(after), sequences(before));
     let progress = apply_rules(
         &mut node,
         1,
@@ -483,6 +524,14 @@ async fn rule_updates_backfill_and_carry_their_version() {
     );
     assert_eq!(changes[0].rule_version, 1);
     assert_eq!(changes[0].cause, pb::ChangeCause::Rule as i32);
+    // What was applied is what the preview said.
+    let counts = node
+        .segment_counts(pb::SegmentCountsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(counts.counts[0].segment, "vip");
+    assert_eq!(counts.counts[0].members, previewed[0].1);
 
     // Invalid rules are refused with their position, and change nothing.
     let bad = node
