@@ -73,8 +73,8 @@ async fn ingest_until_acked(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_restarts_and_memberships_stay_exact_across_gateways() {
     let seed = env_number("DYNSEG_SEED", 7_777);
-    let users = env_number("DYNSEG_E2E_USERS", 2_000);
-    let total_events = env_number("DYNSEG_E2E_EVENTS", 30_000);
+    let users = env_number("DYNSEG_E2E_USERS", 10_000);
+    let total_events = env_number("DYNSEG_E2E_EVENTS", 200_000);
     eprintln!("e2e cluster scenario: seed {seed}, {users} users, {total_events} events");
     let dir = tempfile::tempdir().unwrap();
     let ports = free_ports(7);
