@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 use crate::demo::Traffic;
 use crate::error::CliError;
 use crate::output::{self, Output};
+use crate::say;
 
 /// What to generate.
 #[derive(Clone, Debug)]
@@ -143,19 +144,19 @@ pub async fn run(config: BenchConfig, out: Output) -> Result<(), CliError> {
             "change_ms": {"p50": percentile(&change_latencies, 0.5).as_secs_f64() * 1e3, "p99": percentile(&change_latencies, 0.99).as_secs_f64() * 1e3},
         })),
         Output::Table => {
-            println!(
+            say!(
                 "{sent} events in {:.1} s: {rate:.0} events/s ({} connections, batches of {})",
                 elapsed.as_secs_f64(),
                 config.connections,
                 config.batch
             );
-            println!(
+            say!(
                 "ack latency per batch: p50 {:?}, p99 {:?}, max {:?}",
                 percentile(&acks, 0.5),
                 percentile(&acks, 0.99),
                 acks.last().copied().unwrap_or_default()
             );
-            println!(
+            say!(
                 "change latency (event processed to subscriber), {} changes: p50 {:?}, p99 {:?}",
                 change_latencies.len(),
                 percentile(&change_latencies, 0.5),

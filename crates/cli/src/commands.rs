@@ -16,6 +16,7 @@ use crate::args::{Args, duration_ms};
 use crate::error::CliError;
 use crate::event_json::parse_event;
 use crate::output::{self, Output};
+use crate::say;
 use crate::segments_file;
 
 /// The dev cluster's gateway: it serves the data API and forwards the control
@@ -85,7 +86,7 @@ pub async fn segment(args: &Args, out: Output) -> Result<(), CliError> {
                     Output::Json => output::json(
                         &json!({"valid": true, "segments": defs.len(), "next_rules_version": reply.next_rules_version}),
                     ),
-                    Output::Table => println!(
+                    Output::Table => say!(
                         "{} segment(s) valid; applying them would make rule-set version {}",
                         defs.len(),
                         reply.next_rules_version
@@ -101,7 +102,7 @@ pub async fn segment(args: &Args, out: Output) -> Result<(), CliError> {
                     Output::Json => output::json(
                         &json!({"applied": defs.len(), "rules_version": reply.rules_version, "revision": reply.revision}),
                     ),
-                    Output::Table => println!(
+                    Output::Table => say!(
                         "applied {} segment(s): rule-set version {}",
                         defs.len(),
                         reply.rules_version
@@ -142,7 +143,7 @@ pub async fn segment(args: &Args, out: Output) -> Result<(), CliError> {
                         .map(|c| vec![c.segment.clone(), c.members.to_string()])
                         .collect();
                     output::table(&["SEGMENT", "MEMBERS NOW"], &rows);
-                    println!("(of {} users; nothing was applied)", reply.users);
+                    say!("(of {} users; nothing was applied)", reply.users);
                 }
             }
         }
@@ -190,9 +191,13 @@ pub async fn segment(args: &Args, out: Output) -> Result<(), CliError> {
                 Output::Json => output::json(&record_json(&record)),
                 Output::Table => {
                     let def = record.def.unwrap_or_default();
-                    println!(
+                    say!(
                         "id:          {}\nname:        {}\ndescription: {}\nversion:     v{}\nrule:        {}",
-                        def.id, def.name, def.description, record.version, def.rule
+                        def.id,
+                        def.name,
+                        def.description,
+                        record.version,
+                        def.rule
                     );
                 }
             }
@@ -211,7 +216,7 @@ pub async fn segment(args: &Args, out: Output) -> Result<(), CliError> {
                 Output::Json => {
                     output::json(&json!({"deleted": id, "rules_version": reply.rules_version}))
                 }
-                Output::Table => println!("deleted {id}: rule-set version {}", reply.rules_version),
+                Output::Table => say!("deleted {id}: rule-set version {}", reply.rules_version),
             }
         }
         other => {
@@ -298,15 +303,15 @@ pub async fn ingest(args: &Args, out: Output) -> Result<(), CliError> {
             "refusals": refused.iter().take(100).map(|(l, r)| json!({"line": l, "reason": r})).collect::<Vec<_>>(),
         })),
         Output::Table => {
-            println!(
+            say!(
                 "{accepted} events accepted ({duplicates} repeats ignored), {} refused, in {secs:.1} s",
                 refused.len()
             );
             for (line, reason) in refused.iter().take(20) {
-                println!("  line {line}: {reason}");
+                say!("  line {line}: {reason}");
             }
             if refused.len() > 20 {
-                println!("  ... and {} more", refused.len() - 20);
+                say!("  ... and {} more", refused.len() - 20);
             }
         }
     }
@@ -365,17 +370,23 @@ pub async fn tail(args: &Args, out: Output) -> Result<(), CliError> {
         };
         let Some(item) = next else { break };
         let Some(change) = item.change else { continue };
-        let mut lock = stdout.lock();
-        let _ = match out {
-            Output::Json => writeln!(
-                lock,
-                "{}",
-                json!({"at_ms": change.at_ms, "user": change.user_id, "segment": change.segment,
-                       "kind": kind_name(change.kind), "cause": cause_name(change.cause),
-                       "rule_version": change.rule_version, "resume_token": item.resume_token})
-            ),
-            Output::Table => writeln!(lock, "{}", change_line(&change)),
+        let written = {
+            let mut lock = stdout.lock();
+            match out {
+                Output::Json => writeln!(
+                    lock,
+                    "{}",
+                    json!({"at_ms": change.at_ms, "user": change.user_id, "segment": change.segment,
+                           "kind": kind_name(change.kind), "cause": cause_name(change.cause),
+                           "rule_version": change.rule_version, "resume_token": item.resume_token})
+                ),
+                Output::Table => writeln!(lock, "{}", change_line(&change)),
+            }
         };
+        if written.is_err() {
+            // stdout closed (`dynseg tail | head`): stop following.
+            break;
+        }
         last_token = item.resume_token;
         seen += 1;
         if limit > 0 && seen >= limit {
@@ -405,15 +416,15 @@ pub async fn user(args: &Args, out: Output) -> Result<(), CliError> {
         Output::Json => output::json(
             &json!({"user": id, "known": reply.exists, "shard": reply.shard, "segments": reply.segments}),
         ),
-        Output::Table if !reply.exists => println!("{id}: not seen (shard {})", reply.shard),
+        Output::Table if !reply.exists => say!("{id}: not seen (shard {})", reply.shard),
         Output::Table => {
-            println!(
+            say!(
                 "{id} (shard {}) is in {} segment(s)",
                 reply.shard,
                 reply.segments.len()
             );
             for segment in reply.segments {
-                println!("  {segment}");
+                say!("  {segment}");
             }
         }
     }
@@ -451,7 +462,7 @@ pub async fn members(args: &Args, out: Output) -> Result<(), CliError> {
         }
         Output::Table => {
             for user in &users {
-                println!("{user}");
+                say!("{user}");
             }
             if !token.is_empty() {
                 eprintln!("(first {} shown; --limit N for more)", users.len());
@@ -491,7 +502,7 @@ pub async fn clock(args: &Args, out: Output) -> Result<(), CliError> {
     let now = dynseg_rules::Timestamp(reply.now_ms);
     match out {
         Output::Json => output::json(&json!({"now_ms": reply.now_ms, "now": now.to_string()})),
-        Output::Table => println!("clock now {now}; every change due by then is durable"),
+        Output::Table => say!("clock now {now}; every change due by then is durable"),
     }
     Ok(())
 }
@@ -520,7 +531,7 @@ pub async fn cluster_status(args: &Args, out: Output) -> Result<(), CliError> {
             "gateways": topology.gateways.iter().map(|g| json!({"id": g.id, "address": g.address})).collect::<Vec<_>>(),
         })),
         Output::Table => {
-            println!(
+            say!(
                 "control plane: member {} is {}, leader {}, term {}, {} member(s), rule-set version {}",
                 status.id,
                 status.role,
@@ -529,7 +540,7 @@ pub async fn cluster_status(args: &Args, out: Output) -> Result<(), CliError> {
                 status.members.len(),
                 status.rules_version
             );
-            println!("{} shards\n", topology.shard_count);
+            say!("{} shards\n", topology.shard_count);
             let rows: Vec<Vec<String>> = topology
                 .nodes
                 .iter()

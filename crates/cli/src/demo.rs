@@ -16,6 +16,7 @@ use dynseg_proto::pb::gateway_client::GatewayClient;
 
 use crate::commands::change_line;
 use crate::error::CliError;
+use crate::say;
 
 /// Deterministic generator (xorshift64*), seeded per demo run.
 struct Rng(u64);
@@ -176,7 +177,7 @@ pub async fn run(
         .apply_segments(pb::SegmentsRequest { segments })
         .await?
         .into_inner();
-    println!(
+    say!(
         "applied the nine SPEC segments (rule-set version {})",
         applied.rules_version
     );
@@ -217,7 +218,7 @@ pub async fn run(
                     changes += 1;
                     let line = change_line(&change);
                     if !tty && changes % 50 == 1 {
-                        println!("change {line}");
+                        say!("change {line}");
                     }
                     recent.push_back(line);
                     if recent.len() > 12 {
@@ -230,22 +231,22 @@ pub async fn run(
                 let secs = started.elapsed().as_secs_f64().max(0.001);
                 if tty {
                     print!("\x1b[2J\x1b[H");
-                    println!("dynseg demo — {sent} events ({:.0}/s), {changes} changes, {} users   (Ctrl-C to stop)\n", sent as f64 / secs, counts.users);
-                    println!("{:<20} {:>9}", "SEGMENT", "MEMBERS");
+                    say!("dynseg demo — {sent} events ({:.0}/s), {changes} changes, {} users   (Ctrl-C to stop)\n", sent as f64 / secs, counts.users);
+                    say!("{:<20} {:>9}", "SEGMENT", "MEMBERS");
                     for count in &counts.counts {
-                        println!("{:<20} {:>9}", count.segment, count.members);
+                        say!("{:<20} {:>9}", count.segment, count.members);
                     }
-                    println!("\nlatest changes:");
+                    say!("\nlatest changes:");
                     for line in &recent {
-                        println!("  {line}");
+                        say!("  {line}");
                     }
                 } else {
                     let sizes: Vec<String> = counts.counts.iter().map(|c| format!("{}={}", c.segment, c.members)).collect();
-                    println!("t={:.0}s events={sent} changes={changes} users={} sizes: {}", secs, counts.users, sizes.join(" "));
+                    say!("t={:.0}s events={sent} changes={changes} users={} sizes: {}", secs, counts.users, sizes.join(" "));
                 }
             }
         }
     }
-    println!("demo done: {sent} events sent, {changes} membership changes streamed");
+    say!("demo done: {sent} events sent, {changes} membership changes streamed");
     Ok(())
 }

@@ -33,11 +33,17 @@ impl CliError {
 impl From<tonic::Status> for CliError {
     fn from(status: tonic::Status) -> CliError {
         use tonic::Code;
+        // Some failures (an older server without the call) carry no message.
+        let message = if status.message().is_empty() {
+            format!("the server answered {:?} with no message", status.code())
+        } else {
+            status.message().to_owned()
+        };
         match status.code() {
             Code::Unavailable | Code::DeadlineExceeded | Code::Internal | Code::Unknown => {
-                CliError::Connection(status.message().to_owned())
+                CliError::Connection(message)
             }
-            _ => CliError::User(status.message().to_owned()),
+            _ => CliError::User(message),
         }
     }
 }

@@ -13,7 +13,7 @@ use dynseg_rules::Timestamp;
 use dynseg_cli::args::Args;
 use dynseg_cli::error::CliError;
 use dynseg_cli::output::Output;
-use dynseg_cli::{bench, commands, demo, dev};
+use dynseg_cli::{bench, commands, demo, dev, say};
 
 // The node's allocation-heavy paths run faster on mimalloc (docs/performance.md).
 #[global_allocator]
@@ -98,7 +98,7 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
         "gateway" => return run_gateway(&argv[1..]).await,
         "node" => return run_node(&argv[1..]).await,
         "help" | "--help" | "-h" => {
-            println!("{HELP}");
+            say!("{HELP}");
             return Ok(ExitCode::SUCCESS);
         }
         _ => {}
@@ -129,11 +129,11 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
             )
             .await
             .map_err(CliError::User)?;
-            println!("dynseg dev cluster, data in {}", data.display());
-            println!("control  {}", cluster.control);
-            println!("node     {}", cluster.node);
-            println!("gateway  {}", cluster.gateway);
-            println!(
+            say!("dynseg dev cluster, data in {}", data.display());
+            say!("control  {}", cluster.control);
+            say!("node     {}", cluster.node);
+            say!("gateway  {}", cluster.gateway);
+            say!(
                 "ready; Ctrl-C stops it (a restart resumes from {})",
                 data.display()
             );
@@ -159,7 +159,7 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
             )
             .await
             .map_err(CliError::User)?;
-            println!(
+            say!(
                 "dynseg demo: control {}, gateway {}, data in {}",
                 cluster.control,
                 cluster.gateway,
@@ -237,7 +237,7 @@ async fn run_control(argv: &[String]) -> Result<ExitCode, CliError> {
     let server = dynseg_control::ControlServer::start(config, listener)
         .await
         .map_err(|e| CliError::User(e.to_string()))?;
-    println!("listening on {}", server.addr());
+    say!("listening on {}", server.addr());
     commands::until_stopped().await;
     server.shutdown().await;
     Ok(ExitCode::SUCCESS)
@@ -248,7 +248,7 @@ async fn run_node(argv: &[String]) -> Result<ExitCode, CliError> {
     let (config, link) =
         parse(argv).map_err(|e| CliError::User(format!("{e}\nusage: dynseg node {USAGE}")))?;
     init_logs("info");
-    let ready = |addr| println!("listening on {addr}");
+    let ready = |addr| say!("listening on {addr}");
     dynseg_node::server::run_linked(config, link, ready, commands::until_stopped())
         .await
         .map_err(|e| CliError::User(e.to_string()))?;
@@ -270,7 +270,7 @@ async fn run_gateway(argv: &[String]) -> Result<ExitCode, CliError> {
         dynseg_gateway::GatewayServer::start(dynseg_gateway::GatewayConfig::new(control), listener)
             .await
             .map_err(|e| CliError::User(e.to_string()))?;
-    println!("listening on {}", server.addr());
+    say!("listening on {}", server.addr());
     commands::until_stopped().await;
     server.shutdown().await;
     Ok(ExitCode::SUCCESS)

@@ -4,6 +4,26 @@
 
 use serde_json::Value as Json;
 
+/// Prints one line on stdout. A closed stdout (`dynseg tail | head`) ends the
+/// process quietly instead of panicking: nobody is left to read the rest.
+pub fn line(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = writeln!(stdout, "{text}").and_then(|()| stdout.flush())
+        && e.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        std::process::exit(0);
+    }
+}
+
+/// `println!` through [`line`].
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::output::line(&format!($($arg)*))
+    };
+}
+
 /// How results are printed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Output {
@@ -32,7 +52,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
                 out.push_str(&format!("{cell:<width$}  ", width = widths[i]));
             }
         }
-        println!("{}", out.trim_end());
+        line(out.trim_end());
     };
     line(header.to_vec());
     for row in rows {
@@ -42,5 +62,5 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
 
 /// Prints a JSON value on one line.
 pub fn json(value: &Json) {
-    println!("{value}");
+    line(&value.to_string());
 }

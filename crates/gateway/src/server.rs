@@ -11,7 +11,6 @@ use dynseg_proto::pb::gateway_server::GatewayServer as GatewayGrpc;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::admin::AdminProxy;
 use crate::ingest::Ingestor;
@@ -90,7 +89,7 @@ impl GatewayServer {
             tonic::transport::Server::builder()
                 .add_service(GatewayGrpc::new(service).max_decoding_message_size(64 << 20))
                 .add_service(ControlGrpc::new(admin).max_decoding_message_size(64 << 20))
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                .serve_with_incoming_shutdown(incoming(listener), async {
                     let _ = stop.await;
                 }),
         );
@@ -129,4 +128,11 @@ impl GatewayServer {
             Err(e) => tracing::warn!(error = %e, "gateway server task failed"),
         }
     }
+}
+
+/// Accepted connections with `TCP_NODELAY`: tonic sets it only on listeners it
+/// binds itself, and without it small replies wait out delayed ACKs (measured:
+/// about 40 ms per single-event ingest call).
+fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
