@@ -21,7 +21,10 @@ use dynseg_proto::pb::control_client::ControlClient;
 use dynseg_proto::pb::gateway_client::GatewayClient;
 use dynseg_rules::reference::Reference;
 use dynseg_rules::{Event, Limits, SegmentDef, Timestamp};
-use support::{Process, args, env_number, fold_change, free_ports, listed};
+use support::{
+    Process, args, assert_memberships, env_number, fold_change, free_ports, listed,
+    reference_members, wait_for_rules,
+};
 use tonic::transport::Channel;
 
 async fn connect_gateway(addr: &str) -> GatewayClient<Channel> {
@@ -166,26 +169,7 @@ async fn a_killed_node_restarts_and_memberships_stay_exact_across_gateways() {
     let reference = Reference::new(&defs, &Limits::default()).unwrap();
     let mut gateway_a = connect_gateway(&addr(5)).await;
     let mut gateway_b = connect_gateway(&addr(6)).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        // Every node answers for the last segment once it has the rules, and
-        // every shard is served once ingest through both gateways works.
-        let probe = gateway_a
-            .list_members(pb::ListMembersRequest {
-                segment: segments[segments.len() - 1].clone(),
-                page_size: 1,
-                page_token: String::new(),
-            })
-            .await;
-        if probe.is_ok() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "rules never reached the nodes: {probe:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_rules(&mut gateway_a, &segments[segments.len() - 1]).await;
 
     // The subscriber follows gateway A, and later resumes on gateway B.
     let mut stream = gateway_a
@@ -260,23 +244,13 @@ async fn a_killed_node_restarts_and_memberships_stay_exact_across_gateways() {
         now = Timestamp(reply.now_ms);
         assert_eq!(now.millis(), target);
 
-        let expected: BTreeSet<(String, String)> = history
-            .iter()
-            .flat_map(|(user, events)| {
-                reference
-                    .members(events, now)
-                    .into_iter()
-                    .map(move |s| (user.clone(), s.as_str().to_owned()))
-            })
-            .collect();
+        let expected = reference_members(&reference, &history, now);
         let actual = listed(&mut gateway_a, &segments).await;
-        if actual != expected {
-            let missing: Vec<_> = expected.difference(&actual).take(5).collect();
-            let extra: Vec<_> = actual.difference(&expected).take(5).collect();
-            panic!(
-                "step {step} at {now}: memberships differ (seed {seed}); missing {missing:?}, extra {extra:?}"
-            );
-        }
+        assert_memberships(
+            &actual,
+            &expected,
+            &format!("step {step} at {now} (seed {seed})"),
+        );
         if step == 3 {
             // Reconnect through the other gateway with the last token.
             assert!(!last_token.is_empty());

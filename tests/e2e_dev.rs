@@ -20,7 +20,10 @@ use dynseg_proto::pb::control_client::ControlClient;
 use dynseg_proto::pb::gateway_client::GatewayClient;
 use dynseg_rules::reference::Reference;
 use dynseg_rules::{Event, Limits, SegmentDef, Timestamp};
-use support::{Process, args, env_number, fold_change, listed};
+use support::{
+    Process, args, assert_memberships, env_number, fold_change, listed, reference_members,
+    wait_for_rules,
+};
 use tokio::sync::mpsc;
 
 /// `dynseg dev` in a temp dir: the process and the addresses it printed.
@@ -80,25 +83,7 @@ async fn the_dev_cluster_matches_the_reference_through_ingest_and_clock_moves() 
         .unwrap();
     let reference = Reference::new(&defs, &Limits::default()).unwrap();
     // The node applies the committed rules through its control link.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        // A node answers NOT_FOUND for a segment its rules do not have yet.
-        let probe = gateway
-            .list_members(pb::ListMembersRequest {
-                segment: segments[segments.len() - 1].clone(),
-                page_size: 1,
-                page_token: String::new(),
-            })
-            .await;
-        if probe.is_ok() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "rules never reached the node: {probe:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_rules(&mut gateway, &segments[segments.len() - 1]).await;
 
     // Follow every change through the gateway from the start.
     let (changes_tx, mut changes) = mpsc::unbounded_channel();
@@ -173,23 +158,13 @@ async fn the_dev_cluster_matches_the_reference_through_ingest_and_clock_moves() 
             start.millis() + moves_ms[..=step].iter().sum::<i64>()
         );
 
-        let expected: BTreeSet<(String, String)> = history
-            .iter()
-            .flat_map(|(user, events)| {
-                reference
-                    .members(events, now)
-                    .into_iter()
-                    .map(move |s| (user.clone(), s.as_str().to_owned()))
-            })
-            .collect();
+        let expected = reference_members(&reference, &history, now);
         let actual = listed(&mut gateway, &segments).await;
-        if actual != expected {
-            let missing: Vec<_> = expected.difference(&actual).take(5).collect();
-            let extra: Vec<_> = actual.difference(&expected).take(5).collect();
-            panic!(
-                "step {step} at {now}: memberships differ (seed {seed}); missing {missing:?}, extra {extra:?}"
-            );
-        }
+        assert_memberships(
+            &actual,
+            &expected,
+            &format!("step {step} at {now} (seed {seed})"),
+        );
         // The change stream adds up to the same memberships: every enter of a
         // member and exit of a non-member, in order per shard, none twice.
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -177,3 +177,57 @@ pub fn fold_change(
         assert!(members.remove(&key), "exit of a non-member: {change:?}");
     }
 }
+
+/// Waits until every node behind `client` has the rules that define `segment`
+/// (a node answers NOT_FOUND for a segment it does not have yet).
+pub async fn wait_for_rules(client: &mut GatewayClient<Channel>, segment: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let probe = client
+            .list_members(pb::ListMembersRequest {
+                segment: segment.to_owned(),
+                page_size: 1,
+                page_token: String::new(),
+            })
+            .await;
+        if probe.is_ok() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rules never reached the nodes: {probe:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every (user, segment) membership the reference evaluator gives at `now`.
+pub fn reference_members(
+    reference: &dynseg_rules::reference::Reference,
+    history: &std::collections::BTreeMap<String, Vec<dynseg_rules::Event>>,
+    now: dynseg_rules::Timestamp,
+) -> BTreeSet<(String, String)> {
+    history
+        .iter()
+        .flat_map(|(user, events)| {
+            reference
+                .members(events, now)
+                .into_iter()
+                .map(move |s| (user.clone(), s.as_str().to_owned()))
+        })
+        .collect()
+}
+
+/// Fails with a sample of the differences when the cluster's memberships are
+/// not the reference's.
+pub fn assert_memberships(
+    actual: &BTreeSet<(String, String)>,
+    expected: &BTreeSet<(String, String)>,
+    context: &str,
+) {
+    if actual != expected {
+        let missing: Vec<_> = expected.difference(actual).take(5).collect();
+        let extra: Vec<_> = actual.difference(expected).take(5).collect();
+        panic!("{context}: memberships differ; missing {missing:?}, extra {extra:?}");
+    }
+}

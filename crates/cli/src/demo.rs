@@ -165,13 +165,9 @@ pub async fn run(
     duration: Option<Duration>,
 ) -> Result<(), CliError> {
     let mut admin = ControlClient::connect(format!("http://{control}")).await?;
-    let segments = dynseg_rules::examples::SPEC_SEGMENTS
+    let segments = dynseg_rules::examples::spec_segments()
         .iter()
-        .map(|(id, rule)| pb::SegmentDef {
-            id: (*id).into(),
-            rule: (*rule).into(),
-            ..Default::default()
-        })
+        .map(pb::SegmentDef::from)
         .collect();
     let applied = admin
         .apply_segments(pb::SegmentsRequest { segments })

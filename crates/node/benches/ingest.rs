@@ -180,13 +180,9 @@ async fn main() {
         .await
         .unwrap()
         .max_decoding_message_size(64 << 20);
-    let segments = dynseg_rules::examples::SPEC_SEGMENTS
+    let segments = dynseg_rules::examples::spec_segments()
         .iter()
-        .map(|(id, rule)| pb::SegmentDef {
-            id: (*id).into(),
-            rule: (*rule).into(),
-            ..Default::default()
-        })
+        .map(pb::SegmentDef::from)
         .collect();
     let mut progress = client
         .apply_rules(pb::ApplyRulesRequest {
