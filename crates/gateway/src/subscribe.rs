@@ -22,15 +22,34 @@ use crate::routing::Routing;
 
 const TOKEN_PREFIX: &str = "v1:";
 
-/// The last sequence delivered for each shard that has delivered any.
+/// The last sequence delivered for each shard that has delivered any, with
+/// each shard's `shard.sequence` text kept ready: a token goes out with every
+/// change, and formatting every shard's numbers for each one cost about a tenth
+/// of the dev cluster's CPU at full load (perf).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Position(BTreeMap<u32, u64>);
+pub struct Position {
+    last: BTreeMap<u32, u64>,
+    rendered: BTreeMap<u32, String>,
+}
 
 impl Position {
     /// The resume token: `v1:` then `shard.sequence` pairs joined by `-`.
     pub fn token(&self) -> String {
-        let pairs: Vec<String> = self.0.iter().map(|(s, q)| format!("{s}.{q}")).collect();
-        format!("{TOKEN_PREFIX}{}", pairs.join("-"))
+        let length: usize = self.rendered.values().map(|p| p.len() + 1).sum();
+        let mut token = String::with_capacity(TOKEN_PREFIX.len() + length);
+        token.push_str(TOKEN_PREFIX);
+        for (i, pair) in self.rendered.values().enumerate() {
+            if i > 0 {
+                token.push('-');
+            }
+            token.push_str(pair);
+        }
+        token
+    }
+
+    fn set(&mut self, shard: u32, sequence: u64) {
+        self.last.insert(shard, sequence);
+        self.rendered.insert(shard, format!("{shard}.{sequence}"));
     }
 
     /// Reads a token; an empty one is the start.
@@ -40,29 +59,32 @@ impl Position {
         }
         let bad = || GatewayError::InvalidArgument(format!("malformed resume token {token:?}"));
         let body = token.strip_prefix(TOKEN_PREFIX).ok_or_else(bad)?;
-        let mut position = BTreeMap::new();
+        let mut position = Position::default();
         for pair in body.split('-').filter(|p| !p.is_empty()) {
             let (shard, sequence) = pair.split_once('.').ok_or_else(bad)?;
             let shard = shard.parse().map_err(|_| bad())?;
             let sequence = sequence.parse().map_err(|_| bad())?;
-            if position.insert(shard, sequence).is_some() {
+            if position.last.contains_key(&shard) {
                 return Err(bad());
             }
+            position.set(shard, sequence);
         }
-        Ok(Position(position))
+        Ok(position)
     }
 
     /// Records a delivered change.
     pub fn advance(&mut self, cursor: &pb::Cursor) {
-        let last = self.0.entry(cursor.shard).or_insert(0);
-        *last = (*last).max(cursor.sequence);
+        let last = self.last.get(&cursor.shard).copied().unwrap_or(0);
+        if cursor.sequence > last {
+            self.set(cursor.shard, cursor.sequence);
+        }
     }
 
     fn cursors(&self, shards: &[u32]) -> Vec<pb::Cursor> {
         shards
             .iter()
             .filter_map(|s| {
-                self.0.get(s).map(|q| pb::Cursor {
+                self.last.get(s).map(|q| pb::Cursor {
                     shard: *s,
                     epoch: 0,
                     sequence: *q,
@@ -96,7 +118,7 @@ pub async fn merge(
             {
                 for shard in status.into_inner().shards {
                     if shards.contains(&shard.shard) && shard.last_sequence > 0 {
-                        position.0.insert(shard.shard, shard.last_sequence);
+                        position.set(shard.shard, shard.last_sequence);
                     }
                 }
             }
