@@ -279,3 +279,85 @@ async fn ctrl_c_stops_the_dev_cluster_cleanly_and_a_restart_resumes_from_its_dat
         .unwrap();
     assert!(members(&mut client, "buyers").await.is_empty());
 }
+
+/// A base port with the two after it free too (`dynseg dev` uses all three).
+fn free_base_port() -> u16 {
+    loop {
+        let base = support::free_ports(1)[0];
+        if base < 65_000
+            && (0..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
+        {
+            return base;
+        }
+    }
+}
+
+async fn track(
+    gateway: &mut GatewayClient<tonic::transport::Channel>,
+    users: std::ops::Range<u32>,
+) {
+    let events = users
+        .map(|i| pb::Event {
+            message_id: format!("order-{i}"),
+            user_id: format!("u{i}"),
+            r#type: pb::EventType::Track as i32,
+            event: "order_completed".into(),
+            ..Default::default()
+        })
+        .collect();
+    gateway.ingest(pb::IngestRequest { events }).await.unwrap();
+}
+
+fn entered(tail: &mut Process) -> String {
+    let line = tail
+        .next_line(Duration::from_secs(30))
+        .expect("tail printed nothing");
+    let change: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(change["kind"], "enter", "{line}");
+    change["user"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_resumes_by_itself_across_a_cluster_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base_port();
+    let gateway = format!("127.0.0.1:{}", base + 2);
+    let line =
+        format!("dev --base-port {base} --shards 4 --clock manual=2026-01-01T00:00:00Z --data");
+    let mut dev = Process::start(&args(&line, dir.path()), "ready");
+    // Segments through the gateway, which forwards them to the control plane.
+    ControlClient::connect(format!("http://{gateway}"))
+        .await
+        .unwrap()
+        .apply_segments(pb::SegmentsRequest {
+            segments: vec![pb::SegmentDef {
+                id: "buyers".into(),
+                rule: "exists(order_completed)".into(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap();
+    let mut client = GatewayClient::connect(format!("http://{gateway}"))
+        .await
+        .unwrap();
+    wait_for_rules(&mut client, "buyers").await;
+    let tail_args: Vec<String> = ["tail", "--addr", &gateway, "--output", "json"]
+        .map(String::from)
+        .to_vec();
+    let mut tail = Process::start_client(&tail_args);
+    track(&mut client, 0..3).await;
+    let mut seen: Vec<String> = (0..3).map(|_| entered(&mut tail)).collect();
+
+    assert!(dev.interrupt(), "dynseg dev did not exit cleanly");
+    dev.restart_with(&args(&line, dir.path()), "ready");
+    let mut client = GatewayClient::connect(format!("http://{gateway}"))
+        .await
+        .unwrap();
+    track(&mut client, 3..5).await;
+    // The same tail process continues after the last change it printed: the
+    // next two lines are the new users, not repeats of the first three.
+    seen.extend((0..2).map(|_| entered(&mut tail)));
+    seen.sort();
+    assert_eq!(seen, ["u0", "u1", "u2", "u3", "u4"]);
+}

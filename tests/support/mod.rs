@@ -39,6 +39,8 @@ pub struct Process {
     child: Option<Child>,
     /// Lines it printed on stdout before the one it was waiting for.
     pub lines: Vec<String>,
+    /// Its stdout lines after those.
+    output: Option<mpsc::Receiver<String>>,
 }
 
 impl Process {
@@ -48,9 +50,21 @@ impl Process {
             args: args.to_vec(),
             child: None,
             lines: Vec::new(),
+            output: None,
         };
         process.spawn(ready_prefix);
         process
+    }
+
+    /// Starts `dynseg ARGS` without waiting for any line (a client such as
+    /// `tail`); read what it prints with [`Process::next_line`].
+    pub fn start_client(args: &[String]) -> Process {
+        Process::start(args, "")
+    }
+
+    /// The next stdout line after the readiness line, or `None` after `timeout`.
+    pub fn next_line(&mut self, timeout: Duration) -> Option<String> {
+        self.output.as_ref()?.recv_timeout(timeout).ok()
     }
 
     fn spawn(&mut self, ready_prefix: &str) {
@@ -71,7 +85,7 @@ impl Process {
                 }
             }
         });
-        loop {
+        while !ready_prefix.is_empty() {
             let line = rx
                 .recv_timeout(Duration::from_secs(60))
                 .unwrap_or_else(|_| {
@@ -83,6 +97,7 @@ impl Process {
                 break;
             }
         }
+        self.output = Some(rx);
         self.child = Some(child);
     }
 

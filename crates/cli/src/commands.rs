@@ -267,12 +267,7 @@ pub async fn ingest(args: &Args, out: Output) -> Result<(), CliError> {
             }
         }
         if !batch.is_empty() {
-            let reply = client
-                .ingest(pb::IngestRequest {
-                    events: std::mem::take(&mut batch),
-                })
-                .await?
-                .into_inner();
+            let reply = ingest_with_retries(&mut client, std::mem::take(&mut batch)).await?;
             accepted += u64::from(reply.accepted);
             duplicates += u64::from(reply.duplicates);
             for r in reply.rejected {
@@ -318,6 +313,38 @@ pub async fn ingest(args: &Args, out: Output) -> Result<(), CliError> {
     Ok(())
 }
 
+/// How long a batch is retried while the cluster is unavailable.
+const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Sends a batch, resending it while the gateway answers UNAVAILABLE (a node
+/// restarting, a leader election): the same message ids make a resend count
+/// nothing twice.
+async fn ingest_with_retries(
+    client: &mut GatewayClient<Channel>,
+    events: Vec<pb::Event>,
+) -> Result<pb::IngestReply, CliError> {
+    let started = Instant::now();
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        match client
+            .ingest(pb::IngestRequest {
+                events: events.clone(),
+            })
+            .await
+        {
+            Ok(reply) => return Ok(reply.into_inner()),
+            Err(status)
+                if status.code() == tonic::Code::Unavailable && started.elapsed() < RETRY_FOR =>
+            {
+                eprintln!("dynseg: {}; retrying the batch", status.message());
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(2));
+            }
+            Err(status) => return Err(status.into()),
+        }
+    }
+}
+
 fn kind_name(kind: i32) -> &'static str {
     match pb::ChangeKind::try_from(kind) {
         Ok(pb::ChangeKind::Enter) => "enter",
@@ -351,24 +378,49 @@ pub fn change_line(change: &pb::MembershipChange) -> String {
 /// `dynseg tail [--segment S]... [--from TOKEN] [--from-now] [--limit N]`.
 pub async fn tail(args: &Args, out: Output) -> Result<(), CliError> {
     let limit: u64 = args.number("limit", 0)?;
+    let request = |token: &str| pb::GatewaySubscribeRequest {
+        segments: args.all("segment"),
+        resume_token: token.to_owned(),
+        from_now: token.is_empty() && args.has("from-now"),
+    };
+    let mut last_token = args.get("from").unwrap_or_default().to_owned();
     let mut stream = gateway(args)
         .await?
-        .subscribe(pb::GatewaySubscribeRequest {
-            segments: args.all("segment"),
-            resume_token: args.get("from").unwrap_or_default().to_owned(),
-            from_now: args.has("from-now"),
-        })
+        .subscribe(request(&last_token))
         .await?
         .into_inner();
     let mut seen = 0u64;
-    let mut last_token = String::new();
     let stdout = std::io::stdout();
     loop {
         let next = tokio::select! {
-            next = stream.message() => next?,
-            _ = tokio::signal::ctrl_c() => None,
+            next = stream.message() => next,
+            _ = tokio::signal::ctrl_c() => break,
         };
-        let Some(item) = next else { break };
+        let item = match next {
+            Ok(Some(item)) => item,
+            // The stream never ends by itself: the gateway went away (or shut
+            // down). Resume after the last change printed, on whichever gateway
+            // answers at --addr, until Ctrl-C.
+            lost => {
+                let why = lost
+                    .err()
+                    .map_or("the stream ended".to_owned(), |s| s.message().to_owned());
+                eprintln!("dynseg: change stream lost ({why}); resuming");
+                stream = loop {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => return Ok(()),
+                        () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+                    }
+                    let Ok(mut client) = gateway(args).await else {
+                        continue;
+                    };
+                    if let Ok(resumed) = client.subscribe(request(&last_token)).await {
+                        break resumed.into_inner();
+                    }
+                };
+                continue;
+            }
+        };
         let Some(change) = item.change else { continue };
         let written = {
             let mut lock = stdout.lock();
@@ -393,7 +445,7 @@ pub async fn tail(args: &Args, out: Output) -> Result<(), CliError> {
             break;
         }
     }
-    if !last_token.is_empty() {
+    if !last_token.is_empty() && seen > 0 {
         eprintln!("resume with: dynseg tail --from {last_token}");
     }
     Ok(())
