@@ -116,4 +116,84 @@ mod tests {
         assert!(share(&first, "b") > 2 * share(&first, "a"));
         assert_eq!(share(&first, "a") + share(&first, "b"), 256);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Up to 8 nodes named n0.. with weights 1 to 4.
+        fn node_sets() -> impl Strategy<Value = BTreeMap<String, u32>> {
+            prop::collection::vec(1u32..=4, 1..=8).prop_map(|weights| {
+                weights
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, w)| (format!("n{i}"), w))
+                    .collect()
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+            /// The same node set always gives the same placement, whatever
+            /// placement came before it (the epochs aside).
+            #[test]
+            fn placement_is_a_function_of_the_node_set(nodes in node_sets(), shards in 1u32..=512) {
+                let mut fresh = Vec::new();
+                replace(&mut fresh, shards, &nodes);
+                let mut via_another = Vec::new();
+                let mut first: BTreeMap<String, u32> = nodes.clone();
+                first.insert("other".into(), 2);
+                replace(&mut via_another, shards, &first);
+                replace(&mut via_another, shards, &nodes);
+                let owners = |p: &[ShardPlacement]| p.iter().map(|s| s.node.clone()).collect::<Vec<_>>();
+                prop_assert_eq!(owners(&fresh), owners(&via_another));
+            }
+
+            /// Adding a node moves shards only onto it, and bumps the epochs of
+            /// exactly those; removing it moves exactly those back.
+            #[test]
+            fn adding_or_removing_a_node_moves_only_its_shards(nodes in node_sets(), weight in 1u32..=4) {
+                let mut placement = Vec::new();
+                replace(&mut placement, 256, &nodes);
+                let before = placement.clone();
+                let mut grown = nodes.clone();
+                grown.insert("new".into(), weight);
+                let moved = replace(&mut placement, 256, &grown);
+                let mut moved_seen = 0;
+                for (old, new) in before.iter().zip(&placement) {
+                    if old.node == new.node {
+                        prop_assert_eq!(old.epoch, new.epoch);
+                    } else {
+                        prop_assert_eq!(new.node.as_deref(), Some("new"));
+                        prop_assert_eq!(new.epoch, old.epoch + 1);
+                        moved_seen += 1;
+                    }
+                }
+                prop_assert_eq!(moved, moved_seen);
+                let grown_placement = placement.clone();
+                replace(&mut placement, 256, &nodes);
+                for ((old, mid), back) in before.iter().zip(&grown_placement).zip(&placement) {
+                    prop_assert_eq!(&old.node, &back.node);
+                    if mid.node.as_deref() != Some("new") {
+                        prop_assert_eq!(mid.epoch, back.epoch);
+                    }
+                }
+            }
+
+            /// Shares follow weights: no node gets more than twice its weighted
+            /// share of 1,024 shards plus a margin for hashing.
+            #[test]
+            fn shares_follow_weights(nodes in node_sets()) {
+                let mut placement = Vec::new();
+                replace(&mut placement, 1024, &nodes);
+                let total: u32 = nodes.values().sum();
+                for (node, weight) in &nodes {
+                    let expected = 1024.0 * f64::from(*weight) / f64::from(total);
+                    let got = share(&placement, node) as f64;
+                    prop_assert!(got <= 2.0 * expected + 24.0, "{node}: {got} of 1024, expected about {expected:.0}");
+                }
+            }
+        }
+    }
 }
