@@ -64,13 +64,11 @@ impl NodeService {
             if raw.timestamp_ms == 0 {
                 raw.timestamp_ms = now.millis();
             }
-            let checked = Event::try_from(raw.clone())
-                .map_err(|e| e.0)
-                .and_then(|event| {
-                    limits
-                        .check(&event, now, batch.shard, shard_count)
-                        .map(|()| event)
-                });
+            let checked = Event::try_from(&raw).map_err(|e| e.0).and_then(|event| {
+                limits
+                    .check(&event, now, batch.shard, shard_count)
+                    .map(|()| event)
+            });
             match checked {
                 Ok(event) => {
                     events.push(event);

@@ -26,25 +26,27 @@ impl TryFrom<pb::Value> for Value {
     type Error = ConvertError;
 
     fn try_from(value: pb::Value) -> Result<Self, ConvertError> {
-        value_from_wire(value, 0)
+        value_from_wire(&value, 0)
     }
 }
 
-fn value_from_wire(value: pb::Value, depth: usize) -> Result<Value, ConvertError> {
+// Conversions from the wire read by reference: the node keeps the wire event
+// for its log, so converting without consuming it saves cloning every event.
+fn value_from_wire(value: &pb::Value, depth: usize) -> Result<Value, ConvertError> {
     use pb::value::Kind;
     if depth > MAX_VALUE_DEPTH {
         return fail(format!("values nest deeper than {MAX_VALUE_DEPTH} lists"));
     }
-    Ok(match value.kind {
+    Ok(match &value.kind {
         None | Some(Kind::NullValue(_)) => Value::Null,
-        Some(Kind::BoolValue(b)) => Value::Bool(b),
-        Some(Kind::NumberValue(n)) if n.is_finite() => Value::Number(n),
+        Some(Kind::BoolValue(b)) => Value::Bool(*b),
+        Some(Kind::NumberValue(n)) if n.is_finite() => Value::Number(*n),
         Some(Kind::NumberValue(n)) => return fail(format!("number {n} is not finite")),
-        Some(Kind::StringValue(s)) => Value::String(s.into()),
-        Some(Kind::TimestampMs(ms)) => Value::Timestamp(Timestamp(ms)),
+        Some(Kind::StringValue(s)) => Value::String(s.as_str().into()),
+        Some(Kind::TimestampMs(ms)) => Value::Timestamp(Timestamp(*ms)),
         Some(Kind::ListValue(list)) => Value::List(
             list.values
-                .into_iter()
+                .iter()
                 .map(|v| value_from_wire(v, depth + 1))
                 .collect::<Result<Vec<_>, _>>()?
                 .into(),
@@ -70,12 +72,13 @@ impl From<&Value> for pb::Value {
 }
 
 fn properties_from_wire(
-    map: std::collections::BTreeMap<String, pb::Value>,
+    map: &std::collections::BTreeMap<String, pb::Value>,
 ) -> Result<Properties, ConvertError> {
     let mut props = Properties::new();
     for (key, value) in map {
-        let value = Value::try_from(value).map_err(|e| ConvertError(format!("{key}: {}", e.0)))?;
-        props.insert(key, value);
+        let value =
+            value_from_wire(value, 0).map_err(|e| ConvertError(format!("{key}: {}", e.0)))?;
+        props.insert(key.clone(), value);
     }
     Ok(props)
 }
@@ -91,10 +94,18 @@ impl TryFrom<pb::Event> for Event {
     type Error = ConvertError;
 
     fn try_from(event: pb::Event) -> Result<Self, ConvertError> {
+        Event::try_from(&event)
+    }
+}
+
+impl TryFrom<&pb::Event> for Event {
+    type Error = ConvertError;
+
+    fn try_from(event: &pb::Event) -> Result<Self, ConvertError> {
         let user = if !event.user_id.is_empty() {
-            event.user_id
+            &event.user_id
         } else if !event.anonymous_id.is_empty() {
-            event.anonymous_id
+            &event.anonymous_id
         } else {
             return fail("the event has neither user_id nor anonymous_id");
         };
@@ -108,11 +119,11 @@ impl TryFrom<pb::Event> for Event {
                 }
                 EventBody::Track {
                     name: event.event.as_str().into(),
-                    properties: properties_from_wire(event.properties)?,
+                    properties: properties_from_wire(&event.properties)?,
                 }
             }
             Ok(pb::EventType::Identify) => EventBody::Identify {
-                traits: properties_from_wire(event.traits)?,
+                traits: properties_from_wire(&event.traits)?,
             },
             Ok(pb::EventType::Alias) => {
                 if event.previous_id.is_empty() {
@@ -128,7 +139,7 @@ impl TryFrom<pb::Event> for Event {
         };
         Ok(Event {
             message_id: event.message_id.as_str().into(),
-            user: UserId::new(user),
+            user: UserId::new(user.clone()),
             timestamp: Timestamp(event.timestamp_ms),
             body,
         })
