@@ -186,6 +186,23 @@ async fn the_dev_cluster_matches_the_reference_through_ingest_and_clock_moves() 
     }
 }
 
+/// Applies one segment through the control API at `addr` (a control member or
+/// a gateway).
+async fn apply_segment(addr: &str, id: &str, rule: &str) {
+    ControlClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+        .apply_segments(pb::SegmentsRequest {
+            segments: vec![pb::SegmentDef {
+                id: id.into(),
+                rule: rule.into(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap();
+}
+
 /// The control and gateway addresses the latest start printed.
 fn addresses(process: &Process) -> (String, String) {
     let find = |prefix: &str| {
@@ -229,18 +246,12 @@ async fn ctrl_c_stops_the_dev_cluster_cleanly_and_a_restart_resumes_from_its_dat
     let line = "dev --base-port 0 --shards 4 --clock manual=2026-01-01T00:00:00Z --data";
     let mut process = Process::start(&args(line, dir.path()), "ready");
     let (control, gateway) = addresses(&process);
-    ControlClient::connect(format!("http://{control}"))
-        .await
-        .unwrap()
-        .apply_segments(pb::SegmentsRequest {
-            segments: vec![pb::SegmentDef {
-                id: "buyers".into(),
-                rule: "count(order_completed) in last 90d >= 1".into(),
-                ..Default::default()
-            }],
-        })
-        .await
-        .unwrap();
+    apply_segment(
+        &control,
+        "buyers",
+        "count(order_completed) in last 90d >= 1",
+    )
+    .await;
     let mut client = GatewayClient::connect(format!("http://{gateway}"))
         .await
         .unwrap();
@@ -326,18 +337,7 @@ async fn tail_resumes_by_itself_across_a_cluster_restart() {
         format!("dev --base-port {base} --shards 4 --clock manual=2026-01-01T00:00:00Z --data");
     let mut dev = Process::start(&args(&line, dir.path()), "ready");
     // Segments through the gateway, which forwards them to the control plane.
-    ControlClient::connect(format!("http://{gateway}"))
-        .await
-        .unwrap()
-        .apply_segments(pb::SegmentsRequest {
-            segments: vec![pb::SegmentDef {
-                id: "buyers".into(),
-                rule: "exists(order_completed)".into(),
-                ..Default::default()
-            }],
-        })
-        .await
-        .unwrap();
+    apply_segment(&gateway, "buyers", "exists(order_completed)").await;
     let mut client = GatewayClient::connect(format!("http://{gateway}"))
         .await
         .unwrap();
