@@ -218,13 +218,8 @@ async fn a_killed_node_restarts_and_memberships_stay_exact_across_gateways() {
             };
             retries += ingest_until_acked(gateway, chunk, seed).await;
         }
-        let killed = killer.is_some();
         if let Some(killer) = killer {
             nodes.push(killer.join().unwrap());
-        }
-        if killed {
-            // The restart happened during this step's ingest, not after it.
-            assert_eq!(nodes.len(), 2);
         }
         for event in events {
             let event = Event::try_from(event).unwrap();

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use dynseg_proto::pb;
 use dynseg_proto::pb::control_client::ControlClient;
-use process::{ControlProcess, free_ports};
+use process::start_group;
 use tonic::transport::Channel;
 
 fn env(name: &str, default: u64) -> u64 {
@@ -69,25 +69,7 @@ async fn main() {
     let kills = env("BENCH_KILLS", 5);
     let ids_per_writer = env("BENCH_IDS", 50);
     let dir = tempfile::tempdir().unwrap();
-    let ports = free_ports(3);
-    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let peers = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("{}={a}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut processes: Vec<ControlProcess> = (0..3)
-        .map(|i| {
-            ControlProcess::start(
-                bin,
-                i as u64 + 1,
-                &addrs[i],
-                &peers,
-                &dir.path().join(format!("m{i}")),
-            )
-        })
-        .collect();
+    let (addrs, mut processes) = start_group(bin, 3, dir.path());
     let first = leader(&addrs).await;
 
     // Throughput: writers spread over all members (followers forward to the leader).

@@ -8,7 +8,7 @@
 //! `tokio::sync::watch`, so reads and watch streams never wait for the task
 //! except to confirm a read index.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -698,9 +698,4 @@ impl Replica {
         };
         self.views.send_replace(Arc::new(view));
     }
-}
-
-/// The addresses of the group's members as this member knows them.
-pub fn members(view: &View) -> BTreeMap<u64, String> {
-    view.state.control_members.clone()
 }

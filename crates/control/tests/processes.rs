@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use dynseg_proto::pb;
 use dynseg_proto::pb::control_client::ControlClient;
-use support::process::{ControlProcess, free_ports};
+use support::process::start_group;
 use support::{eventually, segment, segments};
 use tonic::transport::Channel;
 
@@ -34,25 +34,7 @@ async fn status(addr: &str) -> Option<pb::ControlStatus> {
 async fn killing_the_leader_process_elects_another_and_writes_resume() {
     let bin = Path::new(env!("CARGO_BIN_EXE_dynseg-control"));
     let dir = tempfile::tempdir().unwrap();
-    let ports = free_ports(3);
-    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let peers = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("{}={a}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut processes: Vec<ControlProcess> = (0..3)
-        .map(|i| {
-            ControlProcess::start(
-                bin,
-                i as u64 + 1,
-                &addrs[i],
-                &peers,
-                &dir.path().join(format!("m{}", i + 1)),
-            )
-        })
-        .collect();
+    let (addrs, mut processes) = start_group(bin, 3, dir.path());
     let leader = eventually("a leader", || async {
         let s = status(&addrs[0]).await?;
         (s.leader_id != 0).then_some(s.leader_id)

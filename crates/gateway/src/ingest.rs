@@ -89,21 +89,18 @@ impl Ingestor {
         let shard_count = self.shard_count().await?;
         let (parts, mut rejected) = split(events, shard_count);
         let mut reply = pb::IngestReply::default();
-        // One call per owning node carries all its shards' parts; a shard the
-        // call could not place is retried on its own, as placement settles.
-        let mut by_node: BTreeMap<String, Vec<(u32, u64, Part)>> = BTreeMap::new();
-        let mut unplaced = Vec::new();
+        // One call per owning node carries all its shards' parts; shards with
+        // no owner yet (key `None`) and parts a call could not place are
+        // retried one shard at a time, as placement settles.
+        let mut by_node: BTreeMap<Option<String>, Vec<(u32, u64, Part)>> = BTreeMap::new();
         {
             let table = self.routing.borrow();
             for (shard, part) in parts {
-                match table.owner(shard) {
-                    Some((owner, _)) => by_node.entry(owner.node.clone()).or_default().push((
-                        shard,
-                        owner.epoch,
-                        part,
-                    )),
-                    None => unplaced.push((shard, part)),
-                }
+                let (node, epoch) = match table.owner(shard) {
+                    Some((owner, _)) => (Some(owner.node.clone()), owner.epoch),
+                    None => (None, 0),
+                };
+                by_node.entry(node).or_default().push((shard, epoch, part));
             }
         }
         let mut sends = JoinSet::new();
@@ -116,14 +113,7 @@ impl Ingestor {
                     .acquire_owned()
                     .await
                     .map_err(|_| GatewayError::ShuttingDown)?;
-                ingestor.send_to_node(&node, parts).await
-            });
-        }
-        for (shard, part) in unplaced {
-            let ingestor = self.clone();
-            sends.spawn(async move {
-                let response = ingestor.send(shard, &part.events).await?;
-                Ok(vec![(part.indexes, response)])
+                ingestor.send_to_node(node.as_deref(), parts).await
             });
         }
         // Dropping the set on an error aborts the other parts; their events may
@@ -152,24 +142,29 @@ impl Ingestor {
     /// or that a failed call leaves unanswered go through [`Ingestor::send`].
     async fn send_to_node(
         &self,
-        node: &str,
+        node: Option<&str>,
         parts: Vec<(u32, u64, Part)>,
     ) -> Result<Vec<(Vec<u32>, pb::IngestResponse)>, GatewayError> {
-        let client = self.routing.borrow().nodes.get(node).cloned();
-        let batches: Vec<pb::EventBatch> = parts
-            .iter()
-            .map(|(shard, epoch, part)| pb::EventBatch {
-                shard: *shard,
-                epoch: *epoch,
-                events: part.events.clone(),
-            })
-            .collect();
+        let client = node.and_then(|node| self.routing.borrow().nodes.get(node).cloned());
+        // Parts no call answers (no owner, a cut connection) are sent one shard
+        // at a time below.
         let results = match client {
-            Some(mut client) => match client.ingest_shards(pb::ShardBatches { batches }).await {
-                Ok(results) => results.into_inner().results,
-                Err(status) if retryable(status.code()) => Vec::new(),
-                Err(status) => return Err(GatewayError::Node(status)),
-            },
+            Some(mut client) => {
+                // Copied: a part the node refuses is resent on its own.
+                let batches = parts
+                    .iter()
+                    .map(|(shard, epoch, part)| pb::EventBatch {
+                        shard: *shard,
+                        epoch: *epoch,
+                        events: part.events.clone(),
+                    })
+                    .collect();
+                match client.ingest_shards(pb::ShardBatches { batches }).await {
+                    Ok(results) => results.into_inner().results,
+                    Err(status) if retryable(status.code()) => Vec::new(),
+                    Err(status) => return Err(GatewayError::Node(status)),
+                }
+            }
             None => Vec::new(),
         };
         let mut answered = Vec::with_capacity(parts.len());

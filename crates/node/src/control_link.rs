@@ -69,30 +69,16 @@ impl Known {
 pub struct ControlLink {
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
-    /// Signals each time the node has caught up with what it was told.
-    synced: mpsc::Receiver<u64>,
 }
 
 impl ControlLink {
     /// Starts following the control plane for `node`.
     pub fn spawn(node: Node, config: LinkConfig) -> ControlLink {
         let (stop, stopped) = oneshot::channel();
-        let (synced_tx, synced) = mpsc::channel(16);
-        let task = tokio::spawn(run(node, config, stopped, synced_tx));
+        let task = tokio::spawn(run(node, config, stopped));
         ControlLink {
             stop: Some(stop),
             task: Some(task),
-            synced,
-        }
-    }
-
-    /// Waits until the node has applied rule-set version `version` or newer
-    /// (and the placement known with it).
-    pub async fn synced_to(&mut self, version: u64) {
-        while let Some(done) = self.synced.recv().await {
-            if done >= version {
-                return;
-            }
         }
     }
 
@@ -115,17 +101,12 @@ impl Drop for ControlLink {
     }
 }
 
-async fn run(
-    node: Node,
-    config: LinkConfig,
-    mut stopped: oneshot::Receiver<()>,
-    synced: mpsc::Sender<u64>,
-) {
+async fn run(node: Node, config: LinkConfig, mut stopped: oneshot::Receiver<()>) {
     let mut backoff = Duration::from_millis(100);
     loop {
         tokio::select! {
             _ = &mut stopped => return,
-            result = follow(&node, &config, &synced) => {
+            result = follow(&node, &config) => {
                 if let Err(e) = result {
                     tracing::warn!(control = %config.control, error = %e, "control link lost; reconnecting");
                 }
@@ -147,11 +128,7 @@ fn url(address: &str) -> String {
     }
 }
 
-async fn follow(
-    node: &Node,
-    config: &LinkConfig,
-    synced: &mpsc::Sender<u64>,
-) -> Result<(), NodeError> {
+async fn follow(node: &Node, config: &LinkConfig) -> Result<(), NodeError> {
     let unavailable =
         |e: &dyn std::fmt::Display| NodeError::Unavailable(format!("control plane: {e}"));
     let mut client = ControlClient::connect(url(&config.control))
@@ -192,7 +169,6 @@ async fn follow(
         }
         sync_rules(node, &known).await?;
         sync_shards(node, &known).await?;
-        let _ = synced.try_send(known.rules_version);
     }
 }
 

@@ -20,6 +20,30 @@ pub fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
+/// Starts a founding group of `members` processes on free loopback ports, data
+/// under `dir/m1`, `dir/m2`, ...; returns their addresses and the processes.
+pub fn start_group(bin: &Path, members: usize, dir: &Path) -> (Vec<String>, Vec<ControlProcess>) {
+    let addrs: Vec<String> = free_ports(members)
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    let peers = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let processes = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| {
+            let id = i as u64 + 1;
+            ControlProcess::start(bin, id, addr, &peers, &dir.join(format!("m{id}")))
+        })
+        .collect();
+    (addrs, processes)
+}
+
 pub struct ControlProcess {
     pub id: u64,
     pub addr: String,
