@@ -27,6 +27,7 @@ pub mod config;
 pub mod error;
 pub mod faults;
 pub mod logger;
+pub mod moves;
 pub mod placement;
 pub mod replica;
 pub mod server;

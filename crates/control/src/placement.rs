@@ -33,16 +33,8 @@ pub fn replace(
     nodes: &BTreeMap<String, u32>,
 ) -> usize {
     placement.resize(shard_count as usize, ShardPlacement::default());
-    let ring = RingBuilder::default()
-        .weighted_nodes_iter(
-            nodes
-                .iter()
-                .map(|(id, weight)| (id.clone(), VNODES_PER_WEIGHT * (*weight).max(1) as usize)),
-        )
-        .build();
     let mut moved = 0;
-    for (shard, place) in placement.iter_mut().enumerate() {
-        let owner = ring.try_get(ring_key(shard as u32)).cloned();
+    for (place, owner) in placement.iter_mut().zip(plan(shard_count, nodes)) {
         if owner != place.node {
             place.node = owner;
             place.epoch += 1;
@@ -52,9 +44,21 @@ pub fn replace(
     moved
 }
 
-/// Where a shard sits on the ring. The ring hashes keys with FNV, which spreads
-/// consecutive small integers poorly (measured: one of three equal nodes took
-/// 159 of 256 shards), so the shard number is mixed first (splitmix64).
+/// The owner each shard should have for the nodes `id → weight`, in shard
+/// order (`None` for every shard when there is no node).
+pub fn plan(shard_count: u32, nodes: &BTreeMap<String, u32>) -> Vec<Option<String>> {
+    let ring = RingBuilder::default()
+        .weighted_nodes_iter(
+            nodes
+                .iter()
+                .map(|(id, weight)| (id.clone(), VNODES_PER_WEIGHT * (*weight).max(1) as usize)),
+        )
+        .build();
+    (0..shard_count)
+        .map(|shard| ring.try_get(ring_key(shard)).cloned())
+        .collect()
+}
+
 fn ring_key(shard: u32) -> u64 {
     let mut z = u64::from(shard).wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

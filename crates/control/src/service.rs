@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::ControlError;
 use crate::replica::{MemberChange, ReplicaHandle, View};
-use crate::state::{Command, MemberKind, Revised, SegmentSpec};
+use crate::state::{Command, MemberKind, MoveProgress, Revised, SegmentSpec};
 use crate::transport::SECRET_HEADER;
 use crate::wire;
 
@@ -192,8 +192,84 @@ impl Control for ControlService {
         let view = self.view(request.into_inner().stale).await?;
         Ok(Response::new(pb::TopologyResponse {
             revision: view.state.revision,
-            topology: Some(wire::topology(&view.state.topology)),
+            topology: Some(wire::topology_with_liveness(&view.state, now_ms())),
         }))
+    }
+
+    async fn add_node(
+        &self,
+        request: Request<pb::AddNodeRequest>,
+    ) -> Result<Response<pb::WriteResult>, Status> {
+        let request = request.into_inner();
+        self.write(Command::AddNode {
+            node: request.node,
+            weight: request.weight,
+        })
+        .await
+    }
+
+    async fn drain_node(
+        &self,
+        request: Request<pb::DrainNodeRequest>,
+    ) -> Result<Response<pb::WriteResult>, Status> {
+        self.write(Command::DrainNode(request.into_inner().node))
+            .await
+    }
+
+    async fn rebalance(
+        &self,
+        request: Request<pb::RebalanceRequest>,
+    ) -> Result<Response<pb::WriteResult>, Status> {
+        self.write(Command::Rebalance {
+            max_moves: request.into_inner().max_moves,
+        })
+        .await
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::WriteResult>, Status> {
+        let request = request.into_inner();
+        self.write(Command::Heartbeat {
+            id: request.node_id,
+            at_ms: now_ms(),
+            moves: request
+                .moves_in
+                .into_iter()
+                .map(|p| MoveProgress {
+                    shard: p.shard,
+                    attempt: p.attempt,
+                    bytes_done: p.bytes_done,
+                    bytes_total: p.bytes_total,
+                })
+                .collect(),
+        })
+        .await
+    }
+
+    async fn commit_move(
+        &self,
+        request: Request<pb::MoveRequest>,
+    ) -> Result<Response<pb::WriteResult>, Status> {
+        let request = request.into_inner();
+        self.write(Command::CommitMove {
+            shard: request.shard,
+            attempt: request.attempt,
+        })
+        .await
+    }
+
+    async fn abort_move(
+        &self,
+        request: Request<pb::MoveRequest>,
+    ) -> Result<Response<pb::WriteResult>, Status> {
+        let request = request.into_inner();
+        self.write(Command::AbortMove {
+            shard: request.shard,
+            attempt: request.attempt,
+        })
+        .await
     }
 
     type WatchStream = WatchStream;
@@ -333,4 +409,11 @@ impl RaftPeer for ControlService {
         }
         Ok(Response::new(pb::RaftAck {}))
     }
+}
+
+/// This member's wall clock, in milliseconds since the Unix epoch.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }

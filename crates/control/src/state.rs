@@ -11,7 +11,8 @@ use dynseg_rules::{Limits, SegmentDef, SegmentId};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ControlError;
-use crate::placement::{self, MAX_WEIGHT, ShardPlacement};
+use crate::moves::{self, DEFAULT_MAX_MOVES, MAX_MAX_MOVES, ShardMove};
+use crate::placement::{MAX_WEIGHT, ShardPlacement};
 
 /// The shard count a cluster gets unless set before the first node registers.
 pub const DEFAULT_SHARD_COUNT: u32 = 256;
@@ -77,6 +78,33 @@ pub struct Endpoint {
     pub address: String,
     /// Relative share of shards (nodes only), 1 to [`MAX_WEIGHT`].
     pub weight: u32,
+    /// A draining node is given no shards and hands its own to the others.
+    #[serde(default)]
+    pub draining: bool,
+}
+
+/// What a node last reported: when, and how its incoming moves are going.
+/// Not part of any revision: heartbeats are frequent and watchers do not need
+/// them; readers of the topology get them with it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Liveness {
+    /// The control member's clock when the heartbeat arrived (ms since the epoch).
+    pub at_ms: i64,
+    /// Progress of the moves into this node.
+    pub moves: Vec<MoveProgress>,
+}
+
+/// How far the copy of one incoming shard has got.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveProgress {
+    /// The shard.
+    pub shard: u32,
+    /// The move's attempt.
+    pub attempt: u64,
+    /// Bytes copied so far.
+    pub bytes_done: u64,
+    /// Bytes of the shard's snapshot.
+    pub bytes_total: u64,
 }
 
 /// A write to the state machine: the payload of one Raft entry.
@@ -106,6 +134,47 @@ pub enum Command {
     },
     /// Set the shard count (only while no node is registered).
     SetShardCount(u32),
+    /// Give a registered node (by id or address) shards again, optionally with
+    /// a new weight (0 keeps it).
+    AddNode {
+        /// Its id or address.
+        node: String,
+        /// Its new weight, or 0.
+        weight: u32,
+    },
+    /// Move every shard off a node (by id or address).
+    DrainNode(String),
+    /// Recompute the plan, optionally with a new limit of concurrent moves (0
+    /// keeps it).
+    Rebalance {
+        /// Moves in flight at once.
+        max_moves: u32,
+    },
+    /// The destination of a move has the shard's data and has fenced the
+    /// source: hand it the shard at the next epoch.
+    CommitMove {
+        /// The shard.
+        shard: u32,
+        /// The attempt the destination copied under.
+        attempt: u64,
+    },
+    /// The source gives up on an attempt (its destination went quiet); the move
+    /// is retried under a new attempt.
+    AbortMove {
+        /// The shard.
+        shard: u32,
+        /// The attempt to give up.
+        attempt: u64,
+    },
+    /// A node is alive.
+    Heartbeat {
+        /// The node.
+        id: String,
+        /// The receiving member's clock.
+        at_ms: i64,
+        /// Its incoming moves.
+        moves: Vec<MoveProgress>,
+    },
 }
 
 /// One committed change, as watchers see it.
@@ -143,6 +212,19 @@ pub struct Topology {
     pub shard_count: u32,
     /// One entry per shard.
     pub placement: Vec<ShardPlacement>,
+    /// Moves in flight, by shard.
+    #[serde(default)]
+    pub moves: BTreeMap<u32, ShardMove>,
+    /// The last move attempt number handed out.
+    #[serde(default)]
+    pub next_attempt: u64,
+    /// How many moves may be in flight at once.
+    #[serde(default = "default_max_moves")]
+    pub max_moves: u32,
+}
+
+fn default_max_moves() -> u32 {
+    DEFAULT_MAX_MOVES
 }
 
 /// Everything the control plane replicates.
@@ -158,6 +240,9 @@ pub struct ClusterState {
     pub topology: Arc<Topology>,
     /// Raft members of the control plane and their addresses.
     pub control_members: BTreeMap<u64, String>,
+    /// Nodes' last heartbeats, by node id.
+    #[serde(default)]
+    pub liveness: BTreeMap<String, Liveness>,
 }
 
 impl Default for ClusterState {
@@ -171,8 +256,12 @@ impl Default for ClusterState {
                 gateways: BTreeMap::new(),
                 shard_count: DEFAULT_SHARD_COUNT,
                 placement: Vec::new(),
+                moves: BTreeMap::new(),
+                next_attempt: 0,
+                max_moves: DEFAULT_MAX_MOVES,
             }),
             control_members: BTreeMap::new(),
+            liveness: BTreeMap::new(),
         };
         state.replace_shards();
         state
@@ -314,14 +403,16 @@ impl ClusterState {
                 weight,
             } => {
                 validate_member(id, address, *weight)?;
-                let endpoint = Endpoint {
-                    address: address.clone(),
-                    weight: (*weight).max(1),
-                };
                 let topology = Arc::make_mut(&mut self.topology);
                 let members = match kind {
                     MemberKind::Node => &mut topology.nodes,
                     MemberKind::Gateway => &mut topology.gateways,
+                };
+                // A node restarting after a drain stays drained.
+                let endpoint = Endpoint {
+                    address: address.clone(),
+                    weight: (*weight).max(1),
+                    draining: members.get(id).is_some_and(|e| e.draining),
                 };
                 if members.get(id) == Some(&endpoint) {
                     return Ok(Vec::new()); // Re-registering unchanged is a no-op.
@@ -333,6 +424,10 @@ impl ClusterState {
                 deltas.push(Delta::Topology(self.topology.clone()));
             }
             Command::Deregister { kind, id } => {
+                if *kind == MemberKind::Node {
+                    self.check_removable(id)?;
+                    self.liveness.remove(id);
+                }
                 let topology = Arc::make_mut(&mut self.topology);
                 let members = match kind {
                     MemberKind::Node => &mut topology.nodes,
@@ -363,6 +458,104 @@ impl ClusterState {
                 self.replace_shards();
                 deltas.push(Delta::Topology(self.topology.clone()));
             }
+            Command::AddNode { node, weight } => {
+                if *weight > MAX_WEIGHT {
+                    return Err(ControlError::InvalidArgument(format!(
+                        "weight {weight} is over the limit of {MAX_WEIGHT}"
+                    )));
+                }
+                let id = self.node_id(node)?;
+                let topology = Arc::make_mut(&mut self.topology);
+                let endpoint = topology
+                    .nodes
+                    .get_mut(&id)
+                    .ok_or_else(|| ControlError::MemberNotFound(format!("node {node}")))?;
+                endpoint.draining = false;
+                if *weight > 0 {
+                    endpoint.weight = *weight;
+                }
+                self.replace_shards();
+                deltas.push(Delta::Topology(self.topology.clone()));
+            }
+            Command::DrainNode(node) => {
+                let id = self.node_id(node)?;
+                let others = self
+                    .topology
+                    .nodes
+                    .iter()
+                    .filter(|(other, e)| **other != id && !e.draining)
+                    .count();
+                if others == 0 {
+                    return Err(ControlError::FailedPrecondition(format!(
+                        "node {id} is the only node taking shards: add another before draining it"
+                    )));
+                }
+                let topology = Arc::make_mut(&mut self.topology);
+                if let Some(endpoint) = topology.nodes.get_mut(&id) {
+                    endpoint.draining = true;
+                }
+                self.replace_shards();
+                deltas.push(Delta::Topology(self.topology.clone()));
+            }
+            Command::Rebalance { max_moves } => {
+                if *max_moves > MAX_MAX_MOVES {
+                    return Err(ControlError::InvalidArgument(format!(
+                        "at most {MAX_MAX_MOVES} moves may be in flight, not {max_moves}"
+                    )));
+                }
+                let topology = Arc::make_mut(&mut self.topology);
+                if *max_moves > 0 {
+                    topology.max_moves = *max_moves;
+                }
+                self.replace_shards();
+                deltas.push(Delta::Topology(self.topology.clone()));
+            }
+            Command::CommitMove { shard, attempt } => {
+                let current = self.topology.moves.get(shard);
+                let Some(m) = current.filter(|m| m.attempt == *attempt).cloned() else {
+                    return Err(ControlError::FailedPrecondition(format!(
+                        "move of shard {shard} attempt {attempt} is no longer in flight"
+                    )));
+                };
+                let topology = Arc::make_mut(&mut self.topology);
+                topology.moves.remove(shard);
+                if let Some(place) = topology.placement.get_mut(*shard as usize) {
+                    place.node = Some(m.to);
+                    place.epoch += 1;
+                }
+                self.replace_shards();
+                deltas.push(Delta::Topology(self.topology.clone()));
+            }
+            Command::AbortMove { shard, attempt } => {
+                // Whatever this finds, `attempt` can no longer commit once it
+                // is applied: that is all the caller needs to know.
+                if self
+                    .topology
+                    .moves
+                    .get(shard)
+                    .is_some_and(|m| m.attempt == *attempt)
+                {
+                    let topology = Arc::make_mut(&mut self.topology);
+                    topology.next_attempt += 1;
+                    let next = topology.next_attempt;
+                    if let Some(m) = topology.moves.get_mut(shard) {
+                        m.attempt = next;
+                    }
+                    deltas.push(Delta::Topology(self.topology.clone()));
+                }
+            }
+            Command::Heartbeat { id, at_ms, moves } => {
+                if !self.topology.nodes.contains_key(id) {
+                    return Err(ControlError::MemberNotFound(format!("node {id}")));
+                }
+                self.liveness.insert(
+                    id.clone(),
+                    Liveness {
+                        at_ms: *at_ms,
+                        moves: moves.clone(),
+                    },
+                );
+            }
         }
         Ok(self.revise(deltas))
     }
@@ -390,14 +583,46 @@ impl ClusterState {
             .collect()
     }
 
+    /// Places unowned shards and schedules the moves the node set calls for.
     fn replace_shards(&mut self) {
-        let topology = Arc::make_mut(&mut self.topology);
-        let weights = topology
+        moves::schedule(Arc::make_mut(&mut self.topology));
+    }
+
+    /// The id of the node named by id or address.
+    fn node_id(&self, node: &str) -> Result<String, ControlError> {
+        if self.topology.nodes.contains_key(node) {
+            return Ok(node.to_owned());
+        }
+        let by_address =
+            |address: &str| address == node || address.rsplit("://").next() == Some(node);
+        self.topology
             .nodes
             .iter()
-            .map(|(id, e)| (id.clone(), e.weight))
-            .collect();
-        placement::replace(&mut topology.placement, topology.shard_count, &weights);
+            .find(|(_, e)| by_address(&e.address))
+            .map(|(id, _)| id.clone())
+            .ok_or_else(|| ControlError::MemberNotFound(format!("node {node}")))
+    }
+
+    /// A node may leave only once it owns nothing and takes part in no move.
+    fn check_removable(&self, id: &str) -> Result<(), ControlError> {
+        let owned = self
+            .topology
+            .placement
+            .iter()
+            .filter(|p| p.node.as_deref() == Some(id))
+            .count();
+        let moving = self
+            .topology
+            .moves
+            .values()
+            .filter(|m| m.from == id || m.to == id)
+            .count();
+        if owned > 0 || moving > 0 {
+            return Err(ControlError::FailedPrecondition(format!(
+                "node {id} still owns {owned} shards ({moving} moves in flight): drain it and wait for the moves first"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -570,20 +795,9 @@ mod tests {
             state.apply(&Command::SetShardCount(32)),
             Err(ControlError::FailedPrecondition(_))
         ));
+        // A second node gets its shards through moves, a few at a time; the
+        // placement changes only as moves commit.
         state.apply(&node("n2")).unwrap();
-        let on_n2 = state
-            .topology
-            .placement
-            .iter()
-            .filter(|p| p.node.as_deref() == Some("n2"));
-        assert!(on_n2.clone().count() > 0);
-        assert!(on_n2.into_iter().all(|p| p.epoch == 2));
-        state
-            .apply(&Command::Deregister {
-                kind: MemberKind::Node,
-                id: "n2".into(),
-            })
-            .unwrap();
         assert!(
             state
                 .topology
@@ -591,10 +805,164 @@ mod tests {
                 .iter()
                 .all(|p| p.node.as_deref() == Some("n1"))
         );
+        assert!(!state.topology.moves.is_empty());
+        assert!(state.topology.moves.values().all(|m| m.to == "n2"));
+        assert!(matches!(
+            state.apply(&Command::Deregister {
+                kind: MemberKind::Node,
+                id: "n2".into(),
+            }),
+            Err(ControlError::FailedPrecondition(_))
+        ));
         assert!(matches!(
             state.apply(&Command::Deregister {
                 kind: MemberKind::Gateway,
                 id: "g9".into()
+            }),
+            Err(ControlError::MemberNotFound(_))
+        ));
+    }
+
+    /// Commits every move in flight, as destinations would, until none is left.
+    fn run_moves(state: &mut ClusterState) -> usize {
+        let mut committed = 0;
+        while let Some((&shard, m)) = state.topology.moves.iter().next() {
+            let attempt = m.attempt;
+            state
+                .apply(&Command::CommitMove { shard, attempt })
+                .unwrap();
+            committed += 1;
+        }
+        committed
+    }
+
+    fn owned(state: &ClusterState, id: &str) -> usize {
+        state
+            .topology
+            .placement
+            .iter()
+            .filter(|p| p.node.as_deref() == Some(id))
+            .count()
+    }
+
+    #[test]
+    fn moves_respect_the_limit_and_commit_only_for_their_attempt() {
+        let mut state = ClusterState::default();
+        state.apply(&node("n1")).unwrap();
+        state.apply(&Command::Rebalance { max_moves: 3 }).unwrap();
+        state.apply(&node("n2")).unwrap();
+        assert_eq!(state.topology.moves.len(), 3);
+        let (&shard, first) = state.topology.moves.iter().next().unwrap();
+        let (attempt, epoch) = (
+            first.attempt,
+            state.topology.placement[shard as usize].epoch,
+        );
+
+        // The source gives up: the attempt can no longer commit, the move stays
+        // with a new attempt.
+        state.apply(&Command::AbortMove { shard, attempt }).unwrap();
+        assert!(matches!(
+            state.apply(&Command::CommitMove { shard, attempt }),
+            Err(ControlError::FailedPrecondition(_))
+        ));
+        let retried = state.topology.moves[&shard].attempt;
+        assert!(retried > attempt);
+        // Aborting a stale attempt again changes nothing.
+        assert!(
+            state
+                .apply(&Command::AbortMove { shard, attempt })
+                .unwrap()
+                .is_empty()
+        );
+        state
+            .apply(&Command::CommitMove {
+                shard,
+                attempt: retried,
+            })
+            .unwrap();
+        let place = &state.topology.placement[shard as usize];
+        assert_eq!(place.node.as_deref(), Some("n2"));
+        assert_eq!(place.epoch, epoch + 1);
+        // Another move took the freed slot.
+        assert_eq!(state.topology.moves.len(), 3);
+
+        let moved = 1 + run_moves(&mut state);
+        assert_eq!(moved, owned(&state, "n2"));
+        assert_eq!(moves::pending(&state.topology), 0);
+        let mut fresh = ClusterState::default();
+        fresh.apply(&node("n1")).unwrap();
+        fresh.apply(&node("n2")).unwrap();
+        run_moves(&mut fresh);
+        let owners = |s: &ClusterState| {
+            s.topology
+                .placement
+                .iter()
+                .map(|p| p.node.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(owners(&state), owners(&fresh), "the plan is the ring's");
+    }
+
+    #[test]
+    fn a_drained_node_owns_nothing_and_only_then_can_leave() {
+        let mut state = ClusterState::default();
+        state.apply(&node("n1")).unwrap();
+        assert!(matches!(
+            state.apply(&Command::DrainNode("n1".into())),
+            Err(ControlError::FailedPrecondition(_))
+        ));
+        state.apply(&node("n2")).unwrap();
+        run_moves(&mut state);
+        assert!(owned(&state, "n2") > 0);
+        // By address works as well as by id.
+        state.apply(&Command::DrainNode("n2:7000".into())).unwrap();
+        assert!(state.topology.nodes["n2"].draining);
+        assert!(matches!(
+            state.apply(&Command::Deregister {
+                kind: MemberKind::Node,
+                id: "n2".into(),
+            }),
+            Err(ControlError::FailedPrecondition(_))
+        ));
+        // Re-registering (a restart) keeps it drained.
+        state.apply(&node("n2")).unwrap();
+        assert!(state.topology.nodes["n2"].draining);
+        run_moves(&mut state);
+        assert_eq!(owned(&state, "n2"), 0);
+        state
+            .apply(&Command::Deregister {
+                kind: MemberKind::Node,
+                id: "n2".into(),
+            })
+            .unwrap();
+        assert_eq!(owned(&state, "n1"), 256);
+        assert!(matches!(
+            state.apply(&Command::AddNode {
+                node: "n2".into(),
+                weight: 0
+            }),
+            Err(ControlError::MemberNotFound(_))
+        ));
+    }
+
+    #[test]
+    fn heartbeats_are_recorded_without_a_revision() {
+        let mut state = ClusterState::default();
+        state.apply(&node("n1")).unwrap();
+        let revision = state.revision;
+        let beat = Command::Heartbeat {
+            id: "n1".into(),
+            at_ms: 42,
+            moves: Vec::new(),
+        };
+        assert!(state.apply(&beat).unwrap().is_empty());
+        assert_eq!(state.revision, revision);
+        assert_eq!(state.liveness["n1"].at_ms, 42);
+        assert!(matches!(
+            state.apply(&Command::Heartbeat {
+                id: "zz".into(),
+                at_ms: 1,
+                moves: Vec::new()
             }),
             Err(ControlError::MemberNotFound(_))
         ));

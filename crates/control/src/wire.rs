@@ -5,9 +5,11 @@ use std::collections::BTreeMap;
 use dynseg_proto::pb;
 
 use crate::error::ControlError;
+use crate::moves;
 use crate::replica::View;
 use crate::state::{
-    ClusterState, Delta, Endpoint, MemberKind, Revised, SegmentSpec, StoredSegment, Topology,
+    ClusterState, Delta, Endpoint, MemberKind, MoveProgress, Revised, SegmentSpec, StoredSegment,
+    Topology,
 };
 
 impl TryFrom<pb::SegmentDef> for SegmentSpec {
@@ -70,6 +72,8 @@ pub fn topology(state: &Topology) -> pb::Topology {
                 id: id.clone(),
                 address: e.address.clone(),
                 weight: e.weight,
+                draining: e.draining,
+                ..Default::default()
             })
             .collect()
     };
@@ -87,6 +91,45 @@ pub fn topology(state: &Topology) -> pb::Topology {
                 epoch: p.epoch,
             })
             .collect(),
+        moves: state
+            .moves
+            .iter()
+            .map(|(shard, m)| pb::ShardMove {
+                shard: *shard,
+                from_node: m.from.clone(),
+                to_node: m.to.clone(),
+                attempt: m.attempt,
+            })
+            .collect(),
+        max_moves: state.max_moves,
+        pending_moves: moves::pending(state) as u32,
+    }
+}
+
+/// A node is alive when its last heartbeat is at most this old.
+pub const ALIVE_WITHIN_MS: i64 = 5_000;
+
+/// The topology with each node's liveness as of `now_ms` (for readers; watch
+/// events carry the topology alone).
+pub fn topology_with_liveness(state: &ClusterState, now_ms: i64) -> pb::Topology {
+    let mut out = topology(&state.topology);
+    for node in &mut out.nodes {
+        if let Some(live) = state.liveness.get(&node.id) {
+            node.last_heartbeat_ms = live.at_ms;
+            node.alive = now_ms.saturating_sub(live.at_ms) <= ALIVE_WITHIN_MS;
+            node.moves_in = live.moves.iter().map(move_progress).collect();
+        }
+    }
+    out
+}
+
+/// Progress, as the API shows it.
+pub fn move_progress(p: &MoveProgress) -> pb::MoveProgress {
+    pb::MoveProgress {
+        shard: p.shard,
+        attempt: p.attempt,
+        bytes_done: p.bytes_done,
+        bytes_total: p.bytes_total,
     }
 }
 

@@ -110,6 +110,48 @@ impl Control for AdminProxy {
         forward!(self, get_topology, request)
     }
 
+    async fn add_node(
+        &self,
+        request: Request<pb::AddNodeRequest>,
+    ) -> Result<Response<pb::WriteResult>, Status> {
+        forward!(self, add_node, request)
+    }
+
+    async fn drain_node(
+        &self,
+        request: Request<pb::DrainNodeRequest>,
+    ) -> Result<Response<pb::WriteResult>, Status> {
+        forward!(self, drain_node, request)
+    }
+
+    async fn rebalance(
+        &self,
+        request: Request<pb::RebalanceRequest>,
+    ) -> Result<Response<pb::WriteResult>, Status> {
+        forward!(self, rebalance, request)
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::WriteResult>, Status> {
+        forward!(self, heartbeat, request)
+    }
+
+    async fn commit_move(
+        &self,
+        request: Request<pb::MoveRequest>,
+    ) -> Result<Response<pb::WriteResult>, Status> {
+        forward!(self, commit_move, request)
+    }
+
+    async fn abort_move(
+        &self,
+        request: Request<pb::MoveRequest>,
+    ) -> Result<Response<pb::WriteResult>, Status> {
+        forward!(self, abort_move, request)
+    }
+
     type WatchStream = WatchStream;
 
     async fn watch(

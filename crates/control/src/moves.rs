@@ -1,0 +1,109 @@
+//! Shard moves: how the control plane gets shards from where they are to where
+//! the ring says they should be, a few at a time, without ever handing a shard
+//! to a node that does not hold its data.
+//!
+//! Pure like the rest of the state machine. A move names its source, its
+//! destination and an attempt number unique in the cluster's history. The
+//! destination copies the shard while the source serves, then asks the control
+//! plane to commit the move *for that attempt*; the source, if the destination
+//! goes quiet while writes are fenced, asks to abort it *for that attempt*.
+//! Both are Raft commands, so exactly one of them wins, and a node never has to
+//! guess whether a move it took part in committed.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::placement;
+use crate::state::Topology;
+
+/// Moves in flight at once unless an operator sets another limit.
+pub const DEFAULT_MAX_MOVES: u32 = 4;
+/// The highest limit an operator may set.
+pub const MAX_MAX_MOVES: u32 = 64;
+
+/// A shard on its way from one node to another.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardMove {
+    /// The node serving the shard until the move commits.
+    pub from: String,
+    /// The node that copies it and serves it after.
+    pub to: String,
+    /// Unique per try: an aborted try is retried under a new number.
+    pub attempt: u64,
+}
+
+/// The owner the ring gives each shard among the nodes that are not draining.
+pub fn targets(topology: &Topology) -> Vec<Option<String>> {
+    let active: BTreeMap<String, u32> = topology
+        .nodes
+        .iter()
+        .filter(|(_, e)| !e.draining)
+        .map(|(id, e)| (id.clone(), e.weight))
+        .collect();
+    placement::plan(topology.shard_count, &active)
+}
+
+/// Brings placement and moves in line with the nodes:
+/// - a shard with no owner goes straight to its target (no node holds data
+///   for it, so there is nothing to copy);
+/// - a move whose source no longer owns the shard, or whose destination is no
+///   longer the target, is dropped (its attempt can no longer commit);
+/// - moves start, in shard order, until `max_moves` are in flight.
+///
+/// Returns whether anything changed.
+pub fn schedule(topology: &mut Topology) -> bool {
+    let count = topology.shard_count as usize;
+    let mut changed = false;
+    if topology.placement.len() != count {
+        topology.placement.resize(count, Default::default());
+        changed = true;
+    }
+    let targets = targets(topology);
+    for (place, target) in topology.placement.iter_mut().zip(&targets) {
+        if place.node.is_none() && target.is_some() {
+            place.node = target.clone();
+            place.epoch += 1;
+            changed = true;
+        }
+    }
+    let placement = &topology.placement;
+    let before = topology.moves.len();
+    topology.moves.retain(|shard, m| {
+        let shard = *shard as usize;
+        placement.get(shard).and_then(|p| p.node.as_deref()) == Some(m.from.as_str())
+            && targets.get(shard).and_then(|t| t.as_deref()) == Some(m.to.as_str())
+    });
+    changed |= topology.moves.len() != before;
+    for (shard, target) in targets.iter().enumerate() {
+        if topology.moves.len() >= topology.max_moves.max(1) as usize {
+            break;
+        }
+        let (Some(to), Some(from)) = (target, &topology.placement[shard].node) else {
+            continue;
+        };
+        if to == from || topology.moves.contains_key(&(shard as u32)) {
+            continue;
+        }
+        topology.next_attempt += 1;
+        topology.moves.insert(
+            shard as u32,
+            ShardMove {
+                from: from.clone(),
+                to: to.clone(),
+                attempt: topology.next_attempt,
+            },
+        );
+        changed = true;
+    }
+    changed
+}
+
+/// Shards whose owner differs from their target: what is left to move.
+pub fn pending(topology: &Topology) -> usize {
+    targets(topology)
+        .iter()
+        .zip(&topology.placement)
+        .filter(|(target, place)| target.is_some() && **target != place.node)
+        .count()
+}
