@@ -22,8 +22,8 @@ use dynseg_proto::pb::gateway_client::GatewayClient;
 use dynseg_rules::reference::Reference;
 use dynseg_rules::{Event, Limits, SegmentDef, Timestamp};
 use support::{
-    Process, args, assert_memberships, env_number, fold_change, free_ports, listed,
-    reference_members, wait_for_rules,
+    Process, args, assert_memberships, env_number, fold_change, free_ports, ingest_until_acked,
+    listed, reference_members, wait_for_rules,
 };
 use tonic::transport::Channel;
 
@@ -32,45 +32,6 @@ async fn connect_gateway(addr: &str) -> GatewayClient<Channel> {
         .await
         .unwrap()
         .max_decoding_message_size(64 << 20)
-}
-
-/// Sends a batch until it is acknowledged: a node being restarted makes the
-/// gateway answer UNAVAILABLE after its own retries, and the client tries again
-/// with the same message ids (the node drops repeats).
-async fn ingest_until_acked(
-    client: &mut GatewayClient<Channel>,
-    events: &[pb::Event],
-    seed: u64,
-) -> u32 {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut retries = 0;
-    loop {
-        match client
-            .ingest(pb::IngestRequest {
-                events: events.to_vec(),
-            })
-            .await
-        {
-            Ok(reply) => {
-                let reply = reply.into_inner();
-                assert!(
-                    reply.rejected.is_empty(),
-                    "refused {:?} (seed {seed})",
-                    reply.rejected.first()
-                );
-                return retries;
-            }
-            Err(status) if status.code() == tonic::Code::Unavailable => {
-                assert!(
-                    Instant::now() < deadline,
-                    "ingest never recovered: {status} (seed {seed})"
-                );
-                retries += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(status) => panic!("ingest failed: {status} (seed {seed})"),
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,8 +96,9 @@ async fn a_killed_node_restarts_and_memberships_stay_exact_across_gateways() {
         })
         .collect();
 
-    // Both nodes registered before any data: placement stays put (moving a
-    // shard's data is the scaling work, not this test's).
+    // Both nodes registered before any data. The second one's shards move to
+    // it while they are still empty (ingest retries through those moves;
+    // e2e_scaling is the test of moves under load).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let topology = control

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dynseg_proto::pb;
 use dynseg_proto::pb::gateway_client::GatewayClient;
@@ -70,7 +70,10 @@ impl Process {
     fn spawn(&mut self, ready_prefix: &str) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_dynseg"))
             .args(&self.args)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("DYNSEG_E2E_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -113,6 +116,18 @@ impl Process {
         sent && child.wait().is_ok_and(|s| s.success())
     }
 
+    /// SIGTERM, then waits for the exit; true when it exited 0.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        sent && child.wait().is_ok_and(|s| s.success())
+    }
+
     /// SIGKILL: no shutdown path runs.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -135,11 +150,64 @@ impl Drop for Process {
     }
 }
 
+/// Runs `dynseg ARGS` to completion: its exit code and stdout.
+pub fn run_cli(args: &[&str]) -> (i32, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_dynseg"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
 /// Arguments from a space-separated line plus a path.
 pub fn args(line: &str, dir: &Path) -> Vec<String> {
     let mut args: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
     args.push(dir.to_string_lossy().into_owned());
     args
+}
+
+/// Sends a batch until it is acknowledged: a node being restarted makes the
+/// gateway answer UNAVAILABLE after its own retries, and the client tries again
+/// with the same message ids (the node drops repeats).
+pub async fn ingest_until_acked(
+    client: &mut GatewayClient<Channel>,
+    events: &[pb::Event],
+    seed: u64,
+) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut retries = 0;
+    loop {
+        match client
+            .ingest(pb::IngestRequest {
+                events: events.to_vec(),
+            })
+            .await
+        {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                assert!(
+                    reply.rejected.is_empty(),
+                    "refused {:?} (seed {seed})",
+                    reply.rejected.first()
+                );
+                return retries;
+            }
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                assert!(
+                    Instant::now() < deadline,
+                    "ingest never recovered: {status} (seed {seed})"
+                );
+                retries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => panic!("ingest failed: {status} (seed {seed})"),
+        }
+    }
 }
 
 /// Every (user, segment) membership the cluster lists through a gateway.

@@ -31,7 +31,7 @@ fn url(addr: &str) -> String {
     }
 }
 
-async fn control(args: &Args) -> Result<ControlClient<Channel>, CliError> {
+pub(crate) async fn control(args: &Args) -> Result<ControlClient<Channel>, CliError> {
     let addr = args.get("addr").unwrap_or(GATEWAY_ADDR);
     Ok(ControlClient::connect(url(addr))
         .await
@@ -555,58 +555,6 @@ pub async fn clock(args: &Args, out: Output) -> Result<(), CliError> {
     match out {
         Output::Json => output::json(&json!({"now_ms": reply.now_ms, "now": now.to_string()})),
         Output::Table => say!("clock now {now}; every change due by then is durable"),
-    }
-    Ok(())
-}
-
-/// `dynseg cluster status`.
-pub async fn cluster_status(args: &Args, out: Output) -> Result<(), CliError> {
-    let mut client = control(args).await?;
-    let status = client
-        .get_control_status(pb::ControlStatusRequest {})
-        .await?
-        .into_inner();
-    let topology = client
-        .get_topology(pb::ReadOptions { stale: true })
-        .await?
-        .into_inner()
-        .topology
-        .unwrap_or_default();
-    let shards_of = |node: &str| topology.shards.iter().filter(|s| s.node_id == node).count();
-    match out {
-        Output::Json => output::json(&json!({
-            "control": {"member": status.id, "role": status.role, "leader": status.leader_id, "term": status.term,
-                        "commit_index": status.commit_index, "revision": status.revision, "rules_version": status.rules_version,
-                        "members": status.members.iter().map(|m| json!({"id": m.id, "address": m.address})).collect::<Vec<_>>()},
-            "shard_count": topology.shard_count,
-            "nodes": topology.nodes.iter().map(|n| json!({"id": n.id, "address": n.address, "weight": n.weight, "shards": shards_of(&n.id)})).collect::<Vec<_>>(),
-            "gateways": topology.gateways.iter().map(|g| json!({"id": g.id, "address": g.address})).collect::<Vec<_>>(),
-        })),
-        Output::Table => {
-            say!(
-                "control plane: member {} is {}, leader {}, term {}, {} member(s), rule-set version {}",
-                status.id,
-                status.role,
-                status.leader_id,
-                status.term,
-                status.members.len(),
-                status.rules_version
-            );
-            say!("{} shards\n", topology.shard_count);
-            let rows: Vec<Vec<String>> = topology
-                .nodes
-                .iter()
-                .map(|n| {
-                    vec![
-                        n.id.clone(),
-                        n.address.clone(),
-                        n.weight.to_string(),
-                        shards_of(&n.id).to_string(),
-                    ]
-                })
-                .collect();
-            output::table(&["NODE", "ADDRESS", "WEIGHT", "SHARDS"], &rows);
-        }
     }
     Ok(())
 }

@@ -70,11 +70,7 @@ impl DevCluster {
             .map_err(|e| format!("node: {e}"))?;
         let link = ControlLink::spawn(
             node_server.node.clone(),
-            LinkConfig {
-                control: control.to_string(),
-                advertise: node_server.addr.to_string(),
-                weight: 1,
-            },
+            LinkConfig::new(control.to_string(), node_server.addr.to_string()),
         );
 
         let gateway_listener = bind(port(2)).await?;

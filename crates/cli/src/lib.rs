@@ -8,13 +8,15 @@
 //! |---|---|
 //! | [`dev`] | the whole cluster in one process |
 //! | [`demo`] | the demo: segments, generated traffic, the live view |
-//! | [`commands`] | segment, ingest, tail, user, members, clock, cluster status |
+//! | [`commands`] | segment, ingest, tail, user, members, clock |
+//! | [`cluster`] | cluster status, add-node, drain, remove, rebalance |
 //! | [`bench`] | the load generator |
 //! | [`event_json`], [`segments_file`] | input files: Segment-shaped events, segment lists |
 //! | [`args`], [`output`], [`error`] | flags, tables and JSON, exit codes |
 
 pub mod args;
 pub mod bench;
+pub mod cluster;
 pub mod commands;
 pub mod demo;
 pub mod dev;

@@ -13,7 +13,7 @@ use dynseg_rules::Timestamp;
 use dynseg_cli::args::Args;
 use dynseg_cli::error::CliError;
 use dynseg_cli::output::Output;
-use dynseg_cli::{bench, commands, demo, dev, say};
+use dynseg_cli::{bench, cluster, commands, demo, dev, say};
 
 // The node's allocation-heavy paths run faster on mimalloc (docs/performance.md).
 #[global_allocator]
@@ -32,7 +32,11 @@ Run:
 Segments (a gateway or a control member, --addr default 127.0.0.1:7102):
   dynseg segment validate|apply|preview -f FILE.yaml|json
   dynseg segment list | get ID | delete ID
-  dynseg cluster status
+  dynseg cluster status            nodes (liveness, shards, epochs), moves in flight with progress
+  dynseg cluster add-node NODE [--weight W] [--wait]    a registered node (id or address) takes shards
+  dynseg cluster drain NODE [--wait]                    move every shard off a node
+  dynseg cluster remove NODE                            forget a drained node
+  dynseg cluster rebalance [--max-moves N] [--wait]     recompute the plan (N moves at once)
 
 Data (gateway, --addr default 127.0.0.1:7102):
   dynseg ingest FILE.ndjson [--batch N]
@@ -103,7 +107,7 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
         }
         _ => {}
     }
-    let args = Args::parse(&argv, &["from-now"])?;
+    let args = Args::parse(&argv, &["from-now", "wait"])?;
     let out = match args.get("output") {
         None | Some("table") => Output::Table,
         Some("json") => Output::Json,
@@ -213,10 +217,21 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
             known(&["to"])?;
             commands::clock(&args, out).await?;
         }
-        "cluster" => match args.positional.get(1).map(String::as_str) {
-            Some("status") => commands::cluster_status(&args, out).await?,
-            _ => return Err(CliError::User("usage: dynseg cluster status".into())),
-        },
+        "cluster" => {
+            known(&["weight", "wait", "max-moves"])?;
+            match args.positional.get(1).map(String::as_str) {
+                Some("status") => cluster::status(&args, out).await?,
+                Some("add-node") => cluster::add_node(&args, out).await?,
+                Some("drain") => cluster::drain(&args, out).await?,
+                Some("remove") => cluster::remove(&args, out).await?,
+                Some("rebalance") => cluster::rebalance(&args, out).await?,
+                _ => {
+                    return Err(CliError::User(
+                        "usage: dynseg cluster status | add-node NODE [--weight W] [--wait] | drain NODE [--wait] | remove NODE | rebalance [--max-moves N] [--wait]".into(),
+                    ));
+                }
+            }
+        }
         other => {
             return Err(CliError::User(format!(
                 "unknown command {other:?}; `dynseg help` lists them"

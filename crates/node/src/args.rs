@@ -2,12 +2,12 @@
 
 use crate::clock::Clock;
 use crate::config::NodeConfig;
-use crate::control_link::LinkConfig;
+use crate::control_link::{DEFAULT_DRAIN_TIMEOUT, DEFAULT_MOVE_BYTES_PER_SEC, LinkConfig};
 use dynseg_rules::Timestamp;
 use std::path::PathBuf;
 
 /// The flags `parse` accepts.
-pub const USAGE: &str = "--data-dir DIR [--listen ADDR] [--node-id ID] [--shard-count N] [--shards A-B] [--clock system|manual[=RFC3339]] [--checkpoint-secs S] [--memory-mib M] [--control ADDR [--advertise ADDR] [--weight N]]";
+pub const USAGE: &str = "--data-dir DIR [--listen ADDR] [--node-id ID] [--shard-count N] [--shards A-B] [--clock system|manual[=RFC3339]] [--checkpoint-secs S] [--memory-mib M] [--control ADDR [--advertise ADDR] [--weight N] [--move-mib-per-sec N] [--drain-timeout-secs S]]";
 
 /// Parses the flags into the node's settings and, with `--control`, how it
 /// follows the control plane.
@@ -23,6 +23,8 @@ pub fn parse(args: &[String]) -> Result<(NodeConfig, Option<LinkConfig>), String
     let mut control = None;
     let mut advertise = None;
     let mut weight = 1u32;
+    let mut move_bytes_per_sec = DEFAULT_MOVE_BYTES_PER_SEC;
+    let mut drain_timeout = DEFAULT_DRAIN_TIMEOUT;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let mut value = || {
@@ -74,6 +76,21 @@ pub fn parse(args: &[String]) -> Result<(NodeConfig, Option<LinkConfig>), String
             "--control" => control = Some(value()?),
             "--advertise" => advertise = Some(value()?),
             "--weight" => weight = value()?.parse().map_err(|_| "--weight takes a number")?,
+            "--move-mib-per-sec" => {
+                let mib: f64 = value()?
+                    .parse()
+                    .ok()
+                    .filter(|m: &f64| m.is_finite() && *m >= 0.0)
+                    .ok_or("--move-mib-per-sec takes a number of MiB, such as 64 or 0.5 (0: unthrottled)")?;
+                move_bytes_per_sec = (mib * f64::from(1 << 20)) as u64;
+            }
+            "--drain-timeout-secs" => {
+                drain_timeout = std::time::Duration::from_secs(
+                    value()?
+                        .parse()
+                        .map_err(|_| "--drain-timeout-secs takes a number")?,
+                )
+            }
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -87,12 +104,16 @@ pub fn parse(args: &[String]) -> Result<(NodeConfig, Option<LinkConfig>), String
     if control.is_some() && shards.is_some() {
         return Err("--shards and --control exclude each other: placement decides".into());
     }
-    if control.is_none() {
-        let (a, b) = shards.unwrap_or((0, shard_count.saturating_sub(1)));
-        config.shards = (a..=b.min(shard_count.saturating_sub(1)))
-            .map(|s| (s, 1))
-            .collect();
-    }
+    config.shards = match control {
+        // Placement decides; the shards stored here are opened at start.
+        Some(_) => Vec::new(),
+        None => {
+            let (a, b) = shards.unwrap_or((0, shard_count.saturating_sub(1)));
+            (a..=b.min(shard_count.saturating_sub(1)))
+                .map(|s| (s, 1))
+                .collect()
+        }
+    };
     if let Some(mib) = memory_mib {
         config.memory_budget = mib.saturating_mul(1 << 20);
     }
@@ -103,6 +124,8 @@ pub fn parse(args: &[String]) -> Result<(NodeConfig, Option<LinkConfig>), String
         control,
         advertise: advertise.unwrap_or_else(|| listen.to_string()),
         weight,
+        move_bytes_per_sec,
+        drain_timeout,
     });
     Ok((config, link))
 }

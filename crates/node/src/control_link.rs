@@ -1,22 +1,28 @@
 //! Keeps a node in step with the control plane: registers the node, then follows
 //! the control plane's `Watch`, applying each new rule-set version (a version is
-//! committed through Raft before any node applies it) and taking or releasing
-//! shards as placement says.
+//! committed through Raft before any node applies it), taking or releasing
+//! shards as placement says, and running the moves that name this node as
+//! their destination ([`moves`](crate::moves)). Every second it heartbeats
+//! (with the progress of its incoming moves) and settles move-outs whose
+//! destination went quiet.
 //!
-//! One task owns the link; it reconnects after any error with a capped backoff
-//! and stops when its [`ControlLink`] is shut down.
+//! One task owns the link and the move tasks it starts; it reconnects after any
+//! error with a capped backoff and stops (aborting its moves) when its
+//! [`ControlLink`] is shut down.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dynseg_proto::pb;
 use dynseg_proto::pb::control_client::ControlClient;
 use dynseg_proto::pb::watch_event::Kind;
 use dynseg_rules::SegmentDef;
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::{AbortHandle, JoinHandle, JoinSet};
+use tonic::transport::Channel;
 
 use crate::error::NodeError;
+use crate::moves::{self, MoveIn, url};
 use crate::runtime::Node;
 
 /// How this node presents itself to the control plane.
@@ -28,11 +34,39 @@ pub struct LinkConfig {
     pub advertise: String,
     /// Share of shards relative to other nodes.
     pub weight: u32,
+    /// Snapshot copy speed of each incoming move (0: unthrottled).
+    pub move_bytes_per_sec: u64,
+    /// On shutdown of a draining node, how long to wait for its moves.
+    pub drain_timeout: Duration,
 }
+
+impl LinkConfig {
+    /// Defaults for everything but the addresses.
+    pub fn new(control: String, advertise: String) -> LinkConfig {
+        LinkConfig {
+            control,
+            advertise,
+            weight: 1,
+            move_bytes_per_sec: DEFAULT_MOVE_BYTES_PER_SEC,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+        }
+    }
+}
+
+/// How long a draining node waits for its moves when told to stop.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Snapshot copy speed unless configured.
+pub const DEFAULT_MOVE_BYTES_PER_SEC: u64 = 64 << 20;
+/// How often the node heartbeats and checks its move-outs.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// Wait before retrying a move attempt that failed here.
+const MOVE_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// What the control plane has told this node so far.
 #[derive(Default)]
 struct Known {
+    revision: u64,
     rules_version: u64,
     segments: BTreeMap<String, pb::SegmentDef>,
     topology: Option<pb::Topology>,
@@ -40,6 +74,7 @@ struct Known {
 
 impl Known {
     fn apply(&mut self, event: pb::WatchEvent) {
+        self.revision = self.revision.max(event.revision);
         self.rules_version = event.rules_version;
         match event.kind {
             Some(Kind::Snapshot(snapshot)) => {
@@ -69,17 +104,43 @@ impl Known {
 pub struct ControlLink {
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    topology: watch::Receiver<Option<pb::Topology>>,
+    node: Node,
 }
 
 impl ControlLink {
     /// Starts following the control plane for `node`.
     pub fn spawn(node: Node, config: LinkConfig) -> ControlLink {
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(run(node, config, stopped));
+        let (topology_tx, topology) = watch::channel(None);
+        let task = tokio::spawn(run(node.clone(), config, stopped, topology_tx));
         ControlLink {
             stop: Some(stop),
             task: Some(task),
+            topology,
+            node,
         }
+    }
+
+    /// For a node being drained: waits (up to `timeout`) until it owns no
+    /// shard and no move involves it, so that stopping it loses no service.
+    /// Returns at once for a node that is not draining. Kubernetes sends
+    /// SIGTERM on scale-down; this is what makes that wait for the moves.
+    pub async fn wait_drained(&mut self, timeout: Duration) -> bool {
+        let me = self.node.config().node_id.clone();
+        let done = |topology: &Option<pb::Topology>| {
+            let Some(t) = topology else { return true };
+            let draining = t.nodes.iter().any(|n| n.id == me && n.draining);
+            let involved = t.shards.iter().any(|p| p.node_id == me)
+                || t.moves.iter().any(|m| m.from_node == me || m.to_node == me);
+            !draining || !involved
+        };
+        if done(&self.topology.borrow()) {
+            return true;
+        }
+        tracing::info!("draining: waiting for this node's shards to move before stopping");
+        let wait = self.topology.wait_for(done);
+        matches!(tokio::time::timeout(timeout, wait).await, Ok(Ok(_)))
     }
 
     /// Stops following (the node keeps running).
@@ -101,12 +162,86 @@ impl Drop for ControlLink {
     }
 }
 
-async fn run(node: Node, config: LinkConfig, mut stopped: oneshot::Receiver<()>) {
+/// The moves into this node: the running ones (by shard) and recent failures.
+#[derive(Default)]
+struct MovesRunning {
+    tasks: JoinSet<(u32, u64, Result<(), NodeError>)>,
+    running: BTreeMap<u32, (u64, AbortHandle)>,
+    failed: BTreeMap<(u32, u64), Instant>,
+}
+
+impl MovesRunning {
+    /// Starts the moves `topology` sends here, and stops the ones it no
+    /// longer has.
+    fn sync(
+        &mut self,
+        node: &Node,
+        control: &ControlClient<Channel>,
+        config: &LinkConfig,
+        topology: &pb::Topology,
+    ) {
+        let me = &node.config().node_id;
+        let wanted: BTreeMap<u32, &pb::ShardMove> = topology
+            .moves
+            .iter()
+            .filter(|m| m.to_node == *me)
+            .map(|m| (m.shard, m))
+            .collect();
+        self.running.retain(|shard, (attempt, handle)| {
+            let keep = wanted.get(shard).is_some_and(|m| m.attempt == *attempt);
+            if !keep {
+                handle.abort();
+            }
+            keep
+        });
+        self.failed.retain(|_, at| at.elapsed() < MOVE_RETRY_AFTER);
+        for (shard, m) in wanted {
+            if self.running.contains_key(&shard) || self.failed.contains_key(&(shard, m.attempt)) {
+                continue;
+            }
+            let Some(source) = topology.nodes.iter().find(|n| n.id == m.from_node) else {
+                continue;
+            };
+            let job = MoveIn {
+                shard,
+                attempt: m.attempt,
+                source: source.address.clone(),
+                bytes_per_sec: config.move_bytes_per_sec,
+            };
+            let (node, control, attempt) = (node.clone(), control.clone(), m.attempt);
+            tracing::info!(shard, attempt, from = %m.from_node, "moving a shard here");
+            let handle = self.tasks.spawn(async move {
+                (shard, attempt, moves::run_move_in(node, control, job).await)
+            });
+            self.running.insert(shard, (attempt, handle));
+        }
+    }
+
+    /// Records a finished move.
+    fn finished(&mut self, shard: u32, attempt: u64, result: Result<(), NodeError>) {
+        if self.running.get(&shard).is_some_and(|(a, _)| *a == attempt) {
+            self.running.remove(&shard);
+        }
+        if let Err(e) = result {
+            tracing::warn!(shard, attempt, error = %e, "moving a shard here failed; retrying");
+            self.failed.insert((shard, attempt), Instant::now());
+        }
+    }
+}
+
+async fn run(
+    node: Node,
+    config: LinkConfig,
+    mut stopped: oneshot::Receiver<()>,
+    topology: watch::Sender<Option<pb::Topology>>,
+) {
     let mut backoff = Duration::from_millis(100);
+    // Dropped (aborting every move in) when the link stops.
+    let mut moves = MovesRunning::default();
     loop {
         tokio::select! {
             _ = &mut stopped => return,
-            result = follow(&node, &config) => {
+            result = follow(&node, &config, &mut moves, &topology) => {
                 if let Err(e) = result {
                     tracing::warn!(control = %config.control, error = %e, "control link lost; reconnecting");
                 }
@@ -120,15 +255,12 @@ async fn run(node: Node, config: LinkConfig, mut stopped: oneshot::Receiver<()>)
     }
 }
 
-fn url(address: &str) -> String {
-    if address.contains("://") {
-        address.to_owned()
-    } else {
-        format!("http://{address}")
-    }
-}
-
-async fn follow(node: &Node, config: &LinkConfig) -> Result<(), NodeError> {
+async fn follow(
+    node: &Node,
+    config: &LinkConfig,
+    moves: &mut MovesRunning,
+    published: &watch::Sender<Option<pb::Topology>>,
+) -> Result<(), NodeError> {
     let unavailable =
         |e: &dyn std::fmt::Display| NodeError::Unavailable(format!("control plane: {e}"));
     let mut client = ControlClient::connect(url(&config.control))
@@ -144,14 +276,40 @@ async fn follow(node: &Node, config: &LinkConfig) -> Result<(), NodeError> {
         })
         .await
         .map_err(|e| unavailable(&e))?;
+    // The watch replays history first; placement is acted on only once it is
+    // at least as new as this linearizable read, so a reconnecting node never
+    // releases (and deletes) a shard on the strength of an old placement.
+    let current = client
+        .get_topology(pb::ReadOptions { stale: false })
+        .await
+        .map_err(|e| unavailable(&e))?
+        .into_inner()
+        .revision;
     let mut stream = client
         .watch(pb::WatchRequest { from_revision: 0 })
         .await
         .map_err(|e| unavailable(&e))?
         .into_inner();
     let mut known = Known::default();
+    let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let Some(event) = stream.message().await.map_err(|e| unavailable(&e))? else {
+        let event = tokio::select! {
+            event = stream.message() => event.map_err(|e| unavailable(&e))?,
+            _ = heartbeat.tick() => {
+                beat(node, &mut client).await?;
+                moves::settle_idle(node, &mut client).await;
+                if let Some(topology) = known.topology.as_ref().filter(|_| known.revision >= current) {
+                    moves.sync(node, &client, config, topology);
+                }
+                continue;
+            }
+            Some(Ok((shard, attempt, result))) = moves.tasks.join_next(), if !moves.tasks.is_empty() => {
+                moves.finished(shard, attempt, result);
+                continue;
+            }
+        };
+        let Some(event) = event else {
             return Err(unavailable(&"watch stream ended"));
         };
         known.apply(event);
@@ -168,8 +326,27 @@ async fn follow(node: &Node, config: &LinkConfig) -> Result<(), NodeError> {
             }
         }
         sync_rules(node, &known).await?;
+        if known.revision < current {
+            continue;
+        }
         sync_shards(node, &known).await?;
+        if let Some(topology) = &known.topology {
+            moves.sync(node, &client, config, topology);
+            published.send_replace(Some(topology.clone()));
+        }
     }
+}
+
+/// Tells the control plane this node is alive, with its moves' progress.
+async fn beat(node: &Node, client: &mut ControlClient<Channel>) -> Result<(), NodeError> {
+    client
+        .heartbeat(pb::HeartbeatRequest {
+            node_id: node.config().node_id.clone(),
+            moves_in: node.inner.moves_in.report(),
+        })
+        .await
+        .map_err(|e| NodeError::Unavailable(format!("control plane: heartbeat: {e}")))?;
+    Ok(())
 }
 
 async fn sync_rules(node: &Node, known: &Known) -> Result<(), NodeError> {
@@ -228,13 +405,18 @@ async fn sync_shards(node: &Node, known: &Known) -> Result<(), NodeError> {
         match (mine, serving.get(&placement.shard)) {
             (true, Some(epoch)) if *epoch == placement.epoch => {}
             (true, _) => node.assign_shard(placement.shard, placement.epoch).await?,
-            (false, Some(_)) => {
+            // Only a newer epoch takes a shard away: its new owner committed
+            // it with everything this node held.
+            (false, Some(epoch)) if placement.epoch > *epoch => {
                 let owner = addresses
                     .get(placement.node_id.as_str())
                     .map(|a| (*a).to_owned());
                 node.release_shard(placement.shard, owner).await?;
+                node.inner.move_outs.remove(placement.shard);
+                node.store().drop_shard(placement.shard)?;
+                tracing::info!(shard = placement.shard, to = %placement.node_id, "shard moved away");
             }
-            (false, None) => {}
+            (false, _) => {}
         }
     }
     Ok(())

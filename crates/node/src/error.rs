@@ -33,6 +33,10 @@ pub enum NodeError {
         /// Who serves it now, if known.
         owner: Option<String>,
     },
+    /// The shard is being handed to another node: writes wait for the control
+    /// plane to commit (or abort) the move.
+    #[error("shard {0} is moving to another node; retry shortly")]
+    Moving(u32),
     /// The request is malformed.
     #[error("{0}")]
     Invalid(String),
@@ -96,7 +100,7 @@ impl From<NodeError> for Status {
             NodeError::Invalid(_) | NodeError::Rules(_) => Status::invalid_argument(message),
             NodeError::NotFound(_) => Status::not_found(message),
             NodeError::NotManualClock => Status::failed_precondition(message),
-            NodeError::Unavailable(_) => Status::unavailable(message),
+            NodeError::Unavailable(_) | NodeError::Moving(_) => Status::unavailable(message),
             NodeError::Wal(_) | NodeError::Store(_) => Status::internal(message),
         }
     }

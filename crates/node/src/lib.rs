@@ -15,7 +15,8 @@
 //! | [`changelog`] | published changes and how subscribers follow them |
 //! | [`runtime`] | shard tasks, recovery, checkpoints, the [`Node`] handle |
 //! | [`service`], [`transfer`], [`server`] | gRPC service, shard export/import, serving |
-//! | [`control_link`] | following the control plane: rule versions, shard placement |
+//! | [`moves`] | live shard moves: both ends of the protocol |
+//! | [`control_link`] | following the control plane: rule versions, placement, moves in, heartbeats |
 //! | [`error`] | errors and their gRPC codes |
 
 pub mod args;
@@ -25,6 +26,7 @@ pub mod commit;
 pub mod config;
 pub mod control_link;
 pub mod error;
+pub mod moves;
 pub mod record;
 pub mod runtime;
 pub mod server;

@@ -14,7 +14,7 @@ pub struct WalRecord {
     #[prost(int64, tag = "2")]
     pub now_ms: i64,
     /// The input.
-    #[prost(oneof = "Input", tags = "3, 4, 5")]
+    #[prost(oneof = "Input", tags = "3, 4, 5, 6")]
     pub input: Option<Input>,
 }
 
@@ -30,6 +30,10 @@ pub enum Input {
     /// A new rule set.
     #[prost(message, tag = "5")]
     Rules(pb::ApplyRulesRequest),
+    /// The shard arrived from another node with everything before this record
+    /// in its checkpoint: replay starts after it.
+    #[prost(message, tag = "6")]
+    MovedIn(Tick),
 }
 
 /// A clock tick (no fields: the record's `now_ms` is the time).

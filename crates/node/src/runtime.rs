@@ -28,6 +28,7 @@ use crate::clock::Clock;
 use crate::commit::{CommitThread, Committer, Durable};
 use crate::config::NodeConfig;
 use crate::error::NodeError;
+use crate::moves::{MoveOutSessions, MovesIn};
 use crate::record::{Input, Tick, WalRecord};
 use crate::shard::{Logged, Shard};
 use crate::store::{ShardStore, Store};
@@ -83,6 +84,24 @@ pub(crate) enum Command {
         epoch: u64,
         reply: Reply<()>,
     },
+    /// Starts a move-out session: checkpoint, then keep every later input.
+    BeginMoveOut {
+        attempt: u64,
+        reply: Reply<MoveOutBegun>,
+    },
+    /// The inputs kept from `from` on (fencing the shard first if asked).
+    MoveOutTail {
+        attempt: u64,
+        from: usize,
+        fence: bool,
+        reply: Reply<pb::MoveTailResponse>,
+    },
+    /// Ends the session and serves writes again (only once the control plane
+    /// says the attempt cannot commit).
+    EndMoveOut {
+        attempt: u64,
+        reply: Reply<()>,
+    },
     Stop {
         reply: Reply<()>,
     },
@@ -96,6 +115,30 @@ pub(crate) struct Checkpointed {
     /// The last change sequence it holds.
     through: u64,
 }
+
+/// What a move-out session starts from.
+pub(crate) struct MoveOutBegun {
+    pub(crate) epoch: u64,
+    pub(crate) rule_version: u64,
+}
+
+/// A shard being moved off this node: its checkpoint is the snapshot the
+/// destination copies (so no checkpoint is written until the session ends),
+/// and every input made durable since is kept for the destination to replay.
+struct MoveOut {
+    attempt: u64,
+    tail: Vec<Vec<u8>>,
+    tail_bytes: usize,
+    fenced: bool,
+    /// The node restarted while fenced: the kept inputs are gone.
+    lost: bool,
+}
+
+/// Most bytes of inputs one tail read returns.
+const TAIL_PAGE_BYTES: usize = 4 << 20;
+/// Most bytes of inputs a session keeps: a destination that falls this far
+/// behind starts over rather than the source running out of memory.
+const TAIL_LIMIT_BYTES: usize = 512 << 20;
 
 /// A running shard, as the rest of the node reaches it.
 #[derive(Clone)]
@@ -123,6 +166,10 @@ pub(crate) struct Inner {
     /// Owners of shards released elsewhere, named in redirects.
     pub(crate) owners: RwLock<BTreeMap<u32, String>>,
     pub(crate) rules: RwLock<Rules>,
+    /// Shards being moved off this node, for the watchdog that settles them.
+    pub(crate) move_outs: MoveOutSessions,
+    /// Progress of the shards being copied here.
+    pub(crate) moves_in: MovesIn,
     pub(crate) tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     shutdown: watch::Sender<bool>,
 }
@@ -139,7 +186,11 @@ pub struct NodeGuard {
     commit: Option<CommitThread>,
 }
 
-fn compile(version: u64, defs: &[SegmentDef], config: &NodeConfig) -> Result<Arc<Plan>, NodeError> {
+pub(crate) fn compile(
+    version: u64,
+    defs: &[SegmentDef],
+    config: &NodeConfig,
+) -> Result<Arc<Plan>, NodeError> {
     Ok(Arc::new(Plan::compile(
         defs,
         RuleVersion(version),
@@ -171,7 +222,7 @@ fn open_shard(store: &Store, shard: u32, config: &NodeConfig) -> Result<Shard, N
 
 /// Applies one logged input (`record`, whose bytes are `payload`) to a shard
 /// in replay.
-fn apply_input(
+pub(crate) fn apply_input(
     shard: &mut Shard,
     record: &WalRecord,
     payload: &[u8],
@@ -194,11 +245,11 @@ fn apply_input(
             let plan = compile(request.version, &defs, config)?;
             Ok(shard.apply_rules(plan, now, |_, _| {})?)
         }
-        None => Ok(Vec::new()),
+        Some(Input::MovedIn(_)) | None => Ok(Vec::new()),
     }
 }
 
-fn rule_defs(request: &pb::ApplyRulesRequest) -> Result<Vec<SegmentDef>, NodeError> {
+pub(crate) fn rule_defs(request: &pb::ApplyRulesRequest) -> Result<Vec<SegmentDef>, NodeError> {
     request
         .segments
         .iter()
@@ -233,6 +284,14 @@ impl Node {
             wanted.entry(stored).or_insert(0);
         }
         for (&id, &epoch) in &wanted {
+            if store.shard(id)?.incoming()? {
+                tracing::info!(
+                    shard = id,
+                    "dropping an incomplete copy of a shard moving here"
+                );
+                store.drop_shard(id)?;
+                continue;
+            }
             let mut shard = open_shard(&store, id, &config)?;
             if epoch > shard.epoch() {
                 shard.set_epoch(epoch);
@@ -297,6 +356,8 @@ impl Node {
             shards: RwLock::new(BTreeMap::new()),
             owners: RwLock::new(BTreeMap::new()),
             rules: RwLock::new(rules),
+            move_outs: MoveOutSessions::default(),
+            moves_in: MovesIn::default(),
             tasks: std::sync::Mutex::new(Vec::new()),
             shutdown,
             config,
@@ -323,6 +384,32 @@ impl Node {
     }
 
     fn spawn_shard(&self, id: u32, shard: Shard, log: Arc<ChangeLog>) {
+        // A shard fenced for a move before a restart stays fenced until the
+        // control plane settles the move; its kept inputs are gone, so the
+        // destination has to start over.
+        let move_out = match shard.store().fenced() {
+            Ok(0) => None,
+            Ok(attempt) => {
+                self.inner.move_outs.touch(id, attempt);
+                Some(MoveOut {
+                    attempt,
+                    tail: Vec::new(),
+                    tail_bytes: 0,
+                    fenced: true,
+                    lost: true,
+                })
+            }
+            Err(e) => {
+                tracing::error!(shard = id, error = %e, "reading the shard's fence failed; treating it as fenced");
+                Some(MoveOut {
+                    attempt: u64::MAX,
+                    tail: Vec::new(),
+                    tail_bytes: 0,
+                    fenced: true,
+                    lost: true,
+                })
+            }
+        };
         let (tx, rx) = mpsc::channel(1024);
         let epoch = Arc::new(AtomicU64::new(shard.epoch()));
         let handle = ShardHandle {
@@ -340,6 +427,8 @@ impl Node {
             tick_every: self.inner.config.tick_every,
             inflight: VecDeque::new(),
             checkpoints: Vec::new(),
+            last_checkpoint: None,
+            move_out,
             failed: None,
         };
         let join = tokio::spawn(task.run(rx, self.inner.shutdown.subscribe()));
@@ -691,6 +780,8 @@ struct Inflight {
     /// `None`: nothing was logged (a tick that changed nothing); it completes
     /// when everything before it has.
     durable: Option<oneshot::Receiver<Durable>>,
+    /// The record's bytes, kept only while the shard is moving out.
+    record: Option<Vec<u8>>,
     changes: Vec<Logged>,
     done: Done,
 }
@@ -709,6 +800,9 @@ struct ShardTask {
     tick_every: Duration,
     inflight: VecDeque<Inflight>,
     checkpoints: Vec<(usize, Reply<Checkpointed>)>,
+    /// The last checkpoint written.
+    last_checkpoint: Option<Checkpointed>,
+    move_out: Option<MoveOut>,
     /// Set once the log failed: the shard refuses further writes.
     failed: Option<String>,
 }
@@ -716,7 +810,8 @@ struct ShardTask {
 impl ShardTask {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>, mut shutdown: watch::Receiver<bool>) {
         loop {
-            let next_timer = if self.clock.is_manual() {
+            let fenced = self.move_out.as_ref().is_some_and(|m| m.fenced);
+            let next_timer = if self.clock.is_manual() || fenced {
                 None
             } else {
                 self.shard.next_timer()
@@ -793,6 +888,17 @@ impl ShardTask {
         match durable {
             Ok(Ok(lsn)) => {
                 self.shard.applied_record(lsn);
+                if let (Some(out), Some(record)) = (self.move_out.as_mut(), item.record) {
+                    out.tail_bytes += record.len();
+                    out.tail.push(record);
+                    if out.tail_bytes > TAIL_LIMIT_BYTES && !out.fenced {
+                        tracing::warn!(
+                            shard = self.shard.id(),
+                            "move-out tail over its limit; the session ends"
+                        );
+                        self.move_out = None;
+                    }
+                }
                 self.log.publish(&item.changes);
                 match item.done {
                     Done::Ingest(reply, response) => {
@@ -838,9 +944,11 @@ impl ShardTask {
 
     /// Logs an encoded record (already applied) and queues its completion.
     async fn log_bytes(&mut self, record: Vec<u8>, changes: Vec<Logged>, done: Done) {
+        let kept = self.move_out.as_ref().map(|_| record.clone());
         let durable = self.committer.append(record).await;
         self.inflight.push_back(Inflight {
             durable: Some(durable),
+            record: kept,
             changes,
             done,
         });
@@ -854,6 +962,7 @@ impl ShardTask {
                 // Answered once what is already in flight is durable.
                 self.inflight.push_back(Inflight {
                     durable: None,
+                    record: None,
                     changes,
                     done: Done::Unit(reply),
                 });
@@ -891,7 +1000,10 @@ impl ShardTask {
         })
         .await;
         match written {
-            Ok((_, Ok(()))) => Ok(done),
+            Ok((_, Ok(()))) => {
+                self.last_checkpoint = Some(done);
+                Ok(done)
+            }
             Ok((checkpoint, Err(e))) => {
                 self.shard.untake_checkpoint(checkpoint);
                 Err(e.into())
@@ -903,7 +1015,12 @@ impl ShardTask {
     }
 
     async fn checkpoint_now(&mut self) {
-        let result = self.write_checkpoint().await;
+        // While moving out, the stored checkpoint is the destination's snapshot:
+        // it stays as it is, and so does the log it needs.
+        let result = match (&self.move_out, self.last_checkpoint) {
+            (Some(_), Some(last)) => Ok(last),
+            _ => self.write_checkpoint().await,
+        };
         if result.is_ok() {
             let keep_bytes = self
                 .checkpoints
@@ -937,6 +1054,10 @@ impl ShardTask {
             } => {
                 if let Some(reason) = &self.failed {
                     let _ = reply.send(Err(NodeError::Unavailable(reason.clone())));
+                    return;
+                }
+                if self.move_out.as_ref().is_some_and(|m| m.fenced) {
+                    let _ = reply.send(Err(NodeError::Moving(self.shard.id())));
                     return;
                 }
                 let current = self.shard.epoch();
@@ -975,7 +1096,17 @@ impl ShardTask {
                 self.log_bytes(record, outcome.changes, Done::Ingest(reply, response))
                     .await;
             }
+            // A fenced shard's time stands still: the destination ticks it
+            // once it serves it.
+            Command::Tick { reply, .. } if self.move_out.as_ref().is_some_and(|m| m.fenced) => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Ok(()));
+                }
+            }
             Command::Tick { now, reply } => self.tick(now, reply).await,
+            Command::Rules { reply, .. } if self.move_out.as_ref().is_some_and(|m| m.fenced) => {
+                let _ = reply.send(Err(NodeError::Moving(self.shard.id())));
+            }
             Command::Rules {
                 plan,
                 request,
@@ -1069,7 +1200,96 @@ impl ShardTask {
                 self.epoch.store(epoch, Ordering::SeqCst);
                 let _ = reply.send(self.shard.store().set_epoch(epoch).map_err(Into::into));
             }
+            Command::BeginMoveOut { attempt, reply } => {
+                let _ = reply.send(self.begin_move_out(attempt).await);
+            }
+            Command::MoveOutTail {
+                attempt,
+                from,
+                fence,
+                reply,
+            } => {
+                let _ = reply.send(self.move_out_tail(attempt, from, fence).await);
+            }
+            Command::EndMoveOut { attempt, reply } => {
+                if self.move_out.as_ref().is_some_and(|m| m.attempt == attempt) {
+                    self.move_out = None;
+                }
+                let _ = reply.send(Ok(()));
+            }
             Command::Stop { .. } => {}
         }
+    }
+
+    async fn begin_move_out(&mut self, attempt: u64) -> Result<MoveOutBegun, NodeError> {
+        // A fenced shard may have been committed elsewhere (or be about to
+        // be): only settling with the control plane unfences it, even for the
+        // same attempt.
+        if let Some(out) = self.move_out.as_ref().filter(|m| m.fenced) {
+            return Err(NodeError::Unavailable(format!(
+                "shard {} is fenced for move attempt {}; it must be settled first",
+                self.shard.id(),
+                out.attempt
+            )));
+        }
+        self.move_out = None;
+        self.drain().await;
+        self.write_checkpoint().await?;
+        self.move_out = Some(MoveOut {
+            attempt,
+            tail: Vec::new(),
+            tail_bytes: 0,
+            fenced: false,
+            lost: false,
+        });
+        Ok(MoveOutBegun {
+            epoch: self.shard.epoch(),
+            rule_version: self.shard.plan().version().0,
+        })
+    }
+
+    async fn move_out_tail(
+        &mut self,
+        attempt: u64,
+        from: usize,
+        fence: bool,
+    ) -> Result<pb::MoveTailResponse, NodeError> {
+        let current = self.move_out.as_ref().map(|m| (m.attempt, m.lost));
+        if current == Some((attempt, true)) {
+            return Err(NodeError::Unavailable(format!(
+                "shard {}: the source restarted during the move; it starts over",
+                self.shard.id()
+            )));
+        }
+        if current != Some((attempt, false)) {
+            return Err(NodeError::Invalid(format!(
+                "shard {} has no move-out session for attempt {attempt}",
+                self.shard.id()
+            )));
+        }
+        if fence {
+            if let Some(out) = self.move_out.as_mut() {
+                out.fenced = true;
+            }
+            // Everything accepted before the fence is durable and kept.
+            self.drain().await;
+        }
+        let Some(out) = self.move_out.as_ref() else {
+            return Err(NodeError::Unavailable("the move-out session ended".into()));
+        };
+        let mut records = Vec::new();
+        let mut bytes = 0;
+        for record in out.tail.iter().skip(from) {
+            if bytes > 0 && bytes + record.len() > TAIL_PAGE_BYTES {
+                break;
+            }
+            bytes += record.len();
+            records.push(record.clone());
+        }
+        Ok(pb::MoveTailResponse {
+            records,
+            end: out.tail.len() as u64,
+            fenced: out.fenced,
+        })
     }
 }

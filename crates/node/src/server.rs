@@ -82,10 +82,19 @@ pub async fn run_linked(
         if link.advertise.is_empty() || link.advertise.ends_with(":0") {
             link.advertise = server.addr.to_string();
         }
-        crate::control_link::ControlLink::spawn(server.node.clone(), link)
+        let timeout = link.drain_timeout;
+        (
+            crate::control_link::ControlLink::spawn(server.node.clone(), link),
+            timeout,
+        )
     });
     signal.await;
-    if let Some(link) = link {
+    if let Some((mut link, timeout)) = link {
+        if !link.wait_drained(timeout).await {
+            tracing::warn!(
+                "stopping before the drain finished: the shards still here are unavailable until this node restarts"
+            );
+        }
         link.shutdown().await;
     }
     server.shutdown().await;

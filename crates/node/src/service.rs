@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::NodeError;
 use crate::runtime::{Command, Node};
-use crate::transfer;
+use crate::{moves, transfer};
 
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -485,6 +485,44 @@ impl node_server::Node for NodeService {
         let owner = (!request.new_owner.is_empty()).then_some(request.new_owner);
         self.node.release_shard(request.shard, owner).await?;
         Ok(Response::new(pb::ReleaseShardResponse {}))
+    }
+
+    async fn begin_move_out(
+        &self,
+        request: Request<pb::MoveOutRequest>,
+    ) -> Result<Response<pb::MoveOutStarted>, Status> {
+        let request = request.into_inner();
+        let started = moves::begin_move_out(&self.node, request.shard, request.attempt).await?;
+        Ok(Response::new(started))
+    }
+
+    type MoveOutSnapshotStream = Stream_<pb::ShardChunk>;
+
+    async fn move_out_snapshot(
+        &self,
+        request: Request<pb::MoveOutRequest>,
+    ) -> Result<Response<Self::MoveOutSnapshotStream>, Status> {
+        let request = request.into_inner();
+        let chunks = moves::move_out_snapshot(&self.node, request.shard, request.attempt)?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(chunks))))
+    }
+
+    async fn move_out_tail(
+        &self,
+        request: Request<pb::MoveTailRequest>,
+    ) -> Result<Response<pb::MoveTailResponse>, Status> {
+        Ok(Response::new(
+            moves::move_out_tail(&self.node, request.into_inner()).await?,
+        ))
+    }
+
+    async fn end_move_out(
+        &self,
+        request: Request<pb::MoveOutRequest>,
+    ) -> Result<Response<pb::MoveOutEnded>, Status> {
+        let request = request.into_inner();
+        moves::end_move_out(&self.node, request.shard, request.attempt);
+        Ok(Response::new(pb::MoveOutEnded {}))
     }
 
     type ExportShardStream = Stream_<pb::ShardChunk>;

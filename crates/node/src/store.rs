@@ -257,6 +257,25 @@ impl Store {
         Ok(())
     }
 
+    /// Records the rule set of `version` (not as the current one): a shard
+    /// moved here may be under a version this node never applied.
+    pub fn put_rules_version(&self, version: u64, defs: &[SegmentDef]) -> Result<(), StoreError> {
+        let request = pb::ApplyRulesRequest {
+            version,
+            segments: defs.iter().map(pb::SegmentDef::from).collect(),
+        };
+        self.db
+            .insert(format!("rules/{version:020}"), request.encode_to_vec())?;
+        Ok(())
+    }
+
+    /// Deletes everything of shard `shard` (after it moved away, or an
+    /// incomplete copy).
+    pub fn drop_shard(&self, shard: u32) -> Result<(), StoreError> {
+        self.db.drop_tree(format!("s{shard}"))?;
+        Ok(())
+    }
+
     /// The rule set of `version`, if it was ever applied here.
     pub fn rules_version(&self, version: u64) -> Result<Option<Vec<SegmentDef>>, StoreError> {
         let Some(bytes) = self.db.get(format!("rules/{version:020}"))? else {
@@ -405,6 +424,31 @@ impl ShardStore {
             next_event: self.read_u64("next_event")?,
             rule_version: self.read_u64("rule_version")?,
         })
+    }
+
+    /// The move attempt this shard is fenced for (0: none). A fence outlives a
+    /// crash: the destination may commit the move after it.
+    pub fn fenced(&self) -> Result<u64, StoreError> {
+        self.read_u64("fenced")
+    }
+
+    /// Sets or (with 0) clears the fence, durable at the next sync.
+    pub fn set_fenced(&self, attempt: u64) -> Result<(), StoreError> {
+        self.tree
+            .insert(meta_key("fenced"), &attempt.to_le_bytes())?;
+        Ok(())
+    }
+
+    /// Whether this is an incomplete copy of a shard moving here.
+    pub fn incoming(&self) -> Result<bool, StoreError> {
+        Ok(self.read_u64("incoming")? != 0)
+    }
+
+    /// Marks the shard as an incomplete copy, or (false) as complete.
+    pub fn set_incoming(&self, incoming: bool) -> Result<(), StoreError> {
+        self.tree
+            .insert(meta_key("incoming"), &u64::from(incoming).to_le_bytes())?;
+        Ok(())
     }
 
     /// Sets the epoch alone (assignment), durable at the next sync.

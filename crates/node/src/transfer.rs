@@ -13,7 +13,7 @@ use prost::Message;
 use crate::error::NodeError;
 use crate::runtime::Node;
 
-/// Entries per chunk.
+/// Entries per chunk (of a released shard's export).
 const CHUNK_ENTRIES: usize = 1024;
 
 /// One stored key/value of a shard.
