@@ -107,3 +107,92 @@ pub fn pending(topology: &Topology) -> usize {
         .filter(|(target, place)| target.is_some() && **target != place.node)
         .count()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Endpoint;
+    use proptest::prelude::*;
+
+    fn topology(nodes: &BTreeMap<String, u32>, shards: u32, max_moves: u32) -> Topology {
+        Topology {
+            nodes: nodes
+                .iter()
+                .map(|(id, w)| {
+                    (
+                        id.clone(),
+                        Endpoint {
+                            address: format!("{id}:1"),
+                            weight: *w,
+                            draining: false,
+                        },
+                    )
+                })
+                .collect(),
+            gateways: BTreeMap::new(),
+            shard_count: shards,
+            placement: Vec::new(),
+            moves: BTreeMap::new(),
+            next_attempt: 0,
+            max_moves,
+        }
+    }
+
+    /// Commits moves (lowest shard first) until none is left; returns the
+    /// shards that changed owner, in commit order.
+    fn run(t: &mut Topology) -> Vec<u32> {
+        let mut moved = Vec::new();
+        while let Some((&shard, m)) = t.moves.iter().next() {
+            assert!(t.moves.len() <= t.max_moves as usize);
+            let place = &mut t.placement[shard as usize];
+            assert_eq!(place.node.as_deref(), Some(m.from.as_str()));
+            place.node = Some(m.to.clone());
+            place.epoch += 1;
+            t.moves.remove(&shard);
+            moved.push(shard);
+            schedule(t);
+        }
+        moved
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// Whatever the node set and the limit, running the scheduled moves
+        /// ends exactly at the ring's plan for the new set, each shard moving
+        /// at most once and only if its target changed.
+        #[test]
+        fn moves_reach_the_plan_minimally(
+            weights in prop::collection::vec(1u32..=4, 1..=5),
+            added in 1u32..=4,
+            drain_first in any::<bool>(),
+            max_moves in 1u32..=8,
+            shards in 1u32..=128,
+        ) {
+            let nodes: BTreeMap<String, u32> = weights
+                .iter()
+                .enumerate()
+                .map(|(i, w)| (format!("n{i}"), *w))
+                .collect();
+            let mut t = topology(&nodes, shards, max_moves);
+            schedule(&mut t);
+            prop_assert!(t.moves.is_empty(), "a new cluster places without moves");
+            let before: Vec<Option<String>> = t.placement.iter().map(|p| p.node.clone()).collect();
+
+            t.nodes.insert("new".into(), Endpoint { address: "new:1".into(), weight: added, draining: false });
+            if drain_first && nodes.len() > 1 {
+                t.nodes.get_mut("n0").unwrap().draining = true;
+            }
+            schedule(&mut t);
+            let target = targets(&t);
+            let moved = run(&mut t);
+            let owners: Vec<Option<String>> = t.placement.iter().map(|p| p.node.clone()).collect();
+            prop_assert_eq!(&owners, &target);
+            let changed: Vec<u32> = (0..shards).filter(|s| before[*s as usize] != target[*s as usize]).collect();
+            let mut sorted = moved.clone();
+            sorted.sort_unstable();
+            prop_assert_eq!(sorted, changed, "exactly the shards whose target changed move, once each");
+            prop_assert_eq!(pending(&t), 0);
+        }
+    }
+}

@@ -162,17 +162,21 @@ impl Drop for ControlLink {
     }
 }
 
+/// How a move task ended: shard, attempt, result.
+type MoveOutcome = (u32, u64, Result<(), NodeError>);
+
 /// The moves into this node: the running ones (by shard) and recent failures.
 #[derive(Default)]
 struct MovesRunning {
-    tasks: JoinSet<(u32, u64, Result<(), NodeError>)>,
+    tasks: JoinSet<MoveOutcome>,
     running: BTreeMap<u32, (u64, AbortHandle)>,
     failed: BTreeMap<(u32, u64), Instant>,
 }
 
 impl MovesRunning {
-    /// Starts the moves `topology` sends here, and stops the ones it no
-    /// longer has.
+    /// Starts the moves `topology` sends here. A running move is never cut
+    /// short: one whose attempt is no longer current fails at its commit and
+    /// cleans up; one that committed must get to serve the shard.
     fn sync(
         &mut self,
         node: &Node,
@@ -187,13 +191,6 @@ impl MovesRunning {
             .filter(|m| m.to_node == *me)
             .map(|m| (m.shard, m))
             .collect();
-        self.running.retain(|shard, (attempt, handle)| {
-            let keep = wanted.get(shard).is_some_and(|m| m.attempt == *attempt);
-            if !keep {
-                handle.abort();
-            }
-            keep
-        });
         self.failed.retain(|_, at| at.elapsed() < MOVE_RETRY_AFTER);
         for (shard, m) in wanted {
             if self.running.contains_key(&shard) || self.failed.contains_key(&(shard, m.attempt)) {
@@ -214,6 +211,30 @@ impl MovesRunning {
                 (shard, attempt, moves::run_move_in(node, control, job).await)
             });
             self.running.insert(shard, (attempt, handle));
+        }
+    }
+
+    /// Records a move task's end, however it ended.
+    fn joined(&mut self, joined: Result<(tokio::task::Id, MoveOutcome), tokio::task::JoinError>) {
+        match joined {
+            Ok((_, (shard, attempt, result))) => self.finished(shard, attempt, result),
+            // Aborted (superseded) or panicked: forget it so that it can be
+            // started again.
+            Err(e) => {
+                let id = e.id();
+                let Some((&shard, &(attempt, _))) = self
+                    .running
+                    .iter()
+                    .find(|(_, (_, handle))| handle.id() == id)
+                else {
+                    return;
+                };
+                self.finished(
+                    shard,
+                    attempt,
+                    Err(NodeError::Unavailable(format!("move task ended: {e}"))),
+                );
+            }
         }
     }
 
@@ -304,8 +325,8 @@ async fn follow(
                 }
                 continue;
             }
-            Some(Ok((shard, attempt, result))) = moves.tasks.join_next(), if !moves.tasks.is_empty() => {
-                moves.finished(shard, attempt, result);
+            Some(joined) = moves.tasks.join_next_with_id(), if !moves.tasks.is_empty() => {
+                moves.joined(joined);
                 continue;
             }
         };
@@ -329,7 +350,7 @@ async fn follow(
         if known.revision < current {
             continue;
         }
-        sync_shards(node, &known).await?;
+        sync_shards(node, &mut client, &known).await?;
         if let Some(topology) = &known.topology {
             moves.sync(node, &client, config, topology);
             published.send_replace(Some(topology.clone()));
@@ -382,7 +403,11 @@ async fn sync_rules(node: &Node, known: &Known) -> Result<(), NodeError> {
     Ok(())
 }
 
-async fn sync_shards(node: &Node, known: &Known) -> Result<(), NodeError> {
+async fn sync_shards(
+    node: &Node,
+    client: &mut ControlClient<Channel>,
+    known: &Known,
+) -> Result<(), NodeError> {
     let Some(topology) = &known.topology else {
         return Ok(());
     };
@@ -402,9 +427,52 @@ async fn sync_shards(node: &Node, known: &Known) -> Result<(), NodeError> {
         .collect();
     for placement in &topology.shards {
         let mine = placement.node_id == *me;
+        let pending = match serving.get(&placement.shard) {
+            Some(_) => node.shard_store(placement.shard)?.pending()?,
+            None => 0,
+        };
         match (mine, serving.get(&placement.shard)) {
-            (true, Some(epoch)) if *epoch == placement.epoch => {}
+            (true, Some(epoch)) if *epoch == placement.epoch => {
+                if pending != 0 {
+                    // The move that brought it here committed.
+                    node.shard_store(placement.shard)?.set_pending(0)?;
+                }
+            }
+            // A move into this node serves the shard itself once committed
+            // (its last inputs are in memory and the log, not in the store).
+            (true, _) if node.inner.moves_in.contains(placement.shard) => {}
             (true, _) => node.assign_shard(placement.shard, placement.epoch).await?,
+            // A copy that moved here, restarted before it learnt whether its
+            // move committed: it did not (placement names another node), and
+            // aborting the attempt makes sure it never will.
+            (false, Some(_)) if pending != 0 => {
+                client
+                    .abort_move(pb::MoveRequest {
+                        shard: placement.shard,
+                        attempt: pending,
+                    })
+                    .await
+                    .map_err(|e| NodeError::Unavailable(format!("control plane: {e}")))?;
+                let now = client
+                    .get_topology(pb::ReadOptions { stale: false })
+                    .await
+                    .map_err(|e| NodeError::Unavailable(format!("control plane: {e}")))?
+                    .into_inner()
+                    .topology
+                    .unwrap_or_default();
+                let owner = now.shards.get(placement.shard as usize);
+                if owner.is_some_and(|p| p.node_id == *me) {
+                    node.shard_store(placement.shard)?.set_pending(0)?;
+                    continue;
+                }
+                node.release_shard(placement.shard, None).await?;
+                node.store().drop_shard(placement.shard)?;
+                tracing::info!(
+                    shard = placement.shard,
+                    attempt = pending,
+                    "dropped the copy of a move that did not commit"
+                );
+            }
             // Only a newer epoch takes a shard away: its new owner committed
             // it with everything this node held.
             (false, Some(epoch)) if placement.epoch > *epoch => {

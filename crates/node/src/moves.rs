@@ -35,7 +35,7 @@ use tonic::{Code, Status};
 use crate::error::NodeError;
 use crate::record::{Input, Tick, WalRecord};
 use crate::runtime::{Command, Node, apply_input, compile, rule_defs};
-use crate::shard::Shard;
+use crate::shard::{Logged, Shard};
 use crate::transfer::{ExportEntries, ExportEntry};
 
 /// How long a source waits on a silent destination before settling the move.
@@ -46,6 +46,20 @@ const CHUNK_BYTES: usize = 1 << 20;
 const SHORT_TAIL: usize = 64;
 /// Tail reads before fencing even if the tail never gets short.
 const MAX_CATCH_UP_ROUNDS: usize = 50;
+/// Longest wait for any one answer from the source: a source that stops
+/// answering fails the attempt rather than hanging it.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Bounds one call to the source by [`CALL_TIMEOUT`].
+async fn timed<T>(what: &str, call: impl Future<Output = Result<T, Status>>) -> Result<T, Status> {
+    tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(format!(
+                "{what}: no answer from the source"
+            )))
+        })
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -139,9 +153,41 @@ impl MovesIn {
         lock(&self.progress).remove(&shard);
     }
 
+    /// Whether a move of `shard` into this node is running.
+    pub(crate) fn contains(&self, shard: u32) -> bool {
+        lock(&self.progress).contains_key(&shard)
+    }
+
     /// Every move in, as heartbeats report it.
     pub(crate) fn report(&self) -> Vec<pb::MoveProgress> {
         lock(&self.progress).values().copied().collect()
+    }
+}
+
+/// A move's entry in [`MovesIn`], removed when dropped.
+struct ProgressEntry {
+    node: Node,
+    shard: u32,
+}
+
+impl ProgressEntry {
+    fn new(node: &Node, shard: u32, attempt: u64) -> ProgressEntry {
+        node.inner.moves_in.set(pb::MoveProgress {
+            shard,
+            attempt,
+            bytes_done: 0,
+            bytes_total: 0,
+        });
+        ProgressEntry {
+            node: node.clone(),
+            shard,
+        }
+    }
+}
+
+impl Drop for ProgressEntry {
+    fn drop(&mut self) {
+        self.node.inner.moves_in.remove(self.shard);
     }
 }
 
@@ -377,12 +423,16 @@ pub(crate) async fn run_move_in(
     job: MoveIn,
 ) -> Result<(), NodeError> {
     let unavailable = |e: &dyn std::fmt::Display| NodeError::Unavailable(format!("{e}"));
-    let mut source = NodeClient::connect(url(&job.source))
-        .await
+    // Reported in heartbeats, and keeps the control link from opening the
+    // shard itself, until this task ends (however it ends).
+    let progress = ProgressEntry::new(&node, job.shard, job.attempt);
+    let endpoint = tonic::transport::Endpoint::from_shared(url(&job.source))
         .map_err(|e| unavailable(&e))?
+        .connect_timeout(CALL_TIMEOUT);
+    let mut source = NodeClient::new(endpoint.connect().await.map_err(|e| unavailable(&e))?)
         .max_decoding_message_size(64 << 20);
     let result = copy_and_commit(&node, &mut control, &mut source, &job).await;
-    node.inner.moves_in.remove(job.shard);
+    drop(progress);
     match result {
         Ok(()) => Ok(()),
         Err(Failed { error, committed }) => {
@@ -445,8 +495,7 @@ async fn copy_and_commit(
         return Err(NodeError::Invalid(format!("shard {shard} is already served here")).into());
     }
     let request = pb::MoveOutRequest { shard, attempt };
-    let started = source
-        .begin_move_out(request)
+    let started = timed("BeginMoveOut", source.begin_move_out(request))
         .await
         .map_err(remote)?
         .into_inner();
@@ -467,13 +516,15 @@ async fn copy_and_commit(
     };
     node.inner.moves_in.set(progress);
     let began = Instant::now();
-    let mut chunks = source
-        .move_out_snapshot(request)
+    let mut chunks = timed("MoveOutSnapshot", source.move_out_snapshot(request))
         .await
         .map_err(remote)?
         .into_inner();
     let mut complete = false;
-    while let Some(chunk) = chunks.message().await.map_err(remote)? {
+    while let Some(chunk) = timed("MoveOutSnapshot", chunks.message())
+        .await
+        .map_err(remote)?
+    {
         let entries = ExportEntries::decode(chunk.data.as_slice())
             .map_err(|e| NodeError::Invalid(format!("undecodable snapshot chunk: {e}")))?;
         let loader = store.clone();
@@ -505,69 +556,115 @@ async fn copy_and_commit(
     if !complete {
         return Err(NodeError::Unavailable("the snapshot stream ended early".into()).into());
     }
+    tracing::debug!(
+        shard,
+        attempt,
+        ms = began.elapsed().as_millis() as u64,
+        "snapshot copied"
+    );
     store.set_fenced(0)?;
     let mut moved = Shard::open(shard, store.clone(), plan, node.config().shard.clone())?;
 
-    // The inputs since the snapshot: catch up while the source serves, then
-    // fence it and take the rest.
+    // Catch up while the source serves, until the tail is short. (The
+    // changes replay makes go to the copy's change log with the checkpoint.)
     let mut next = 0u64;
-    let mut rounds = 0;
-    loop {
-        let fence = rounds >= MAX_CATCH_UP_ROUNDS;
-        let tail = source
-            .move_out_tail(pb::MoveTailRequest {
-                shard,
-                attempt,
-                from: next,
-                fence,
-            })
-            .await
-            .map_err(remote)?
-            .into_inner();
-        let got = tail.records.len();
+    for _ in 0..MAX_CATCH_UP_ROUNDS {
+        let tail = read_tail(source, shard, attempt, next, false).await?;
         replay(node, &mut moved, &tail.records)?;
-        next += got as u64;
-        rounds += 1;
-        if tail.fenced && next >= tail.end {
+        next += tail.records.len() as u64;
+        if tail.records.len() < SHORT_TAIL && next >= tail.end {
             break;
-        }
-        if !fence && got < SHORT_TAIL && next >= tail.end {
-            rounds = MAX_CATCH_UP_ROUNDS;
         }
     }
 
-    // Durable here before the control plane hears of it: once committed, this
-    // node must be able to serve the shard after any crash.
+    // Make the copy durable before fencing, so that the fence lasts only for
+    // the last few inputs: a marker in this node's log (replay of the shard
+    // starts after it), a checkpoint, a sync. The copy stays marked *pending*
+    // with its attempt until the move is known to have committed: a node
+    // restarting with a pending copy settles it with the control plane.
+    let epoch = started.epoch + 1;
     let marker = WalRecord {
         shard,
         now_ms: node.now().millis(),
         input: Some(Input::MovedIn(Tick {})),
     };
-    let at = node
-        .inner
-        .committer
-        .append(marker.to_bytes())
-        .await
-        .await
-        .map_err(|_| NodeError::Unavailable("log stopped".into()))??;
-    moved.applied_record(at);
-    let epoch = started.epoch + 1;
+    moved.applied_record(append(node, marker.to_bytes()).await?);
     moved.set_epoch(epoch);
     let now = node.now();
     let synced = node.clone();
-    tokio::task::spawn_blocking(move || {
+    let mut moved = tokio::task::spawn_blocking(move || {
         moved.checkpoint(now)?;
         let store = moved.store();
         store.set_epoch(epoch)?;
+        store.set_pending(attempt)?;
         store.set_incoming(false)?;
         synced.store().sync()?;
-        Ok::<_, NodeError>(())
+        Ok::<_, NodeError>(moved)
     })
     .await
     .map_err(|e| unavailable_join(&e))??;
+    tracing::debug!(
+        shard,
+        attempt,
+        ms = began.elapsed().as_millis() as u64,
+        "copy durable"
+    );
 
-    commit(node, control, shard, attempt, epoch).await?;
-    // The control link starts serving it when the new placement arrives.
+    // Fence the source and take the rest; each input goes to this node's log
+    // too (after the marker), so it is durable here before the commit. Their
+    // changes are published when the shard is served.
+    let mut unpublished = Vec::new();
+    loop {
+        let tail = read_tail(source, shard, attempt, next, true).await?;
+        unpublished.extend(replay(node, &mut moved, &tail.records)?);
+        let mut durable = Vec::with_capacity(tail.records.len());
+        for record in &tail.records {
+            durable.push(node.inner.committer.append(record.clone()).await);
+        }
+        for waiting in durable {
+            let at = waiting
+                .await
+                .map_err(|_| NodeError::Unavailable("log stopped".into()))??;
+            moved.applied_record(at);
+        }
+        next += tail.records.len() as u64;
+        if tail.fenced && next >= tail.end {
+            break;
+        }
+    }
+    tracing::debug!(
+        shard,
+        attempt,
+        ms = began.elapsed().as_millis() as u64,
+        "fenced and caught up"
+    );
+
+    if let Err(failed) = commit(node, control, shard, attempt, epoch).await {
+        if failed.committed.is_none() {
+            // The control link serves the stored copy if the move did commit:
+            // the stored copy must then hold everything.
+            let now = node.now();
+            let synced = node.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                moved.checkpoint(now)?;
+                synced.store().sync()?;
+                Ok::<_, NodeError>(())
+            })
+            .await;
+        }
+        return Err(failed);
+    }
+    tracing::debug!(
+        shard,
+        attempt,
+        ms = began.elapsed().as_millis() as u64,
+        "committed"
+    );
+    let store = moved.store().clone();
+    node.serve_moved(moved, unpublished).await?;
+    // Durable with the next checkpoint; until then a restart finds the
+    // placement naming this node and clears it.
+    store.set_pending(0)?;
     tracing::info!(
         shard,
         attempt,
@@ -579,12 +676,47 @@ async fn copy_and_commit(
     Ok(())
 }
 
+async fn read_tail(
+    source: &mut NodeClient<Channel>,
+    shard: u32,
+    attempt: u64,
+    from: u64,
+    fence: bool,
+) -> Result<pb::MoveTailResponse, NodeError> {
+    let request = pb::MoveTailRequest {
+        shard,
+        attempt,
+        from,
+        fence,
+    };
+    timed("MoveOutTail", source.move_out_tail(request))
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|e| match e.code() {
+            Code::InvalidArgument | Code::NotFound => NodeError::Invalid(e.message().to_owned()),
+            _ => NodeError::Unavailable(e.message().to_owned()),
+        })
+}
+
+/// Appends a record to this node's log; its position once durable.
+async fn append(node: &Node, record: Vec<u8>) -> Result<crate::wal::Lsn, NodeError> {
+    Ok(node
+        .inner
+        .committer
+        .append(record)
+        .await
+        .await
+        .map_err(|_| NodeError::Unavailable("log stopped".into()))??)
+}
+
 fn unavailable_join(e: &tokio::task::JoinError) -> NodeError {
     NodeError::Unavailable(format!("a blocking task failed: {e}"))
 }
 
-/// Applies inputs from the source's log to the copy, exactly as recovery would.
-fn replay(node: &Node, shard: &mut Shard, records: &[Vec<u8>]) -> Result<(), NodeError> {
+/// Applies inputs from the source's log to the copy, exactly as recovery
+/// would; returns the changes they made.
+fn replay(node: &Node, shard: &mut Shard, records: &[Vec<u8>]) -> Result<Vec<Logged>, NodeError> {
+    let mut changes = Vec::new();
     for payload in records {
         let record = WalRecord::decode(payload.as_slice())
             .map_err(|e| NodeError::Invalid(format!("undecodable input from the source: {e}")))?;
@@ -592,9 +724,9 @@ fn replay(node: &Node, shard: &mut Shard, records: &[Vec<u8>]) -> Result<(), Nod
             node.store()
                 .put_rules_version(request.version, &rule_defs(request)?)?;
         }
-        apply_input(shard, &record, payload, node.config())?;
+        changes.extend(apply_input(shard, &record, payload, node.config())?);
     }
-    Ok(())
+    Ok(changes)
 }
 
 /// Commits the move; when the answer is lost, finds out from the topology

@@ -383,7 +383,65 @@ impl Node {
         Ok((node, guard))
     }
 
-    fn spawn_shard(&self, id: u32, shard: Shard, log: Arc<ChangeLog>) {
+    /// Brings a shard that is not served yet to the node's rule set (it was
+    /// stored, or copied from another node, under another version), logging
+    /// the update like any rule input. Returns the changes it made.
+    async fn catch_up_rules(&self, shard: &mut Shard) -> Result<Vec<Logged>, NodeError> {
+        let rules = read(&self.inner.rules).clone();
+        if shard.plan().version() == rules.plan.version() {
+            return Ok(Vec::new());
+        }
+        let now = self.now();
+        let record = WalRecord {
+            shard: shard.id(),
+            now_ms: now.millis(),
+            input: Some(Input::Rules(pb::ApplyRulesRequest {
+                version: rules.plan.version().0,
+                segments: rules.defs.iter().map(pb::SegmentDef::from).collect(),
+            })),
+        };
+        let changes = shard.apply_rules(rules.plan, now, |_, _| {})?;
+        let at = self
+            .inner
+            .committer
+            .append(record.to_bytes())
+            .await
+            .await
+            .map_err(|_| NodeError::Unavailable("log stopped".into()))??;
+        shard.applied_record(at);
+        Ok(changes)
+    }
+
+    /// Serves a shard that moved here (opened, caught up and durable), with
+    /// the changes of its last inputs, not yet in its stored change log.
+    pub(crate) async fn serve_moved(
+        &self,
+        mut shard: Shard,
+        mut unpublished: Vec<Logged>,
+    ) -> Result<(), NodeError> {
+        let id = shard.id();
+        let stored = unpublished.first().map_or(shard.last_sequence(), |first| {
+            first.sequence.saturating_sub(1)
+        });
+        // Rule updates that reached this node during the copy did not reach
+        // the copy (nor, if its source refused them while fenced, its inputs).
+        unpublished.extend(self.catch_up_rules(&mut shard).await?);
+        let log = Arc::new(ChangeLog::new(shard.store().clone(), stored));
+        log.publish(&unpublished);
+        if !self.spawn_shard(id, shard, log) {
+            return Err(NodeError::Invalid(format!(
+                "shard {id} is already served here"
+            )));
+        }
+        write(&self.inner.owners).remove(&id);
+        Ok(())
+    }
+
+    /// Starts the task of `shard`, unless the shard is served already (false).
+    fn spawn_shard(&self, id: u32, shard: Shard, log: Arc<ChangeLog>) -> bool {
+        if read(&self.inner.shards).contains_key(&id) {
+            return false;
+        }
         // A shard fenced for a move before a restart stays fenced until the
         // control plane settles the move; its kept inputs are gone, so the
         // destination has to start over.
@@ -417,7 +475,13 @@ impl Node {
             log: log.clone(),
             epoch: epoch.clone(),
         };
-        write(&self.inner.shards).insert(id, handle);
+        {
+            let mut shards = write(&self.inner.shards);
+            if shards.contains_key(&id) {
+                return false;
+            }
+            shards.insert(id, handle);
+        }
         let task = ShardTask {
             shard,
             log,
@@ -437,6 +501,7 @@ impl Node {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(join);
+        true
     }
 
     fn spawn_checkpoints(&self) {
@@ -682,32 +747,8 @@ impl Node {
         }
         let mut opened = open_shard(&self.inner.store, shard, &self.inner.config)?;
         opened.set_epoch(epoch.max(opened.epoch()));
-        let plan = read(&self.inner.rules).plan.clone();
-        if opened.plan().version() != plan.version() {
-            let now = self.now();
-            let request = pb::ApplyRulesRequest {
-                version: plan.version().0,
-                segments: read(&self.inner.rules)
-                    .defs
-                    .iter()
-                    .map(pb::SegmentDef::from)
-                    .collect(),
-            };
-            let record = WalRecord {
-                shard,
-                now_ms: now.millis(),
-                input: Some(Input::Rules(request)),
-            };
-            opened.apply_rules(plan, now, |_, _| {})?;
-            let at = self
-                .inner
-                .committer
-                .append(record.to_bytes())
-                .await
-                .await
-                .map_err(|_| NodeError::Unavailable("log stopped".into()))??;
-            opened.applied_record(at);
-        }
+        // Its changes are stored by the checkpoint below.
+        self.catch_up_rules(&mut opened).await?;
         opened.checkpoint(self.now())?;
         self.inner.store.sync()?;
         write(&self.inner.owners).remove(&shard);
@@ -715,7 +756,13 @@ impl Node {
             opened.store().clone(),
             opened.last_sequence(),
         ));
-        self.spawn_shard(shard, opened, log);
+        if !self.spawn_shard(shard, opened, log) {
+            // Served meanwhile (a move into this node completed): just the epoch.
+            let handle = self.handle(shard)?;
+            self.ask(&handle, |reply| Command::SetEpoch { epoch, reply })
+                .await?;
+            handle.epoch.store(epoch, Ordering::SeqCst);
+        }
         Ok(())
     }
 

@@ -439,6 +439,18 @@ impl ShardStore {
         Ok(())
     }
 
+    /// The move attempt this complete copy awaits the commit of (0: none).
+    pub fn pending(&self) -> Result<u64, StoreError> {
+        self.read_u64("pending")
+    }
+
+    /// Sets or (with 0) clears the pending attempt, durable at the next sync.
+    pub fn set_pending(&self, attempt: u64) -> Result<(), StoreError> {
+        self.tree
+            .insert(meta_key("pending"), &attempt.to_le_bytes())?;
+        Ok(())
+    }
+
     /// Whether this is an incomplete copy of a shard moving here.
     pub fn incoming(&self) -> Result<bool, StoreError> {
         Ok(self.read_u64("incoming")? != 0)
