@@ -7,7 +7,8 @@
 //! `cargo bench -p dynseg-cli --bench rebalance` (release build of `dynseg`).
 //! Environment: BENCH_USERS (default 200000), BENCH_PRELOAD_SECS (20),
 //! BENCH_STEADY_SECS (10), BENCH_CONNECTIONS (8), BENCH_BATCH (500),
-//! BENCH_SHARDS (64), BENCH_MAX_MOVES (4).
+//! BENCH_SHARDS (64), BENCH_MAX_MOVES (1), BENCH_MOVE_MIB (16: each node's
+//! `--move-mib-per-sec`).
 
 #![allow(
     clippy::unwrap_used,
@@ -19,7 +20,6 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -72,7 +72,8 @@ async fn main() {
     let connections = env_number("BENCH_CONNECTIONS", 8);
     let batch = env_number("BENCH_BATCH", 500) as usize;
     let shards = env_number("BENCH_SHARDS", 64) as u32;
-    let max_moves = env_number("BENCH_MAX_MOVES", 4) as u32;
+    let max_moves = env_number("BENCH_MAX_MOVES", 1) as u32;
+    let move_mib = std::env::var("BENCH_MOVE_MIB").unwrap_or_else(|_| "16".into());
     let dir = tempfile::tempdir().unwrap();
     let ports = free_ports(5);
     let addr = |i: usize| format!("127.0.0.1:{}", ports[i]);
@@ -103,7 +104,7 @@ async fn main() {
     let node_args = |i: usize| {
         args(
             &format!(
-                "node --node-id node-{i} --listen {} --control {control_addr} --shard-count {shards} --data-dir",
+                "node --node-id node-{i} --listen {} --control {control_addr} --shard-count {shards} --move-mib-per-sec {move_mib} --data-dir",
                 addr(1 + i)
             ),
             &dir.path().join(format!("node{i}")),
@@ -189,14 +190,8 @@ async fn main() {
     // A third node joins; shards move to it under the same load.
     let _third = Process::start(&node_args(2), "listening on");
     let moves_from = Instant::now();
-    let mut snapshot_bytes: BTreeMap<u32, u64> = BTreeMap::new();
     loop {
         let t = topology(&mut control).await;
-        for node in &t.nodes {
-            for p in &node.moves_in {
-                snapshot_bytes.insert(p.shard, p.bytes_total);
-            }
-        }
         if t.nodes.len() == 3 && t.moves.is_empty() && t.pending_moves == 0 {
             break;
         }
@@ -219,12 +214,12 @@ async fn main() {
         .unwrap()
         .into_inner();
     let moved_users: u64 = status.shards.iter().map(|s| s.users_total).sum();
-    let moved_bytes: u64 = snapshot_bytes.values().sum();
+    let moved_bytes = status.moved_in_bytes;
     let seconds = (moves_to - moves_from).as_secs_f64();
     let before = samples.rate(steady_from, steady_to);
     let during = samples.rate(moves_from, moves_to);
     println!(
-        "rebalance: {} shards ({} users, {:.1} MiB of snapshots) moved to a third node in {seconds:.2} s, {max_moves} at a time",
+        "rebalance: {} shards ({} users, {:.1} MiB of snapshots) moved to a third node in {seconds:.2} s, {max_moves} at a time, at most {move_mib} MiB/s each",
         status.shards.len(),
         moved_users,
         moved_bytes as f64 / f64::from(1 << 20),

@@ -17,8 +17,10 @@ use serde::{Deserialize, Serialize};
 use crate::placement;
 use crate::state::Topology;
 
-/// Moves in flight at once unless an operator sets another limit.
-pub const DEFAULT_MAX_MOVES: u32 = 4;
+/// Moves in flight at once unless an operator sets another limit. One keeps
+/// ingest at about 70% of its steady rate during a rebalance on a loaded
+/// two-core machine; four brought it to about a third (docs/performance.md).
+pub const DEFAULT_MAX_MOVES: u32 = 1;
 /// The highest limit an operator may set.
 pub const MAX_MAX_MOVES: u32 = 64;
 

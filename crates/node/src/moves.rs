@@ -142,6 +142,8 @@ impl MoveOutSessions {
 #[derive(Default)]
 pub(crate) struct MovesIn {
     progress: Mutex<BTreeMap<u32, pb::MoveProgress>>,
+    /// Moves completed since start: (shards, snapshot bytes).
+    moved: Mutex<(u64, u64)>,
 }
 
 impl MovesIn {
@@ -151,6 +153,17 @@ impl MovesIn {
 
     fn remove(&self, shard: u32) {
         lock(&self.progress).remove(&shard);
+    }
+
+    /// Moves completed since start: (shards, snapshot bytes).
+    pub(crate) fn moved(&self) -> (u64, u64) {
+        *lock(&self.moved)
+    }
+
+    fn completed(&self, bytes: u64) {
+        let mut moved = lock(&self.moved);
+        moved.0 += 1;
+        moved.1 += bytes;
     }
 
     /// Whether a move of `shard` into this node is running.
@@ -662,6 +675,7 @@ async fn copy_and_commit(
     );
     let store = moved.store().clone();
     node.serve_moved(moved, unpublished).await?;
+    node.inner.moves_in.completed(progress.bytes_done);
     // Durable with the next checkpoint; until then a restart finds the
     // placement naming this node and clears it.
     store.set_pending(0)?;

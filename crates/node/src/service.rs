@@ -457,6 +457,8 @@ impl node_server::Node for NodeService {
             rule_version: self.node.rule_version(),
             shard_count: self.node.config().shard_count,
             shards,
+            moved_in_shards: self.node.inner.moves_in.moved().0,
+            moved_in_bytes: self.node.inner.moves_in.moved().1,
         }))
     }
 
