@@ -26,21 +26,11 @@ use std::time::{Duration, Instant};
 
 use dynseg_cli::demo::Traffic;
 use dynseg_proto::pb;
-use dynseg_proto::pb::control_client::ControlClient;
 use dynseg_proto::pb::gateway_client::GatewayClient;
 use dynseg_proto::pb::node_client::NodeClient;
-use support::{Process, args, env_number, free_ports};
-use tonic::transport::Channel;
-
-async fn topology(control: &mut ControlClient<Channel>) -> pb::Topology {
-    control
-        .get_topology(pb::ReadOptions { stale: true })
-        .await
-        .unwrap()
-        .into_inner()
-        .topology
-        .unwrap()
-}
+use support::{
+    Process, apply_spec_segments, args, env_number, free_ports, start_control, topology,
+};
 
 /// Acked events at each 100 ms tick, from the start of the load.
 struct Samples {
@@ -78,25 +68,8 @@ async fn main() {
     let ports = free_ports(5);
     let addr = |i: usize| format!("127.0.0.1:{}", ports[i]);
     let control_addr = addr(0);
-    let _control = Process::start(
-        &args(
-            &format!("control --id 1 --listen {control_addr} --peers 1={control_addr} --data-dir"),
-            &dir.path().join("control"),
-        ),
-        "listening on",
-    );
-    let mut control = ControlClient::connect(format!("http://{control_addr}"))
-        .await
-        .unwrap();
-    while control
-        .set_shard_count(pb::SetShardCountRequest {
-            shard_count: shards,
-        })
-        .await
-        .is_err()
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (_control, mut control) =
+        start_control(&dir.path().join("control"), &control_addr, shards).await;
     control
         .rebalance(pb::RebalanceRequest { max_moves })
         .await
@@ -132,13 +105,7 @@ async fn main() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let defs = dynseg_rules::examples::spec_segments();
-    control
-        .apply_segments(pb::SegmentsRequest {
-            segments: defs.iter().map(pb::SegmentDef::from).collect(),
-        })
-        .await
-        .unwrap();
+    apply_spec_segments(&mut control).await;
 
     // The load: `connections` clients sending batches as fast as acked.
     let acked = Arc::new(AtomicU64::new(0));

@@ -23,7 +23,7 @@ use dynseg_rules::reference::Reference;
 use dynseg_rules::{Event, Limits, SegmentDef, Timestamp};
 use support::{
     Process, args, assert_memberships, env_number, fold_change, free_ports, ingest_until_acked,
-    listed, reference_members, wait_for_rules,
+    listed, reference_members, set_shard_count, wait_for_rules,
 };
 use tonic::transport::Channel;
 
@@ -61,18 +61,7 @@ async fn a_killed_node_restarts_and_memberships_stay_exact_across_gateways() {
     let mut control = ControlClient::connect(format!("http://{}", addr(0)))
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while control
-        .set_shard_count(pb::SetShardCountRequest { shard_count: 16 })
-        .await
-        .is_err()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the control plane never took a write"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    set_shard_count(&mut control, 16).await;
 
     let start = Timestamp::parse_rfc3339("2026-01-01T00:00:00Z").unwrap();
     let node_args = |i: usize, clock: Timestamp| {

@@ -18,11 +18,10 @@ use dynseg_cli::demo::Traffic;
 use dynseg_proto::pb;
 use dynseg_proto::pb::control_client::ControlClient;
 use dynseg_proto::pb::gateway_client::GatewayClient;
-use dynseg_rules::reference::Reference;
-use dynseg_rules::{Event, Limits, SegmentDef, Timestamp};
+use dynseg_rules::{Event, Timestamp};
 use support::{
-    Process, args, assert_memberships, env_number, fold_change, listed, reference_members,
-    wait_for_rules,
+    Process, apply_spec_segments, args, assert_memberships, env_number, fold_change, listed,
+    reference_members, wait_for_rules,
 };
 use tokio::sync::mpsc;
 
@@ -73,15 +72,7 @@ async fn the_dev_cluster_matches_the_reference_through_ingest_and_clock_moves() 
         .unwrap()
         .max_decoding_message_size(64 << 20);
 
-    let defs: Vec<SegmentDef> = dynseg_rules::examples::spec_segments();
-    let segments: Vec<String> = defs.iter().map(|d| d.id.as_str().to_owned()).collect();
-    control
-        .apply_segments(pb::SegmentsRequest {
-            segments: defs.iter().map(pb::SegmentDef::from).collect(),
-        })
-        .await
-        .unwrap();
-    let reference = Reference::new(&defs, &Limits::default()).unwrap();
+    let (segments, reference) = apply_spec_segments(&mut control).await;
     // The node applies the committed rules through its control link.
     wait_for_rules(&mut gateway, &segments[segments.len() - 1]).await;
 

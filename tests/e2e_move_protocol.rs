@@ -18,9 +18,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use dynseg_proto::pb;
-use dynseg_proto::pb::control_client::ControlClient;
 use dynseg_proto::pb::node_client::NodeClient;
-use support::{Process, args, free_ports};
+use support::{Process, args, free_ports, start_control, topology};
 use tonic::transport::Channel;
 
 const SHARDS: u32 = 4;
@@ -36,16 +35,6 @@ fn event(user: &str, n: u32) -> pb::Event {
         timestamp_ms: 1_767_225_600_000,
         ..Default::default()
     }
-}
-
-async fn topology(control: &mut ControlClient<Channel>) -> pb::Topology {
-    control
-        .get_topology(pb::ReadOptions { stale: false })
-        .await
-        .unwrap()
-        .into_inner()
-        .topology
-        .unwrap()
 }
 
 async fn node_client(addr: &str) -> NodeClient<Channel> {
@@ -103,30 +92,8 @@ async fn a_fenced_source_refuses_writes_until_the_move_commits_or_is_aborted() {
     let ports = free_ports(2);
     let control_addr = format!("127.0.0.1:{}", ports[0]);
     let node_addr = format!("127.0.0.1:{}", ports[1]);
-    let _control = Process::start(
-        &args(
-            &format!("control --id 1 --listen {control_addr} --peers 1={control_addr} --data-dir"),
-            &dir.path().join("control"),
-        ),
-        "listening on",
-    );
-    let mut control = ControlClient::connect(format!("http://{control_addr}"))
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while control
-        .set_shard_count(pb::SetShardCountRequest {
-            shard_count: SHARDS,
-        })
-        .await
-        .is_err()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the control plane never took a write"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (_control, mut control) =
+        start_control(&dir.path().join("control"), &control_addr, SHARDS).await;
     let node_args = args(
         &format!(
             "node --node-id node-0 --listen {node_addr} --control {control_addr} --shard-count {SHARDS} --clock manual=2026-01-01T00:00:00Z --data-dir"

@@ -32,25 +32,15 @@ use dynseg_cli::demo::Traffic;
 use dynseg_proto::pb;
 use dynseg_proto::pb::control_client::ControlClient;
 use dynseg_proto::pb::gateway_client::GatewayClient;
-use dynseg_rules::reference::Reference;
-use dynseg_rules::{Event, Limits, SegmentDef, Timestamp};
+use dynseg_rules::{Event, Timestamp};
 use support::{
-    Process, args, assert_memberships, env_number, fold_change, free_ports, ingest_until_acked,
-    listed, reference_members, run_cli, wait_for_rules,
+    Process, apply_spec_segments, args, assert_memberships, env_number, fold_change, free_ports,
+    ingest_until_acked, listed, reference_members, run_cli, start_control, topology,
+    wait_for_rules,
 };
 use tonic::transport::Channel;
 
 const SHARDS: u32 = 24;
-
-async fn topology(control: &mut ControlClient<Channel>) -> pb::Topology {
-    control
-        .get_topology(pb::ReadOptions { stale: false })
-        .await
-        .unwrap()
-        .into_inner()
-        .topology
-        .unwrap()
-}
 
 /// Polls the topology until `done` holds, failing after `secs`.
 async fn wait_topology(
@@ -103,30 +93,8 @@ async fn shards_move_under_load_through_kills_and_a_drain_and_nothing_is_lost() 
     let addr = |i: usize| format!("127.0.0.1:{}", ports[i]);
     let control_addr = addr(0);
 
-    let _control = Process::start(
-        &args(
-            &format!("control --id 1 --listen {control_addr} --peers 1={control_addr} --data-dir"),
-            &dir.path().join("control"),
-        ),
-        "listening on",
-    );
-    let mut control = ControlClient::connect(format!("http://{control_addr}"))
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while control
-        .set_shard_count(pb::SetShardCountRequest {
-            shard_count: SHARDS,
-        })
-        .await
-        .is_err()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the control plane never took a write"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (_control, mut control) =
+        start_control(&dir.path().join("control"), &control_addr, SHARDS).await;
     // Two moves at a time, so a kill lands while others wait.
     control
         .rebalance(pb::RebalanceRequest { max_moves: 2 })
@@ -159,15 +127,7 @@ async fn shards_move_under_load_through_kills_and_a_drain_and_nothing_is_lost() 
     })
     .await;
 
-    let defs: Vec<SegmentDef> = dynseg_rules::examples::spec_segments();
-    let segments: Vec<String> = defs.iter().map(|d| d.id.as_str().to_owned()).collect();
-    control
-        .apply_segments(pb::SegmentsRequest {
-            segments: defs.iter().map(pb::SegmentDef::from).collect(),
-        })
-        .await
-        .unwrap();
-    let reference = Reference::new(&defs, &Limits::default()).unwrap();
+    let (segments, reference) = apply_spec_segments(&mut control).await;
     let gateway_url = format!("http://{gateway_addr}");
     let mut gateway: GatewayClient<Channel> = GatewayClient::connect(gateway_url.clone())
         .await

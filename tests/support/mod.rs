@@ -11,7 +11,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use dynseg_proto::pb;
+use dynseg_proto::pb::control_client::ControlClient;
 use dynseg_proto::pb::gateway_client::GatewayClient;
+use dynseg_rules::reference::Reference;
+use dynseg_rules::{Limits, SegmentDef};
 use tonic::transport::Channel;
 
 /// A number from the environment, or `default`.
@@ -162,6 +165,71 @@ pub fn run_cli(args: &[&str]) -> (i32, String) {
         output.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&output.stdout).into_owned(),
     )
+}
+
+/// Starts a control plane of one member listening on `addr`, with its data
+/// under `dir`, and returns it with a client once it takes writes, the shard
+/// count set to `shards`.
+pub async fn start_control(
+    dir: &Path,
+    addr: &str,
+    shards: u32,
+) -> (Process, ControlClient<Channel>) {
+    let process = Process::start(
+        &args(
+            &format!("control --id 1 --listen {addr} --peers 1={addr} --data-dir"),
+            dir,
+        ),
+        "listening on",
+    );
+    let mut control = ControlClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    set_shard_count(&mut control, shards).await;
+    (process, control)
+}
+
+/// Sets the shard count, retrying while the control plane elects a leader.
+pub async fn set_shard_count(control: &mut ControlClient<Channel>, shards: u32) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while control
+        .set_shard_count(pb::SetShardCountRequest {
+            shard_count: shards,
+        })
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the control plane never took a write"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The topology, read linearizably.
+pub async fn topology(control: &mut ControlClient<Channel>) -> pb::Topology {
+    control
+        .get_topology(pb::ReadOptions { stale: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .topology
+        .unwrap()
+}
+
+/// Applies the nine SPEC segments; returns their ids and the reference
+/// evaluator over them.
+pub async fn apply_spec_segments(control: &mut ControlClient<Channel>) -> (Vec<String>, Reference) {
+    let defs: Vec<SegmentDef> = dynseg_rules::examples::spec_segments();
+    control
+        .apply_segments(pb::SegmentsRequest {
+            segments: defs.iter().map(pb::SegmentDef::from).collect(),
+        })
+        .await
+        .unwrap();
+    let ids = defs.iter().map(|d| d.id.as_str().to_owned()).collect();
+    (ids, Reference::new(&defs, &Limits::default()).unwrap())
 }
 
 /// Arguments from a space-separated line plus a path.
