@@ -213,11 +213,11 @@ impl Ingestor {
                 let table = routing.borrow_and_update();
                 table
                     .owner(shard)
-                    .map(|(owner, client)| (owner.epoch, client))
+                    .map(|(owner, client)| (owner.epoch, owner.node.clone(), client))
             };
             let problem = match target {
                 None => format!("shard {shard} has no owner yet"),
-                Some((epoch, mut client)) => {
+                Some((epoch, node, mut client)) => {
                     let batch = pb::EventBatch {
                         shard,
                         epoch,
@@ -231,7 +231,9 @@ impl Ingestor {
                         // resending it is safe: the node drops repeated message
                         // ids): wait for placement to change (or a moment) and
                         // try again.
-                        Err(status) if retryable(status.code()) => status.message().to_owned(),
+                        Err(status) if retryable(status.code()) => {
+                            format!("node {node}: {}", status.message())
+                        }
                         Err(status) => return Err(GatewayError::Node(status)),
                     }
                 }
