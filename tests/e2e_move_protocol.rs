@@ -9,7 +9,9 @@
 //!   through the control plane, after which the source serves again and the
 //!   aborted attempt can no longer commit;
 //! - a destination that commits takes the shard: the source stops serving it
-//!   and points clients at the new owner.
+//!   and points clients at the new owner;
+//! - a real destination that dies between the fence and the commit drops its
+//!   pending copy when it restarts, and the retried move completes.
 
 #![allow(clippy::unwrap_used, clippy::print_stderr, missing_docs)]
 
@@ -228,4 +230,153 @@ async fn a_fenced_source_refuses_writes_until_the_move_commits_or_is_aborted() {
         Some(GHOST),
         "{moved:?}"
     );
+}
+
+/// The destination end's one risky window: a complete copy, the source fenced,
+/// and the destination dies before committing. Restarted, it finds its copy
+/// *pending* while placement names the source: it aborts the attempt and drops
+/// the copy; the source settles too and serves again; the move is retried and
+/// completes, and what was written before is all there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_dying_before_its_commit_leaves_the_source_in_charge() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = free_ports(3);
+    let control_addr = format!("127.0.0.1:{}", ports[0]);
+    let (_control, mut control) =
+        start_control(&dir.path().join("control"), &control_addr, SHARDS).await;
+    let node_args = |i: usize| {
+        args(
+            &format!(
+                "node --node-id node-{i} --listen 127.0.0.1:{} --control {control_addr} --shard-count {SHARDS} --clock manual=2026-01-01T00:00:00Z --data-dir",
+                ports[1 + i]
+            ),
+            &dir.path().join(format!("node{i}")),
+        )
+    };
+    let _node0 = Process::start(&node_args(0), "listening on");
+    let mut node0 = node_client(&format!("127.0.0.1:{}", ports[1])).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node0
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .shards
+        .len()
+        < SHARDS as usize
+    {
+        assert!(Instant::now() < deadline, "node-0 never took every shard");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    control
+        .apply_segments(pb::SegmentsRequest {
+            segments: vec![pb::SegmentDef {
+                id: "buyers".into(),
+                rule: "count(order_completed) >= 2".into(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap();
+    // Two orders for one user of every shard, so every move carries data.
+    let t = topology(&mut control).await;
+    let mut users = Vec::new();
+    for shard in 0..SHARDS {
+        let user = (0..)
+            .map(|i| format!("user{i}"))
+            .find(|u| dynseg_proto::routing::shard_for(u, SHARDS) == shard)
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let batch = pb::EventBatch {
+                shard,
+                epoch: t.shards[shard as usize].epoch,
+                events: vec![event(&user, 1), event(&user, 2)],
+            };
+            match node0.ingest(batch).await {
+                Ok(_) => break,
+                // The rules may not have reached the node yet.
+                Err(status) => {
+                    assert!(Instant::now() < deadline, "ingest refused: {status}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        users.push(user);
+    }
+
+    // node-1 joins, copies its first shard, fences node-0, and dies.
+    let mut node1 = Process::start_with_env(
+        &node_args(1),
+        "listening on",
+        &[(dynseg_node::moves::FAULT_EXIT_BEFORE_COMMIT, "1")],
+    );
+    let code = tokio::task::spawn_blocking(move || {
+        let code = node1.wait_exit(Duration::from_secs(60));
+        (code, node1)
+    });
+    let (code, mut node1) = code.await.unwrap();
+    assert_eq!(
+        code,
+        Some(86),
+        "node-1 did not stop before its first commit"
+    );
+    let t = topology(&mut control).await;
+    assert!(
+        t.shards.iter().all(|s| s.node_id == "node-0"),
+        "nothing committed: {t:?}"
+    );
+    let first = t.moves[0].clone();
+
+    node1.restart_with(&node_args(1), "listening on");
+    let t = wait_settled(&mut control, 60).await;
+    let on_node1: Vec<u32> = t
+        .shards
+        .iter()
+        .filter(|s| s.node_id == "node-1")
+        .map(|s| s.shard)
+        .collect();
+    assert!(
+        on_node1.contains(&first.shard),
+        "the move was retried and completed: {t:?}"
+    );
+
+    let mut node1 = node_client(&format!("127.0.0.1:{}", ports[2])).await;
+    for (shard, user) in users.iter().enumerate() {
+        let owner = if on_node1.contains(&(shard as u32)) {
+            &mut node1
+        } else {
+            &mut node0
+        };
+        let found = owner
+            .get_user(pb::GetUserRequest {
+                user_id: user.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            found.segments,
+            vec!["buyers".to_owned()],
+            "{user} of shard {shard}"
+        );
+    }
+}
+
+async fn wait_settled(
+    control: &mut dynseg_proto::pb::control_client::ControlClient<Channel>,
+    secs: u64,
+) -> pb::Topology {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let t = topology(control).await;
+        if t.moves.is_empty() && t.pending_moves == 0 && t.nodes.len() == 2 {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the moves never completed: {t:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -39,6 +39,8 @@ pub fn free_ports(n: usize) -> Vec<u16> {
 /// A `dynseg` process; killed (SIGKILL) when dropped.
 pub struct Process {
     args: Vec<String>,
+    /// Extra environment for the process (fault hooks).
+    env: Vec<(String, String)>,
     child: Option<Child>,
     /// Lines it printed on stdout before the one it was waiting for.
     pub lines: Vec<String>,
@@ -49,8 +51,17 @@ pub struct Process {
 impl Process {
     /// Starts `dynseg ARGS` and waits for a stdout line starting with `ready_prefix`.
     pub fn start(args: &[String], ready_prefix: &str) -> Process {
+        Process::start_with_env(args, ready_prefix, &[])
+    }
+
+    /// [`Process::start`] with extra environment variables.
+    pub fn start_with_env(args: &[String], ready_prefix: &str, env: &[(&str, &str)]) -> Process {
         let mut process = Process {
             args: args.to_vec(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             child: None,
             lines: Vec::new(),
             output: None,
@@ -77,6 +88,7 @@ impl Process {
                 "RUST_LOG",
                 std::env::var("DYNSEG_E2E_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -131,6 +143,22 @@ impl Process {
         sent && child.wait().is_ok_and(|s| s.success())
     }
 
+    /// Waits up to `timeout` for the process to exit by itself; its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return status.code();
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL: no shutdown path runs.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -143,6 +171,7 @@ impl Process {
     pub fn restart_with(&mut self, args: &[String], ready_prefix: &str) {
         assert!(self.child.is_none());
         self.args = args.to_vec();
+        self.env.clear();
         self.spawn(ready_prefix);
     }
 }

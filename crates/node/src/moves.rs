@@ -46,6 +46,9 @@ const CHUNK_BYTES: usize = 1 << 20;
 const SHORT_TAIL: usize = 64;
 /// Tail reads before fencing even if the tail never gets short.
 const MAX_CATCH_UP_ROUNDS: usize = 50;
+/// Environment variable that makes a destination exit right before it commits
+/// a move (for the crash tests; never set in production).
+pub const FAULT_EXIT_BEFORE_COMMIT: &str = "DYNSEG_FAULT_EXIT_BEFORE_COMMIT";
 /// Longest wait for any one answer from the source: a source that stops
 /// answering fails the attempt rather than hanging it.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -651,6 +654,16 @@ async fn copy_and_commit(
         ms = began.elapsed().as_millis() as u64,
         "fenced and caught up"
     );
+    // Fault hook for tests/e2e_move_protocol.rs: a crash between the fence and
+    // the commit, the one window where a complete copy is not yet the owner.
+    if std::env::var_os(FAULT_EXIT_BEFORE_COMMIT).is_some() {
+        tracing::error!(
+            shard,
+            attempt,
+            "{FAULT_EXIT_BEFORE_COMMIT} is set: exiting before the commit"
+        );
+        std::process::exit(86);
+    }
 
     if let Err(failed) = commit(node, control, shard, attempt, epoch).await {
         if failed.committed.is_none() {
