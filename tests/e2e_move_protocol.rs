@@ -46,6 +46,23 @@ async fn node_client(addr: &str) -> NodeClient<Channel> {
         .max_decoding_message_size(64 << 20)
 }
 
+/// Waits until the node serves every shard.
+async fn wait_serving_all(node: &mut NodeClient<Channel>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = node
+            .status(pb::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if status.shards.len() == SHARDS as usize {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the node never took every shard");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Plays the destination up to the fence: begin, read the snapshot, read the
 /// tail, then fence. Returns the shard's epoch and the inputs kept.
 async fn copy_and_fence(
@@ -104,19 +121,7 @@ async fn a_fenced_source_refuses_writes_until_the_move_commits_or_is_aborted() {
     );
     let mut node_process = Process::start(&node_args, "listening on");
     let mut node = node_client(&node_addr).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while node
-        .status(pb::StatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .shards
-        .len()
-        < SHARDS as usize
-    {
-        assert!(Instant::now() < deadline, "node-0 never took every shard");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_serving_all(&mut node).await;
 
     // The stand-in destination registers: the control plane plans moves to it.
     control
@@ -255,19 +260,7 @@ async fn a_destination_dying_before_its_commit_leaves_the_source_in_charge() {
     };
     let _node0 = Process::start(&node_args(0), "listening on");
     let mut node0 = node_client(&format!("127.0.0.1:{}", ports[1])).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while node0
-        .status(pb::StatusRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .shards
-        .len()
-        < SHARDS as usize
-    {
-        assert!(Instant::now() < deadline, "node-0 never took every shard");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_serving_all(&mut node0).await;
     control
         .apply_segments(pb::SegmentsRequest {
             segments: vec![pb::SegmentDef {
