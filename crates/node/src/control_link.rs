@@ -18,7 +18,7 @@ use dynseg_proto::pb::control_client::ControlClient;
 use dynseg_proto::pb::watch_event::Kind;
 use dynseg_rules::SegmentDef;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::{AbortHandle, JoinHandle, JoinSet};
+use tokio::task::{JoinHandle, JoinSet};
 use tonic::transport::Channel;
 
 use crate::error::NodeError;
@@ -171,7 +171,8 @@ type MoveOutcome = (u32, u64, Result<(), NodeError>);
 #[derive(Default)]
 struct MovesRunning {
     tasks: JoinSet<MoveOutcome>,
-    running: BTreeMap<u32, (u64, AbortHandle)>,
+    /// By shard: the attempt and the task running it.
+    running: BTreeMap<u32, (u64, tokio::task::Id)>,
     failed: BTreeMap<(u32, u64), Instant>,
 }
 
@@ -212,7 +213,7 @@ impl MovesRunning {
             let handle = self.tasks.spawn(async move {
                 (shard, attempt, moves::run_move_in(node, control, job).await)
             });
-            self.running.insert(shard, (attempt, handle));
+            self.running.insert(shard, (attempt, handle.id()));
         }
     }
 
@@ -220,14 +221,11 @@ impl MovesRunning {
     fn joined(&mut self, joined: Result<(tokio::task::Id, MoveOutcome), tokio::task::JoinError>) {
         match joined {
             Ok((_, (shard, attempt, result))) => self.finished(shard, attempt, result),
-            // Aborted (superseded) or panicked: forget it so that it can be
-            // started again.
+            // Panicked: forget it so that it can be started again.
             Err(e) => {
                 let id = e.id();
-                let Some((&shard, &(attempt, _))) = self
-                    .running
-                    .iter()
-                    .find(|(_, (_, handle))| handle.id() == id)
+                let Some((&shard, &(attempt, _))) =
+                    self.running.iter().find(|(_, (_, task))| *task == id)
                 else {
                     return;
                 };

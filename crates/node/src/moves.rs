@@ -454,7 +454,7 @@ pub(crate) async fn run_move_in(
         Err(Failed { error, committed }) => {
             // A commit that may have applied keeps the copy: the control
             // link serves it if the placement names this node.
-            if committed != Some(true) && node.handle(job.shard).is_err() && committed.is_some() {
+            if committed == Some(false) && node.handle(job.shard).is_err() {
                 let _ = node.store().drop_shard(job.shard);
             }
             let _ = source
@@ -502,10 +502,6 @@ async fn copy_and_commit(
     source: &mut NodeClient<Channel>,
     job: &MoveIn,
 ) -> Result<(), Failed> {
-    let remote = |e: Status| match e.code() {
-        Code::InvalidArgument | Code::NotFound => NodeError::Invalid(e.message().to_owned()),
-        _ => NodeError::Unavailable(e.message().to_owned()),
-    };
     let (shard, attempt) = (job.shard, job.attempt);
     if node.handle(shard).is_ok() {
         return Err(NodeError::Invalid(format!("shard {shard} is already served here")).into());
@@ -719,10 +715,15 @@ async fn read_tail(
     timed("MoveOutTail", source.move_out_tail(request))
         .await
         .map(tonic::Response::into_inner)
-        .map_err(|e| match e.code() {
-            Code::InvalidArgument | Code::NotFound => NodeError::Invalid(e.message().to_owned()),
-            _ => NodeError::Unavailable(e.message().to_owned()),
-        })
+        .map_err(remote)
+}
+
+/// An error from the source, as this node reports it.
+fn remote(e: Status) -> NodeError {
+    match e.code() {
+        Code::InvalidArgument | Code::NotFound => NodeError::Invalid(e.message().to_owned()),
+        _ => NodeError::Unavailable(e.message().to_owned()),
+    }
 }
 
 /// Appends a record to this node's log; its position once durable.

@@ -439,6 +439,8 @@ impl Node {
 
     /// Starts the task of `shard`, unless the shard is served already (false).
     fn spawn_shard(&self, id: u32, shard: Shard, log: Arc<ChangeLog>) -> bool {
+        // Checked again under the write lock below; this early look keeps a
+        // shard that is served already from touching move-out sessions.
         if read(&self.inner.shards).contains_key(&id) {
             return false;
         }
