@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use dynseg_control::{ControlConfig, ControlServer};
-use dynseg_gateway::{GatewayConfig, GatewayServer};
+use dynseg_gateway::{GatewayConfig, GatewayServer, HttpConfig};
 use dynseg_node::control_link::{ControlLink, LinkConfig};
 use dynseg_node::{Clock, NodeConfig};
 use tokio::net::TcpListener;
@@ -20,6 +20,8 @@ pub struct DevCluster {
     pub node: SocketAddr,
     /// The gateway's address (what clients use).
     pub gateway: SocketAddr,
+    /// The gateway's HTTP API (Segment-compatible tracking).
+    pub http: SocketAddr,
     control_server: ControlServer,
     node_server: dynseg_node::Server,
     link: ControlLink,
@@ -33,14 +35,15 @@ async fn bind(port: u16) -> Result<TcpListener, String> {
 }
 
 impl DevCluster {
-    /// Starts the cluster under `data`, listening on `base_port`, `+1`, `+2`
-    /// (control, node, gateway; 0: any free ports), and waits until every shard
-    /// is placed and served.
+    /// Starts the cluster under `data`, listening on `base_port`, `+1`, `+2`,
+    /// `+3` (control, node, gateway, gateway HTTP; 0: any free ports), and
+    /// waits until every shard is placed and served.
     pub async fn start(
         data: &Path,
         base_port: u16,
         clock: Clock,
         shard_count: u32,
+        http: HttpConfig,
     ) -> Result<DevCluster, String> {
         let port = |offset: u16| {
             if base_port == 0 {
@@ -74,14 +77,21 @@ impl DevCluster {
         );
 
         let gateway_listener = bind(port(2)).await?;
+        let http_listener = bind(port(3)).await?;
+        let mut gateway_config = GatewayConfig::new(control.to_string());
+        gateway_config.http = http;
         let gateway_server =
-            GatewayServer::start(GatewayConfig::new(control.to_string()), gateway_listener)
+            GatewayServer::start(gateway_config, gateway_listener, Some(http_listener))
                 .await
                 .map_err(|e| format!("gateway: {e}"))?;
+        let http = gateway_server
+            .http_addr()
+            .ok_or("gateway: the HTTP API did not start")?;
         let cluster = DevCluster {
             control,
             node: node_server.addr,
             gateway: gateway_server.addr(),
+            http,
             control_server,
             node_server,
             link,

@@ -24,7 +24,8 @@ dynseg: real-time customer segmentation
 
 Run:
   dynseg dev [--data DIR] [--clock system|manual[=RFC3339]] [--base-port P] [--shards N]
-                                   the whole cluster in one process (control P, node P+1, gateway P+2)
+                                   the whole cluster in one process (control P, node P+1, gateway P+2,
+                                   its HTTP API P+3; --write-key KEY and the gateway's HTTP limits apply)
   dynseg demo [--users N] [--rate EVENTS_PER_S] [--duration SECS] [--data DIR]
                                    dev cluster + the nine SPEC segments + live traffic and changes
   dynseg control|node|gateway ARGS run one role (`dynseg node --help` shows its flags)
@@ -121,7 +122,7 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
     let known = |extra: &[&str]| args.only(&[&common[..], extra].concat());
     match command {
         "dev" => {
-            known(&["data", "clock", "base-port", "shards"])?;
+            known(&[&["data", "clock", "base-port", "shards"][..], HTTP_FLAGS].concat())?;
             init_logs("warn,dynseg=info");
             let data = PathBuf::from(args.get("data").unwrap_or("data"));
             let clock = parse_clock(args.get("clock"))?;
@@ -130,6 +131,7 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
                 args.number("base-port", 7100)?,
                 clock,
                 args.number("shards", 256)?,
+                http_config(&args)?,
             )
             .await
             .map_err(CliError::User)?;
@@ -137,6 +139,7 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
             say!("control  {}", cluster.control);
             say!("node     {}", cluster.node);
             say!("gateway  {}", cluster.gateway);
+            say!("http     {}", cluster.http);
             say!(
                 "ready; Ctrl-C stops it (a restart resumes from {})",
                 data.display()
@@ -160,6 +163,7 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
                 args.number("base-port", 0)?,
                 Clock::System,
                 args.number("shards", 64)?,
+                dynseg_gateway::HttpConfig::default(),
             )
             .await
             .map_err(CliError::User)?;
@@ -270,22 +274,56 @@ async fn run_node(argv: &[String]) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The HTTP API's flags, shared by `dynseg dev` and `dynseg gateway`.
+const HTTP_FLAGS: &[&str] = &[
+    "write-key",
+    "max-body-bytes",
+    "max-message-bytes",
+    "max-depth",
+    "http-max-inflight",
+];
+
+fn http_config(args: &Args) -> Result<dynseg_gateway::HttpConfig, CliError> {
+    let defaults = dynseg_gateway::HttpConfig::default();
+    Ok(dynseg_gateway::HttpConfig {
+        max_body_bytes: args.number("max-body-bytes", defaults.max_body_bytes)?,
+        max_message_bytes: args.number("max-message-bytes", defaults.max_message_bytes)?,
+        max_depth: args.number("max-depth", defaults.max_depth)?,
+        max_inflight: args.number("http-max-inflight", defaults.max_inflight)?,
+        write_keys: args.all("write-key").into_iter().collect(),
+    })
+}
+
 async fn run_gateway(argv: &[String]) -> Result<ExitCode, CliError> {
+    const USAGE: &str = "usage: dynseg gateway --control ADDR [--listen ADDR] [--http ADDR] [--write-key KEY]... [--max-body-bytes N] [--max-message-bytes N] [--max-depth N] [--http-max-inflight N]";
     let args = Args::parse(argv, &[])?;
-    args.only(&["control", "listen"])?;
-    let control = args.get("control").ok_or_else(|| {
-        CliError::User("usage: dynseg gateway --control ADDR [--listen ADDR]".into())
-    })?;
+    args.only(&[&["control", "listen", "http"][..], HTTP_FLAGS].concat())?;
+    let control = args
+        .get("control")
+        .ok_or_else(|| CliError::User(USAGE.into()))?;
     init_logs("info");
-    let listen = args.get("listen").unwrap_or("127.0.0.1:7102");
-    let listener = tokio::net::TcpListener::bind(listen)
+    let bind = |addr: &str| {
+        let addr = addr.to_owned();
+        async move {
+            tokio::net::TcpListener::bind(&addr)
+                .await
+                .map_err(|e| CliError::User(format!("cannot listen on {addr}: {e}")))
+        }
+    };
+    let listener = bind(args.get("listen").unwrap_or("127.0.0.1:7102")).await?;
+    let http_listener = match args.get("http") {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let mut config = dynseg_gateway::GatewayConfig::new(control);
+    config.http = http_config(&args)?;
+    let server = dynseg_gateway::GatewayServer::start(config, listener, http_listener)
         .await
-        .map_err(|e| CliError::User(format!("cannot listen on {listen}: {e}")))?;
-    let server =
-        dynseg_gateway::GatewayServer::start(dynseg_gateway::GatewayConfig::new(control), listener)
-            .await
-            .map_err(|e| CliError::User(e.to_string()))?;
+        .map_err(|e| CliError::User(e.to_string()))?;
     say!("listening on {}", server.addr());
+    if let Some(http) = server.http_addr() {
+        say!("http on {http}");
+    }
     commands::until_stopped().await;
     server.shutdown().await;
     Ok(ExitCode::SUCCESS)

@@ -13,16 +13,19 @@
 //! | [`ingest`] | splitting, sending with retries, merging replies |
 //! | [`subscribe`] | resume tokens and the merged change stream |
 //! | [`service`], [`server`] | the gRPC service and serving |
+//! | [`http`] | the Segment-compatible HTTP API |
 //! | [`admin`] | the control plane's admin API, forwarded |
 //! | [`error`] | errors and their gRPC codes |
 
 pub mod admin;
 pub mod error;
+pub mod http;
 pub mod ingest;
 pub mod routing;
 pub mod server;
 pub mod service;
 pub mod subscribe;
 
-pub use error::GatewayError;
+pub use error::{GatewayError, HttpError};
+pub use http::HttpConfig;
 pub use server::{GatewayConfig, GatewayServer};

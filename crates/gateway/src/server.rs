@@ -1,5 +1,5 @@
-//! Serving a gateway: the topology task and the gRPC listener, started and
-//! stopped together.
+//! Serving a gateway: the topology task, the gRPC listener and the optional
+//! HTTP listener, started and stopped together.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::AdminProxy;
+use crate::http::{self, HttpConfig};
 use crate::ingest::Ingestor;
 use crate::routing::{self, Routing};
 use crate::service::GatewayService;
@@ -31,6 +32,8 @@ pub struct GatewayConfig {
     /// How long a batch is retried while its shard is redirected or its owner
     /// restarts, before the client gets UNAVAILABLE.
     pub retry_for: Duration,
+    /// The HTTP API's limits and write keys (when it listens).
+    pub http: HttpConfig,
 }
 
 impl GatewayConfig {
@@ -42,6 +45,7 @@ impl GatewayConfig {
             advertise: None,
             max_inflight: 1024,
             retry_for: Duration::from_secs(10),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -49,18 +53,23 @@ impl GatewayConfig {
 /// A running gateway.
 pub struct GatewayServer {
     addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     routing: watch::Receiver<Arc<Routing>>,
     stop_topology: oneshot::Sender<()>,
     topology: JoinHandle<()>,
     stop_serving: oneshot::Sender<()>,
     serving: JoinHandle<Result<(), tonic::transport::Error>>,
+    stop_http: Option<oneshot::Sender<()>>,
+    http: Option<JoinHandle<std::io::Result<()>>>,
 }
 
 impl GatewayServer {
-    /// Starts a gateway serving on `listener`.
+    /// Starts a gateway serving gRPC on `listener`, and the HTTP API on
+    /// `http_listener` if given.
     pub async fn start(
         config: GatewayConfig,
         listener: TcpListener,
+        http_listener: Option<TcpListener>,
     ) -> std::io::Result<GatewayServer> {
         let addr = listener.local_addr()?;
         let (publish, routing) = watch::channel(Arc::new(Routing::default()));
@@ -81,7 +90,7 @@ impl GatewayServer {
             stopped,
         ));
         let ingestor = Ingestor::new(routing.clone(), config.max_inflight, config.retry_for);
-        let service = GatewayService::new(routing.clone(), ingestor);
+        let service = GatewayService::new(routing.clone(), ingestor.clone());
         let (stop_serving, stop) = oneshot::channel::<()>();
         let admin = AdminProxy::new(&config.control)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -93,9 +102,25 @@ impl GatewayServer {
                     let _ = stop.await;
                 }),
         );
+        let (http_addr, stop_http, http) = match http_listener {
+            Some(listener) => {
+                let http_addr = listener.local_addr()?;
+                let router = http::router(ingestor, routing.clone(), config.http.clone());
+                let (stop_http, stop) = oneshot::channel::<()>();
+                let serving = tokio::spawn(http::serve(listener, router, async {
+                    let _ = stop.await;
+                }));
+                tracing::info!(addr = %http_addr, "gateway HTTP API serving");
+                (Some(http_addr), Some(stop_http), Some(serving))
+            }
+            None => (None, None, None),
+        };
         tracing::info!(%addr, control = %config.control, "gateway serving");
         Ok(GatewayServer {
             addr,
+            http_addr,
+            stop_http,
+            http,
             routing,
             stop_topology,
             topology,
@@ -104,9 +129,14 @@ impl GatewayServer {
         })
     }
 
-    /// Where it serves.
+    /// Where it serves gRPC.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where it serves HTTP, if it does.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// Waits until the gateway has a placement for every shard (or `timeout`).
@@ -119,6 +149,16 @@ impl GatewayServer {
 
     /// Stops serving, then stops following the control plane.
     pub async fn shutdown(self) {
+        if let Some(stop) = self.stop_http {
+            let _ = stop.send(());
+        }
+        if let Some(http) = self.http {
+            match http.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "gateway HTTP server ended with an error"),
+                Err(e) => tracing::warn!(error = %e, "gateway HTTP server task failed"),
+            }
+        }
         let _ = self.stop_serving.send(());
         let _ = self.stop_topology.send(());
         let _ = self.topology.await;

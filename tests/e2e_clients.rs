@@ -1,0 +1,501 @@
+//! End to end with third-party clients against the real `dynseg` binary:
+//! Segment's and RudderStack's own Python libraries send to the gateway's HTTP
+//! API and drive memberships (manual clock, exact expected values); raw HTTP
+//! requests cover what those libraries never send (a gzip body labelled as a
+//! form, bad messages in a batch, wrong credentials, oversized bodies,
+//! overload). The libraries come from PyPI into a virtualenv the tests make.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::time::Duration;
+
+use dynseg_proto::pb;
+use dynseg_proto::pb::control_client::ControlClient;
+use dynseg_proto::pb::gateway_client::GatewayClient;
+use dynseg_rules::Timestamp;
+use support::clients::{Answer, basic_auth, http, python};
+use support::{Process, args, wait_for_rules};
+use tonic::transport::Channel;
+
+const WRITE_KEY: &str = "wk_e2e";
+const T0: &str = "2026-03-01T12:00:00Z";
+
+/// `dynseg dev` on the manual clock at [`T0`], with one write key.
+struct Dev {
+    _process: Process,
+    gateway: String,
+    http: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Dev {
+    fn start(extra: &str) -> Dev {
+        let dir = tempfile::tempdir().unwrap();
+        let line = format!(
+            "dev --base-port 0 --shards 8 --clock manual={T0} --write-key {WRITE_KEY} {extra} --data"
+        );
+        let process = Process::start(&args(&line, dir.path()), "ready");
+        let find = |prefix: &str| {
+            process
+                .lines
+                .iter()
+                .find_map(|l| l.strip_prefix(prefix))
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        Dev {
+            gateway: find("gateway"),
+            http: find("http"),
+            _process: process,
+            _dir: dir,
+        }
+    }
+
+    async fn client(&self) -> GatewayClient<Channel> {
+        GatewayClient::connect(format!("http://{}", self.gateway))
+            .await
+            .unwrap()
+    }
+
+    /// Applies `segments` (id, rule) and waits until the node has them.
+    async fn apply(&self, segments: &[(&str, &str)]) {
+        let mut control = ControlClient::connect(format!("http://{}", self.gateway))
+            .await
+            .unwrap();
+        control
+            .apply_segments(pb::SegmentsRequest {
+                segments: segments
+                    .iter()
+                    .map(|(id, rule)| pb::SegmentDef {
+                        id: (*id).into(),
+                        name: (*id).into(),
+                        rule: (*rule).into(),
+                        ..pb::SegmentDef::default()
+                    })
+                    .collect(),
+            })
+            .await
+            .unwrap();
+        let mut client = self.client().await;
+        for (id, _) in segments {
+            wait_for_rules(&mut client, id).await;
+        }
+    }
+
+    /// The segments of each user, as the gateway answers.
+    async fn memberships(&self, users: &[&str]) -> BTreeMap<String, BTreeSet<String>> {
+        let mut client = self.client().await;
+        let mut out = BTreeMap::new();
+        for user in users {
+            let reply = client
+                .get_user(pb::GetUserRequest {
+                    user_id: (*user).into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            out.insert((*user).to_owned(), reply.segments.into_iter().collect());
+        }
+        out
+    }
+
+    async fn advance(&self, by: Duration) {
+        self.client()
+            .await
+            .advance_clock(pb::AdvanceClockRequest {
+                target: Some(pb::advance_clock_request::Target::ByMs(
+                    by.as_millis() as i64
+                )),
+            })
+            .await
+            .unwrap();
+    }
+
+    fn post(&self, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Answer {
+        http(&self.http, "POST", path, headers, body)
+    }
+}
+
+fn expect(pairs: &[(&str, &[&str])]) -> BTreeMap<String, BTreeSet<String>> {
+    pairs
+        .iter()
+        .map(|(user, segments)| {
+            (
+                (*user).to_owned(),
+                segments.iter().map(|s| (*s).to_owned()).collect(),
+            )
+        })
+        .collect()
+}
+
+/// Sends with both libraries: Segment's synchronously (one request per call,
+/// plain JSON), RudderStack's from its queue (batched, gzip, identify traits
+/// in `context.traits`). A wrong write key must come back as the 401 the
+/// Segment library reads.
+const CLIENTS: &str = r#"
+import sys, datetime
+from segment.analytics import Client as Segment
+from segment.analytics.request import APIError
+from rudderstack.analytics import Client as Rudder
+
+host, key, t0 = sys.argv[1], sys.argv[2], datetime.datetime.fromisoformat(sys.argv[3].replace("Z", "+00:00"))
+minutes = lambda n: t0 - datetime.timedelta(minutes=n)
+
+seg = Segment(key, host=host, sync_mode=True, max_retries=0)
+seg.track("seg-buyer", "order_completed", {"revenue": 30, "products": [{"sku": "a"}, {"sku": "b"}]}, timestamp=minutes(120))
+seg.track("seg-buyer", "order_completed", {"revenue": 20}, timestamp=minutes(60))
+seg.identify("seg-pro", {"plan": "pro", "address": {"city": "Lyon"}}, timestamp=minutes(60))
+seg.page("seg-pricing", category="Docs", name="Pricing", properties={"path": "/pricing"}, timestamp=minutes(30))
+seg.screen("seg-screen", name="Home", timestamp=minutes(30))
+seg.group("seg-group", "acme", {"plan": "enterprise"}, timestamp=minutes(30))
+seg.alias("seg-buyer", "seg-buyer-2", timestamp=minutes(10))
+try:
+    Segment("wrong-key", host=host, sync_mode=True, max_retries=0).track("seg-intruder", "order_completed", timestamp=minutes(5))
+    sys.exit("a wrong write key was accepted")
+except APIError as e:
+    print("wrong key:", e.status, e.code)
+
+errors = []
+rud = Rudder(key, host=host, gzip=True, on_error=lambda e, batch: errors.append(repr(e)))
+rud.track("rud-buyer", "order_completed", {"revenue": 5}, timestamp=minutes(100))
+rud.track("rud-buyer", "order_completed", {"revenue": 6}, timestamp=minutes(90))
+rud.identify("rud-pro", {"plan": "pro"}, timestamp=minutes(60))
+rud.page("rud-pricing", category="Docs", name="Pricing", timestamp=minutes(20))
+rud.flush()
+rud.join()
+if errors:
+    sys.exit("rudderstack errors: %s" % errors)
+print("sent")
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segment_and_rudderstack_libraries_drive_memberships() {
+    let dev = Dev::start("");
+    dev.apply(&[
+        ("repeat_buyers", "count(order_completed) in last 7d >= 2"),
+        ("pro_plan", r#"plan == "pro""#),
+        ("lyon", r#"`address.city` == "Lyon""#),
+        (
+            "pricing_visitors",
+            r#"exists(page_viewed where name == "Pricing" and category == "Docs") in last 1d"#,
+        ),
+        (
+            "home_screen",
+            r#"exists(screen_viewed where name == "Home") in last 1d"#,
+        ),
+        (
+            "acme",
+            r#"exists(group where group_id == "acme" and plan == "enterprise")"#,
+        ),
+        (
+            "sku_b",
+            r#"exists(order_completed where `products.sku` contains "b")"#,
+        ),
+    ])
+    .await;
+    let out = python(CLIENTS, &[&format!("http://{}", dev.http), WRITE_KEY, T0]);
+    assert!(out.contains("wrong key: 401 unauthorized"), "{out}");
+    assert!(out.contains("sent"), "{out}");
+
+    let users = [
+        "seg-buyer",
+        "seg-pro",
+        "seg-pricing",
+        "seg-screen",
+        "seg-group",
+        "seg-intruder",
+        "rud-buyer",
+        "rud-pro",
+        "rud-pricing",
+    ];
+    assert_eq!(
+        dev.memberships(&users).await,
+        expect(&[
+            ("seg-buyer", &["repeat_buyers", "sku_b"]),
+            ("seg-pro", &["lyon", "pro_plan"]),
+            ("seg-pricing", &["pricing_visitors"]),
+            ("seg-screen", &["home_screen"]),
+            ("seg-group", &["acme"]),
+            ("seg-intruder", &[]),
+            ("rud-buyer", &["repeat_buyers"]),
+            ("rud-pro", &["pro_plan"]),
+            ("rud-pricing", &["pricing_visitors"]),
+        ])
+    );
+    let intruder = dev
+        .client()
+        .await
+        .get_user(pb::GetUserRequest {
+            user_id: "seg-intruder".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!intruder.exists, "a refused request must change nothing");
+
+    // A week later the orders and the page views are out of their windows.
+    dev.advance(Duration::from_secs(7 * 24 * 3600)).await;
+    assert_eq!(
+        dev.memberships(&users).await,
+        expect(&[
+            ("seg-buyer", &["sku_b"]),
+            ("seg-pro", &["lyon", "pro_plan"]),
+            ("seg-pricing", &[]),
+            ("seg-screen", &[]),
+            ("seg-group", &["acme"]),
+            ("seg-intruder", &[]),
+            ("rud-buyer", &[]),
+            ("rud-pro", &["pro_plan"]),
+            ("rud-pricing", &[]),
+        ])
+    );
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(bytes).unwrap();
+    encoder.finish().unwrap()
+}
+
+fn ms(text: &str) -> i64 {
+    Timestamp::parse_rfc3339(text).unwrap().millis()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_api_keeps_good_events_dedupes_and_refuses_bad_requests_cleanly() {
+    let dev = Dev::start("--max-message-bytes 600 --max-body-bytes 4096");
+    dev.apply(&[("buyers", "count(order_completed) >= 1")])
+        .await;
+    let auth = basic_auth(WRITE_KEY);
+    let json = [
+        ("content-type", "application/json"),
+        ("authorization", auth.as_str()),
+    ];
+
+    // RudderStack's Node client: gzip labelled as a form, no Content-Encoding.
+    let body = gzip(
+        br#"{"batch":[{"type":"track","userId":"form-user","event":"order_completed","messageId":"f1","timestamp":"2026-03-01T11:00:00Z"}],"sentAt":"2026-03-01T12:00:00Z"}"#,
+    );
+    let answer = dev.post(
+        "/v1/batch",
+        &[
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("authorization", &auth),
+        ],
+        &body,
+    );
+    assert_eq!(
+        (answer.status, answer.json()["accepted"].as_u64()),
+        (200, Some(1)),
+        "{answer:?}"
+    );
+
+    // A batch with bad messages keeps the good ones and names the bad ones.
+    let big = "x".repeat(700);
+    let batch = format!(
+        r#"{{"batch":[
+            {{"type":"track","userId":"b-user","messageId":"b0"}},
+            {{"type":"track","userId":"b-user","event":"order_completed","messageId":"b1","timestamp":"2026-03-01T11:00:00Z"}},
+            {{"type":"launch","userId":"b-user"}},
+            {{"type":"track","userId":"b-user","event":"order_completed","properties":{{"note":"{big}"}}}},
+            {{"type":"track","event":"order_completed","messageId":"b4"}}
+        ]}}"#
+    );
+    let answer = dev.post("/v1/batch", &json, batch.as_bytes());
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let reply = answer.json();
+    assert_eq!(
+        (reply["accepted"].as_u64(), reply["duplicates"].as_u64()),
+        (Some(1), Some(0))
+    );
+    let rejected: Vec<(u64, String)> = reply["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["index"].as_u64().unwrap(),
+                r["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let indexes: Vec<u64> = rejected.iter().map(|(i, _)| *i).collect();
+    assert_eq!(indexes, [0, 2, 3, 4], "{rejected:?}");
+    for (needle, (_, reason)) in [
+        "event name",
+        "unsupported type",
+        "limit is 600",
+        "user_id or an anonymous_id",
+    ]
+    .iter()
+    .zip(&rejected)
+    {
+        assert!(reason.contains(needle), "{reason}");
+    }
+    // The same batch again: the good message is taken again but counted as
+    // a duplicate of its messageId (accepted counts duplicates, as over gRPC).
+    let again = dev.post("/v1/batch", &json, batch.as_bytes()).json();
+    assert_eq!(
+        (again["accepted"].as_u64(), again["duplicates"].as_u64()),
+        (Some(1), Some(1))
+    );
+
+    // Requests refused whole: the error shape Segment's clients read, and no
+    // user comes to exist.
+    let single = |user: &str| {
+        format!(
+            r#"{{"userId":"{user}","event":"order_completed","timestamp":"2026-03-01T11:00:00Z"}}"#
+        )
+    };
+    let refused: Vec<(Answer, u16, &str)> = vec![
+        (
+            dev.post("/v1/track", &[], single("no-key").as_bytes()),
+            401,
+            "unauthorized",
+        ),
+        (
+            dev.post(
+                "/v1/track",
+                &[("authorization", &basic_auth("nope"))],
+                single("bad-key").as_bytes(),
+            ),
+            401,
+            "unauthorized",
+        ),
+        (
+            dev.post(
+                "/v1/track",
+                &[("authorization", "Bearer abc")],
+                single("bearer").as_bytes(),
+            ),
+            401,
+            "unauthorized",
+        ),
+        (
+            dev.post("/v1/track", &json, b"{not json"),
+            400,
+            "invalid_request",
+        ),
+        (
+            dev.post(
+                "/v1/batch",
+                &json,
+                br#"{"batch":[{"type":"track","userId":"all-bad"}]}"#,
+            ),
+            400,
+            "invalid_request",
+        ),
+        (
+            dev.post("/v1/batch", &json, br#"{"events":[]}"#),
+            400,
+            "invalid_request",
+        ),
+        (
+            dev.post(
+                "/v1/batch",
+                &json,
+                format!(r#"{{"batch":[],"pad":"{}"}}"#, "y".repeat(5000)).as_bytes(),
+            ),
+            413,
+            "payload_too_large",
+        ),
+        (
+            dev.post(
+                "/v1/batch",
+                &[("authorization", &auth), ("content-encoding", "gzip")],
+                &gzip(format!(r#"{{"batch":[],"pad":"{}"}}"#, " ".repeat(50_000)).as_bytes()),
+            ),
+            413,
+            "payload_too_large",
+        ),
+    ];
+    for (answer, status, code) in &refused {
+        assert_eq!(answer.status, *status, "{answer:?}");
+        let body = answer.json();
+        assert_eq!(
+            (body["success"].as_bool(), body["code"].as_str()),
+            (Some(false), Some(*code)),
+            "{answer:?}"
+        );
+        assert!(!body["message"].as_str().unwrap().is_empty());
+    }
+    assert_eq!(
+        refused[0].0.header("www-authenticate"),
+        Some("Basic realm=\"dynseg\"")
+    );
+    let mut client = dev.client().await;
+    for user in ["no-key", "bad-key", "bearer", "all-bad"] {
+        let reply = client
+            .get_user(pb::GetUserRequest {
+                user_id: user.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!reply.exists, "{user} exists after a refused request");
+    }
+    assert_eq!(
+        dev.memberships(&["form-user", "b-user"]).await,
+        expect(&[("form-user", &["buyers"]), ("b-user", &["buyers"])])
+    );
+
+    // The write key may also ride in the body, as analytics.js sends it.
+    let in_body = format!(
+        r#"{{"writeKey":"{WRITE_KEY}","batch":[{{"userId":"body-key","event":"order_completed","messageId":"k1","timestamp":{}}}]}}"#,
+        ms("2026-03-01T11:30:00Z")
+    );
+    let answer = dev.post("/v1/batch", &[], in_body.as_bytes());
+    assert_eq!(
+        (answer.status, answer.json()["accepted"].as_u64()),
+        (200, Some(1)),
+        "{answer:?}"
+    );
+
+    let health = http(&dev.http, "GET", "/healthz", &[], b"");
+    assert_eq!((health.status, health.body.trim()), (200, "ok"));
+}
+
+#[test]
+fn an_overloaded_gateway_answers_429_with_retry_after() {
+    // A gateway whose control plane never answers has no placement, so an
+    // ingest request waits (up to its retry deadline) holding the only slot.
+    let line = "gateway --control 127.0.0.1:9 --listen 127.0.0.1:0 --http 127.0.0.1:0 --http-max-inflight 1";
+    let argv: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+    let process = Process::start(&argv, "http on");
+    let http_addr = process
+        .lines
+        .iter()
+        .find_map(|l| l.strip_prefix("http on"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let health = http(&http_addr, "GET", "/healthz", &[], b"");
+    assert_eq!(health.status, 503, "{health:?}");
+
+    // Two requests at once: one takes the slot (and waits out the retry
+    // deadline), the other is turned away at once.
+    let body = br#"{"userId":"u","event":"e"}"#;
+    let requests: Vec<_> = (0..2)
+        .map(|_| {
+            let addr = http_addr.clone();
+            std::thread::spawn(move || http(&addr, "POST", "/v1/track", &[], body))
+        })
+        .collect();
+    let mut answers: Vec<Answer> = requests.into_iter().map(|r| r.join().unwrap()).collect();
+    answers.sort_by_key(|a| a.status);
+    let [overloaded, held] = <[Answer; 2]>::try_from(answers).unwrap();
+    assert_eq!(overloaded.status, 429, "{overloaded:?}");
+    assert_eq!(overloaded.header("retry-after"), Some("1"));
+    assert_eq!(overloaded.json()["code"].as_str(), Some("rate_limited"));
+    // The request holding the slot gives up as unavailable, also retryable.
+    assert_eq!(
+        (held.status, held.header("retry-after")),
+        (503, Some("1")),
+        "{held:?}"
+    );
+}
