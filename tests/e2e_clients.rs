@@ -17,7 +17,7 @@ use dynseg_proto::pb;
 use dynseg_proto::pb::control_client::ControlClient;
 use dynseg_proto::pb::gateway_client::GatewayClient;
 use dynseg_rules::Timestamp;
-use support::clients::{Answer, basic_auth, http, python};
+use support::clients::{Answer, basic_auth, grpcurl, http, python};
 use support::{Process, args, wait_for_rules};
 use tonic::transport::Channel;
 
@@ -27,6 +27,8 @@ const T0: &str = "2026-03-01T12:00:00Z";
 /// `dynseg dev` on the manual clock at [`T0`], with one write key.
 struct Dev {
     _process: Process,
+    control: String,
+    node: String,
     gateway: String,
     http: String,
     _dir: tempfile::TempDir,
@@ -49,6 +51,8 @@ impl Dev {
                 .to_owned()
         };
         Dev {
+            control: find("control"),
+            node: find("node"),
             gateway: find("gateway"),
             http: find("http"),
             _process: process,
@@ -498,4 +502,81 @@ fn an_overloaded_gateway_answers_429_with_retry_after() {
         (503, Some("1")),
         "{held:?}"
     );
+}
+
+#[test]
+fn every_server_answers_grpc_health_and_reflection() {
+    let dev = Dev::start("");
+    // grpcurl knows nothing of dynseg: everything it calls it learns by
+    // reflection. Arguments before "" are flags, after it the call.
+    let standard = [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
+    for (addr, own) in [
+        (
+            &dev.control,
+            &["dynseg.v1.Control", "dynseg.v1.RaftPeer"][..],
+        ),
+        (&dev.node, &["dynseg.v1.Node"][..]),
+        (
+            &dev.gateway,
+            &["dynseg.v1.Control", "dynseg.v1.Gateway"][..],
+        ),
+    ] {
+        let listed = grpcurl(addr, &["", "list"]).unwrap();
+        let mut expected: Vec<&str> = own.iter().chain(&standard).copied().collect();
+        expected.sort_unstable();
+        assert_eq!(listed.lines().collect::<Vec<_>>(), expected, "{addr}");
+        for service in own.iter().copied().chain([""]) {
+            let request = format!(r#"{{"service":"{service}"}}"#);
+            let health =
+                grpcurl(addr, &["-d", &request, "", "grpc.health.v1.Health/Check"]).unwrap();
+            assert!(
+                health.contains(r#""status": "SERVING""#),
+                "{addr} {service}: {health}"
+            );
+        }
+    }
+    let unknown = grpcurl(
+        &dev.node,
+        &[
+            "-d",
+            r#"{"service":"dynseg.v1.Nope"}"#,
+            "",
+            "grpc.health.v1.Health/Check",
+        ],
+    )
+    .unwrap_err();
+    assert!(unknown.contains("NotFound"), "{unknown}");
+    // A real call through reflection, and a described message.
+    let user = grpcurl(
+        &dev.gateway,
+        &[
+            "-d",
+            r#"{"user_id":"nobody"}"#,
+            "",
+            "dynseg.v1.Gateway/GetUser",
+        ],
+    )
+    .unwrap();
+    assert!(user.contains(r#""shard""#), "{user}");
+    let described = grpcurl(&dev.gateway, &["", "describe", "dynseg.v1.Event"]).unwrap();
+    assert!(described.contains("message_id"), "{described}");
+
+    // A gateway without a control plane has no placement: NOT_SERVING, so a
+    // Kubernetes readiness probe keeps traffic away.
+    let line = "gateway --control 127.0.0.1:9 --listen 127.0.0.1:0";
+    let argv: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+    let lonely = Process::start(&argv, "listening on");
+    let addr = lonely
+        .lines
+        .last()
+        .unwrap()
+        .strip_prefix("listening on")
+        .unwrap()
+        .trim()
+        .to_owned();
+    let health = grpcurl(&addr, &["", "grpc.health.v1.Health/Check"]).unwrap();
+    assert!(health.contains(r#""status": "NOT_SERVING""#), "{health}");
 }

@@ -64,6 +64,23 @@ pub fn python(script: &str, args: &[&str]) -> String {
     stdout
 }
 
+/// Runs the virtualenv's grpcurl (plaintext) against `addr`; its stdout, or
+/// the failure with its stderr.
+pub fn grpcurl(addr: &str, args: &[&str]) -> Result<String, String> {
+    let output = Command::new(venv().join("bin/grpcurl"))
+        .args(["-plaintext", "-max-time", "10"])
+        .args(args.iter().take_while(|a| !a.is_empty()))
+        .arg(addr)
+        .args(args.iter().skip_while(|a| !a.is_empty()).skip(1))
+        .output()
+        .unwrap();
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
 /// An HTTP answer.
 #[derive(Debug)]
 pub struct Answer {

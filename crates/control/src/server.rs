@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 
 use dynseg_proto::pb::control_server::ControlServer as ControlGrpc;
 use dynseg_proto::pb::raft_peer_server::RaftPeerServer;
+use dynseg_proto::serving;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -45,18 +46,26 @@ impl ControlServer {
             config.cluster_secret.as_deref(),
         );
         let (stop, stopped) = oneshot::channel::<()>();
-        let serve = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(
-                    ControlGrpc::new(service.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
-                )
-                .add_service(
-                    RaftPeerServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES),
-                )
-                .serve_with_incoming_shutdown(incoming(listener), async {
-                    let _ = stopped.await;
-                }),
-        );
+        let router = tonic::transport::Server::builder()
+            .add_service(
+                ControlGrpc::new(service.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .add_service(RaftPeerServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES));
+        let (router, _health) = serving::add_standard_services(
+            router,
+            &[
+                dynseg_proto::pb::control_server::SERVICE_NAME,
+                dynseg_proto::pb::raft_peer_server::SERVICE_NAME,
+            ],
+        )
+        .await
+        .map_err(|e| ControlError::InvalidArgument(format!("gRPC services: {e}")))?;
+        let serve = tokio::spawn(router.serve_with_incoming_shutdown(
+            serving::incoming(listener),
+            async {
+                let _ = stopped.await;
+            },
+        ));
         tracing::info!(member = config.id, %addr, "control member serving");
         Ok(ControlServer {
             addr,
@@ -87,11 +96,4 @@ impl ControlServer {
             Err(e) => tracing::warn!(error = %e, "control server task failed"),
         }
     }
-}
-
-/// Accepted connections with `TCP_NODELAY`: tonic sets it only on listeners it
-/// binds itself, and without it small replies wait out delayed ACKs (measured:
-/// about 40 ms per single-event ingest call).
-fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }

@@ -38,6 +38,11 @@ pub struct Routing {
 }
 
 impl Routing {
+    /// Whether every shard has an owner (the gateway can route anything).
+    pub fn is_complete(&self) -> bool {
+        self.shard_count > 0 && self.shards.iter().all(Option::is_some)
+    }
+
     /// The owner of `shard` and a client for it.
     pub fn owner(&self, shard: u32) -> Option<(&Owner, NodeClient<Channel>)> {
         let owner = self.shards.get(shard as usize)?.as_ref()?;

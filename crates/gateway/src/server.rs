@@ -8,6 +8,7 @@ use std::time::Duration;
 use dynseg_proto::pb;
 use dynseg_proto::pb::control_server::ControlServer as ControlGrpc;
 use dynseg_proto::pb::gateway_server::GatewayServer as GatewayGrpc;
+use dynseg_proto::serving;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -60,6 +61,8 @@ pub struct GatewayServer {
     stop_serving: oneshot::Sender<()>,
     serving: JoinHandle<Result<(), tonic::transport::Error>>,
     stop_http: Option<oneshot::Sender<()>>,
+    /// Ends when the topology task drops the routing table's sender.
+    health: JoinHandle<()>,
     http: Option<JoinHandle<std::io::Result<()>>>,
 }
 
@@ -94,14 +97,27 @@ impl GatewayServer {
         let (stop_serving, stop) = oneshot::channel::<()>();
         let admin = AdminProxy::new(&config.control)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        let serving = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(GatewayGrpc::new(service).max_decoding_message_size(64 << 20))
-                .add_service(ControlGrpc::new(admin).max_decoding_message_size(64 << 20))
-                .serve_with_incoming_shutdown(incoming(listener), async {
-                    let _ = stop.await;
-                }),
-        );
+        let router = tonic::transport::Server::builder()
+            .add_service(GatewayGrpc::new(service).max_decoding_message_size(64 << 20))
+            .add_service(ControlGrpc::new(admin).max_decoding_message_size(64 << 20));
+        let (router, health) = serving::add_standard_services(
+            router,
+            &[
+                dynseg_proto::pb::gateway_server::SERVICE_NAME,
+                dynseg_proto::pb::control_server::SERVICE_NAME,
+            ],
+        )
+        .await?;
+        // NOT_SERVING until every shard has an owner: a load balancer or
+        // Kubernetes readiness probe then sends no traffic it would refuse.
+        health.set(serving::ServingStatus::NotServing).await;
+        let health = tokio::spawn(report_health(routing.clone(), health));
+        let serving = tokio::spawn(router.serve_with_incoming_shutdown(
+            serving::incoming(listener),
+            async {
+                let _ = stop.await;
+            },
+        ));
         let (http_addr, stop_http, http) = match http_listener {
             Some(listener) => {
                 let http_addr = listener.local_addr()?;
@@ -126,6 +142,7 @@ impl GatewayServer {
             topology,
             stop_serving,
             serving,
+            health,
         })
     }
 
@@ -142,8 +159,7 @@ impl GatewayServer {
     /// Waits until the gateway has a placement for every shard (or `timeout`).
     pub async fn ready(&self, timeout: Duration) -> bool {
         let mut routing = self.routing.clone();
-        let placed =
-            routing.wait_for(|r| r.shard_count > 0 && r.shards.iter().all(Option::is_some));
+        let placed = routing.wait_for(|r| r.is_complete());
         matches!(tokio::time::timeout(timeout, placed).await, Ok(Ok(_)))
     }
 
@@ -162,6 +178,7 @@ impl GatewayServer {
         let _ = self.stop_serving.send(());
         let _ = self.stop_topology.send(());
         let _ = self.topology.await;
+        let _ = self.health.await;
         match self.serving.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "gateway server ended with an error"),
@@ -170,9 +187,19 @@ impl GatewayServer {
     }
 }
 
-/// Accepted connections with `TCP_NODELAY`: tonic sets it only on listeners it
-/// binds itself, and without it small replies wait out delayed ACKs (measured:
-/// about 40 ms per single-event ingest call).
-fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+/// Keeps the gRPC health status in step with placement: SERVING while every
+/// shard has an owner.
+async fn report_health(mut routing: watch::Receiver<Arc<Routing>>, health: serving::Health) {
+    loop {
+        let placed = routing.borrow_and_update().is_complete();
+        let status = if placed {
+            serving::ServingStatus::Serving
+        } else {
+            serving::ServingStatus::NotServing
+        };
+        health.set(status).await;
+        if routing.changed().await.is_err() {
+            return;
+        }
+    }
 }

@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 
+use dynseg_proto::serving;
 use tokio::net::TcpListener;
 
 use crate::config::NodeConfig;
@@ -33,13 +34,17 @@ impl Server {
         let (node, guard) = Node::start(config).await?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let service = NodeService::new(node.clone()).into_server();
-        let serving = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming_shutdown(incoming(listener), async {
-                    let _ = stopped.await;
-                }),
-        );
+        let router = tonic::transport::Server::builder().add_service(service);
+        let (router, _health) =
+            serving::add_standard_services(router, &[dynseg_proto::pb::node_server::SERVICE_NAME])
+                .await
+                .map_err(|e| NodeError::Unavailable(e.to_string()))?;
+        let serving = tokio::spawn(router.serve_with_incoming_shutdown(
+            serving::incoming(listener),
+            async {
+                let _ = stopped.await;
+            },
+        ));
         tracing::info!(%addr, "serving gRPC");
         Ok(Server {
             node,
@@ -99,11 +104,4 @@ pub async fn run_linked(
     }
     server.shutdown().await;
     Ok(())
-}
-
-/// Accepted connections with `TCP_NODELAY`: tonic sets it only on listeners it
-/// binds itself, and without it small replies wait out delayed ACKs (measured:
-/// about 40 ms per single-event ingest call).
-fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }

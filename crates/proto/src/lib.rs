@@ -5,9 +5,12 @@
 //! - [`convert`]: the one place wire types become domain types (`TryFrom`, which
 //!   rejects malformed input with a reason) and domain types become wire types.
 //! - [`routing`]: which shard a user belongs to.
+//! - [`serving`]: what every dynseg gRPC server shares: health, reflection,
+//!   accepted connections.
 
 pub mod convert;
 pub mod routing;
+pub mod serving;
 
 /// Generated code for package `dynseg.v1`.
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]

@@ -131,11 +131,7 @@ pub async fn serve(
 }
 
 async fn health(State(api): State<Api>) -> Response {
-    let placed = {
-        let table = api.routing.borrow();
-        table.shard_count > 0 && table.shards.iter().all(Option::is_some)
-    };
-    if placed {
+    if api.routing.borrow().is_complete() {
         (StatusCode::OK, "ok\n").into_response()
     } else {
         (
