@@ -17,7 +17,7 @@ use dynseg_proto::pb;
 use dynseg_proto::pb::control_client::ControlClient;
 use dynseg_proto::pb::gateway_client::GatewayClient;
 use dynseg_rules::Timestamp;
-use support::clients::{Answer, basic_auth, grpcurl, http, python};
+use support::clients::{Answer, basic_auth, grpcurl, http, promtool_problems, python, sample};
 use support::{Process, args, wait_for_rules};
 use tonic::transport::Channel;
 
@@ -579,4 +579,141 @@ fn every_server_answers_grpc_health_and_reflection() {
         .to_owned();
     let health = grpcurl(&addr, &["", "grpc.health.v1.Health/Check"]).unwrap();
     assert!(health.contains(r#""status": "NOT_SERVING""#), "{health}");
+}
+
+/// Every process serves `/metrics` that promtool accepts, and the numbers are
+/// what happened: the dev cluster (all roles in one process, on the gateway's
+/// HTTP port), a control member and a node run alone (`--metrics`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_and_count_what_happened() {
+    let dev = Dev::start("");
+    dev.apply(&[("buyers", "count(order_completed) >= 1")])
+        .await;
+    let auth = basic_auth(WRITE_KEY);
+    let headers = [("authorization", auth.as_str())];
+    let order = |user: &str, id: &str| {
+        format!(
+            r#"{{"type":"track","userId":"{user}","event":"order_completed","messageId":"{id}","timestamp":"2026-03-01T11:00:00Z"}}"#
+        )
+    };
+    let batch = format!(
+        r#"{{"batch":[{},{},{{"type":"track","userId":"x"}}]}}"#,
+        order("m-1", "o1"),
+        order("m-2", "o2")
+    );
+    assert_eq!(
+        dev.post("/v1/batch", &headers, batch.as_bytes()).status,
+        200
+    );
+    assert_eq!(
+        dev.post("/v1/track", &headers, order("m-1", "o1").as_bytes())
+            .status,
+        200
+    );
+    assert_eq!(
+        dev.post("/v1/track", &[], order("m-3", "o3").as_bytes())
+            .status,
+        401
+    );
+
+    let text = http(&dev.http, "GET", "/metrics", &[], b"").body;
+    promtool_problems(&text).unwrap_or_else(|p| panic!("promtool: {p}\n{text}"));
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        sample(&text, name, labels).unwrap_or_else(|| panic!("no {name} {labels:?} in\n{text}"))
+    };
+    // Node: three events taken (one a duplicate), two users, both entered.
+    assert_eq!(
+        value("dynseg_node_events_total", &[("outcome", "accepted")]),
+        3.0
+    );
+    assert_eq!(
+        value("dynseg_node_events_total", &[("outcome", "duplicate")]),
+        1.0
+    );
+    // One observation per shard batch: the batch's users may share a shard.
+    let shards: BTreeSet<u32> = ["m-1", "m-2"]
+        .iter()
+        .map(|u| dynseg_proto::shard_for(u, 8))
+        .collect();
+    assert_eq!(
+        value("dynseg_node_ingest_duration_seconds_count", &[]),
+        shards.len() as f64 + 1.0
+    );
+    assert_eq!(
+        value("dynseg_segment_members", &[("segment", "buyers")]),
+        2.0
+    );
+    assert_eq!(
+        value(
+            "dynseg_segment_changes_total",
+            &[("segment", "buyers"), ("kind", "enter")]
+        ),
+        2.0
+    );
+    assert_eq!(value("dynseg_node_users", &[("state", "active")]), 2.0);
+    assert_eq!(value("dynseg_node_users", &[("state", "passivated")]), 0.0);
+    assert_eq!(value("dynseg_node_shards", &[]), 8.0);
+    assert_eq!(value("dynseg_node_subscriber_lag_changes", &[]), 0.0);
+    assert!(value("dynseg_node_storage_bytes", &[]) > 0.0);
+    // Gateway: the same, plus the message it refused and the HTTP answers.
+    assert_eq!(
+        value("dynseg_gateway_events_total", &[("outcome", "accepted")]),
+        3.0
+    );
+    assert_eq!(
+        value("dynseg_gateway_events_total", &[("outcome", "rejected")]),
+        1.0
+    );
+    assert_eq!(
+        value("dynseg_gateway_ingest_duration_seconds_count", &[]),
+        2.0
+    );
+    assert_eq!(
+        value("dynseg_gateway_http_requests_total", &[("code", "200")]),
+        2.0
+    );
+    assert_eq!(
+        value("dynseg_gateway_http_requests_total", &[("code", "401")]),
+        1.0
+    );
+    assert_eq!(value("dynseg_gateway_routed_shards", &[]), 8.0);
+    // Control: a group of one leads, and places every shard on the node.
+    assert_eq!(value("dynseg_raft_role", &[("role", "leader")]), 1.0);
+    assert_eq!(value("dynseg_raft_role", &[("role", "follower")]), 0.0);
+    assert!(value("dynseg_raft_term", &[]) >= 1.0);
+    assert!(value("dynseg_raft_commit_index", &[]) >= value("dynseg_raft_applied_index", &[]));
+    assert_eq!(value("dynseg_placement_shards", &[("node", "node-1")]), 8.0);
+    assert!(value("process_resident_memory_bytes", &[]) > 0.0);
+
+    // The roles run alone serve their own metrics.
+    let dir = tempfile::tempdir().unwrap();
+    let ports = support::free_ports(4);
+    let control = format!(
+        "control --id 1 --listen 127.0.0.1:{} --metrics 127.0.0.1:{} --data-dir",
+        ports[0], ports[1]
+    );
+    let _control = Process::start(&args(&control, &dir.path().join("control")), "listening on");
+    let node = format!(
+        "node --listen 127.0.0.1:{} --metrics 127.0.0.1:{} --shard-count 4 --data-dir",
+        ports[2], ports[3]
+    );
+    let _node = Process::start(&args(&node, &dir.path().join("node")), "listening on");
+    for (port, name) in [
+        (ports[1], "dynseg_raft_term"),
+        (ports[3], "dynseg_node_shards"),
+    ] {
+        let addr = format!("127.0.0.1:{port}");
+        let text = http(&addr, "GET", "/metrics", &[], b"").body;
+        promtool_problems(&text).unwrap_or_else(|p| panic!("promtool: {p}\n{text}"));
+        assert!(sample(&text, name, &[]).is_some(), "no {name} in\n{text}");
+    }
+    let node_text = http(
+        &format!("127.0.0.1:{}", ports[3]),
+        "GET",
+        "/metrics",
+        &[],
+        b"",
+    )
+    .body;
+    assert_eq!(sample(&node_text, "dynseg_node_shards", &[]), Some(4.0));
 }

@@ -81,6 +81,64 @@ pub fn grpcurl(addr: &str, args: &[&str]) -> Result<String, String> {
     }
 }
 
+/// Lints Prometheus text with `promtool check metrics` (Debian's
+/// `prometheus` package; `.ci/run` installs it): the problems it reports.
+pub fn promtool_problems(text: &str) -> Result<(), String> {
+    use std::process::Stdio;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("promtool is needed (Debian package prometheus; .ci/run installs it): {e}")
+        });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+/// The value of the sample `name` whose labels include `labels`, from
+/// Prometheus text.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, series_labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if series_name != name {
+                return None;
+            }
+            let present: Vec<(&str, &str)> = series_labels
+                .split(',')
+                .filter_map(|pair| pair.split_once('='))
+                .map(|(k, v)| (k, v.trim_matches('"')))
+                .collect();
+            labels
+                .iter()
+                .all(|l| present.contains(l))
+                .then(|| value.parse().ok())
+                .flatten()
+        })
+}
+
 /// An HTTP answer.
 #[derive(Debug)]
 pub struct Answer {

@@ -36,6 +36,8 @@ pub struct ControlConfig {
     /// A secret every member presents with its raft messages; with it set, a
     /// member decodes raft messages only from senders that know it.
     pub cluster_secret: Option<String>,
+    /// Where to serve `/metrics` over HTTP, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl ControlConfig {
@@ -55,12 +57,13 @@ impl ControlConfig {
             request_timeout: Duration::from_secs(5),
             faults: Faults::default(),
             cluster_secret: None,
+            metrics_listen: None,
         }
     }
 }
 
 /// The command line of a control member: `--id N --listen ADDR --data-dir DIR
-/// [--peers ID=ADDR,...] [--join] [--snapshot-interval N] [--cluster-secret-file F]`.
+/// [--peers ID=ADDR,...] [--join] [--snapshot-interval N] [--cluster-secret-file F] [--metrics ADDR]`.
 #[derive(Clone, Debug)]
 pub struct ControlArgs {
     /// Where to listen.
@@ -71,7 +74,7 @@ pub struct ControlArgs {
 
 /// The usage line of [`ControlArgs::parse`].
 pub const USAGE: &str = "--id N --listen ADDR --data-dir DIR [--peers ID=ADDR,...] [--join] \
-     [--snapshot-interval N] [--cluster-secret-file F] (or DYNSEG_CLUSTER_SECRET)";
+     [--snapshot-interval N] [--cluster-secret-file F] (or DYNSEG_CLUSTER_SECRET) [--metrics ADDR]";
 
 impl ControlArgs {
     /// Parses the flags; with no `--peers` (and no `--join`) the member founds a
@@ -82,6 +85,7 @@ impl ControlArgs {
         let mut data_dir = None;
         let mut peers = BTreeMap::new();
         let mut join = false;
+        let mut metrics_listen = None;
         let mut snapshot_interval = None;
         let mut cluster_secret = std::env::var("DYNSEG_CLUSTER_SECRET").ok();
         let mut it = args.iter();
@@ -117,6 +121,13 @@ impl ControlArgs {
                     }
                 }
                 "--join" => join = true,
+                "--metrics" => {
+                    let addr = value()?;
+                    metrics_listen = Some(
+                        addr.parse()
+                            .map_err(|_| format!("invalid --metrics address {addr}"))?,
+                    );
+                }
                 "--cluster-secret-file" => {
                     let path = value()?;
                     let text = std::fs::read_to_string(&path)
@@ -142,6 +153,7 @@ impl ControlArgs {
         let mut config = ControlConfig::new(id, data_dir);
         config.peers = peers;
         config.join = join;
+        config.metrics_listen = metrics_listen;
         if let Some(n) = snapshot_interval {
             config.snapshot_interval = n.max(1);
         }

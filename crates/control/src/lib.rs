@@ -21,12 +21,14 @@
 //! | [`replica`] | the raft task and the handle services use |
 //! | [`transport`], [`faults`] | raft messages to peers; fault injection for tests |
 //! | [`service`], [`wire`], [`server`] | gRPC services, their conversions, serving |
+//! | [`metrics`] | Prometheus metrics: Raft status, placement |
 //! | [`config`], [`error`], [`logger`] | settings; errors and gRPC codes; slog → tracing |
 
 pub mod config;
 pub mod error;
 pub mod faults;
 pub mod logger;
+pub mod metrics;
 pub mod moves;
 pub mod placement;
 pub mod replica;

@@ -7,12 +7,14 @@ use std::net::SocketAddr;
 use dynseg_proto::pb::control_server::ControlServer as ControlGrpc;
 use dynseg_proto::pb::raft_peer_server::RaftPeerServer;
 use dynseg_proto::serving;
+use dynseg_telemetry::metrics::{MetricsServer, ScrapeHook};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::config::ControlConfig;
 use crate::error::ControlError;
+use crate::metrics;
 use crate::replica::{self, ReplicaHandle, ReplicaTask};
 use crate::service::ControlService;
 
@@ -27,6 +29,8 @@ pub struct ControlServer {
     replica_task: ReplicaTask,
     stop: oneshot::Sender<()>,
     serve: JoinHandle<Result<(), tonic::transport::Error>>,
+    metrics_hook: ScrapeHook,
+    metrics_server: Option<MetricsServer>,
 }
 
 impl ControlServer {
@@ -39,7 +43,21 @@ impl ControlServer {
         let addr = listener
             .local_addr()
             .map_err(|e| ControlError::InvalidArgument(format!("listener: {e}")))?;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                ControlError::InvalidArgument(format!("cannot listen on {addr} for /metrics: {e}"))
+            })?),
+            None => None,
+        };
         let (replica, replica_task) = replica::start(&config)?;
+        let metrics_hook = metrics::hook(replica.clone());
+        let metrics_server = match metrics_listener {
+            Some(listener) => Some(
+                MetricsServer::start(listener)
+                    .map_err(|e| ControlError::InvalidArgument(format!("/metrics: {e}")))?,
+            ),
+            None => None,
+        };
         let service = ControlService::new(
             replica.clone(),
             config.peers.keys().copied().collect::<BTreeSet<_>>(),
@@ -73,6 +91,8 @@ impl ControlServer {
             replica_task,
             stop,
             serve,
+            metrics_hook,
+            metrics_server,
         })
     }
 
@@ -88,6 +108,10 @@ impl ControlServer {
 
     /// Stops serving (open streams end), then stops raft and syncs storage.
     pub async fn shutdown(self) {
+        if let Some(metrics) = self.metrics_server {
+            metrics.shutdown().await;
+        }
+        drop(self.metrics_hook);
         let _ = self.stop.send(());
         self.replica_task.shutdown().await;
         match self.serve.await {

@@ -86,6 +86,14 @@ impl Ingestor {
     /// Ingests `events` and returns the merged reply, rejected indexes as in
     /// the request.
     pub async fn ingest(&self, events: Vec<pb::Event>) -> Result<pb::IngestReply, GatewayError> {
+        let started = Instant::now();
+        let count = events.len();
+        let outcome = self.route(events).await;
+        crate::metrics::record_ingest(started, count, &outcome);
+        outcome
+    }
+
+    async fn route(&self, events: Vec<pb::Event>) -> Result<pb::IngestReply, GatewayError> {
         let shard_count = self.shard_count().await?;
         let (parts, mut rejected) = split(events, shard_count);
         let mut reply = pb::IngestReply::default();

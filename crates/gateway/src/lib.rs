@@ -13,7 +13,8 @@
 //! | [`ingest`] | splitting, sending with retries, merging replies |
 //! | [`subscribe`] | resume tokens and the merged change stream |
 //! | [`service`], [`server`] | the gRPC service and serving |
-//! | [`http`] | the Segment-compatible HTTP API |
+//! | [`http`] | the Segment-compatible HTTP API, `/healthz` and `/metrics` |
+//! | [`metrics`] | Prometheus metrics: events, ack latency, HTTP answers, routing |
 //! | [`admin`] | the control plane's admin API, forwarded |
 //! | [`error`] | errors and their gRPC codes |
 
@@ -21,6 +22,7 @@ pub mod admin;
 pub mod error;
 pub mod http;
 pub mod ingest;
+pub mod metrics;
 pub mod routing;
 pub mod server;
 pub mod service;

@@ -9,6 +9,7 @@ use dynseg_proto::pb;
 use dynseg_proto::pb::control_server::ControlServer as ControlGrpc;
 use dynseg_proto::pb::gateway_server::GatewayServer as GatewayGrpc;
 use dynseg_proto::serving;
+use dynseg_telemetry::metrics::ScrapeHook;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -63,6 +64,7 @@ pub struct GatewayServer {
     stop_http: Option<oneshot::Sender<()>>,
     /// Ends when the topology task drops the routing table's sender.
     health: JoinHandle<()>,
+    metrics_hook: ScrapeHook,
     http: Option<JoinHandle<std::io::Result<()>>>,
 }
 
@@ -112,6 +114,7 @@ impl GatewayServer {
         // Kubernetes readiness probe then sends no traffic it would refuse.
         health.set(serving::ServingStatus::NotServing).await;
         let health = tokio::spawn(report_health(routing.clone(), health));
+        let routing_for_metrics = routing.clone();
         let serving = tokio::spawn(router.serve_with_incoming_shutdown(
             serving::incoming(listener),
             async {
@@ -143,6 +146,7 @@ impl GatewayServer {
             stop_serving,
             serving,
             health,
+            metrics_hook: crate::metrics::hook(routing_for_metrics),
         })
     }
 
@@ -165,6 +169,7 @@ impl GatewayServer {
 
     /// Stops serving, then stops following the control plane.
     pub async fn shutdown(self) {
+        drop(self.metrics_hook);
         if let Some(stop) = self.stop_http {
             let _ = stop.send(());
         }

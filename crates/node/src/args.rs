@@ -7,13 +7,14 @@ use dynseg_rules::Timestamp;
 use std::path::PathBuf;
 
 /// The flags `parse` accepts.
-pub const USAGE: &str = "--data-dir DIR [--listen ADDR] [--node-id ID] [--shard-count N] [--shards A-B] [--clock system|manual[=RFC3339]] [--checkpoint-secs S] [--memory-mib M] [--control ADDR [--advertise ADDR] [--weight N] [--move-mib-per-sec N] [--drain-timeout-secs S]]";
+pub const USAGE: &str = "--data-dir DIR [--listen ADDR] [--metrics ADDR] [--node-id ID] [--shard-count N] [--shards A-B] [--clock system|manual[=RFC3339]] [--checkpoint-secs S] [--memory-mib M] [--control ADDR [--advertise ADDR] [--weight N] [--move-mib-per-sec N] [--drain-timeout-secs S]]";
 
 /// Parses the flags into the node's settings and, with `--control`, how it
 /// follows the control plane.
 pub fn parse(args: &[String]) -> Result<(NodeConfig, Option<LinkConfig>), String> {
     let mut data_dir = None;
     let mut listen = "127.0.0.1:0".to_owned();
+    let mut metrics = None;
     let mut node_id = "node-1".to_owned();
     let mut shard_count = 256u32;
     let mut shards: Option<(u32, u32)> = None;
@@ -35,6 +36,7 @@ pub fn parse(args: &[String]) -> Result<(NodeConfig, Option<LinkConfig>), String
         match flag.as_str() {
             "--data-dir" => data_dir = Some(PathBuf::from(value()?)),
             "--listen" => listen = value()?,
+            "--metrics" => metrics = Some(value()?),
             "--node-id" => node_id = value()?,
             "--shard-count" => {
                 shard_count = value()?
@@ -99,6 +101,13 @@ pub fn parse(args: &[String]) -> Result<(NodeConfig, Option<LinkConfig>), String
         .parse()
         .map_err(|_| format!("invalid --listen address {listen}"))?;
     let mut config = NodeConfig::new(data_dir, listen, clock);
+    config.metrics_listen = match metrics {
+        Some(addr) => Some(
+            addr.parse()
+                .map_err(|_| format!("invalid --metrics address {addr}"))?,
+        ),
+        None => None,
+    };
     config.node_id = node_id;
     config.shard_count = shard_count;
     if control.is_some() && shards.is_some() {

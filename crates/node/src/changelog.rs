@@ -84,6 +84,7 @@ impl ChangeLog {
         if changes.is_empty() {
             return;
         }
+        crate::metrics::record_changes(changes.iter().map(|l| &l.change));
         let mut recent = self.recent();
         for logged in changes {
             let change = Arc::new(logged.change.clone());
@@ -91,6 +92,11 @@ impl ChangeLog {
             recent.changes.push_back(change.clone());
             let _ = self.live.send(change);
         }
+    }
+
+    /// Changes published but not yet received by the slowest live follower.
+    pub fn backlog(&self) -> usize {
+        self.live.len()
     }
 
     /// The shard checkpointed the changes through sequence `through`: they are

@@ -16,6 +16,8 @@ pub struct NodeConfig {
     pub node_id: String,
     /// gRPC listen address (port 0 picks a free port).
     pub listen: SocketAddr,
+    /// Where to serve `/metrics` over HTTP, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
     /// Directory of the write-ahead log and the store.
     pub data_dir: PathBuf,
     /// Shards in the cluster (a cluster setting: users hash to one of these).
@@ -53,6 +55,7 @@ impl NodeConfig {
         NodeConfig {
             node_id: "node-1".into(),
             listen,
+            metrics_listen: None,
             data_dir,
             shard_count,
             shards: (0..shard_count).map(|s| (s, 1)).collect(),

@@ -16,6 +16,7 @@
 //! | [`runtime`] | shard tasks, recovery, checkpoints, the [`Node`] handle |
 //! | [`service`], [`transfer`], [`server`] | gRPC service, shard export/import, serving |
 //! | [`moves`] | live shard moves: both ends of the protocol |
+//! | [`metrics`] | Prometheus metrics: ingest, changes, segment sizes, actors, storage |
 //! | [`control_link`] | following the control plane: rule versions, placement, moves in, heartbeats |
 //! | [`error`] | errors and their gRPC codes |
 
@@ -26,6 +27,7 @@ pub mod commit;
 pub mod config;
 pub mod control_link;
 pub mod error;
+pub mod metrics;
 pub mod moves;
 pub mod record;
 pub mod runtime;

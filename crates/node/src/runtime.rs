@@ -587,6 +587,11 @@ impl Node {
         read(&self.inner.rules).plan.version().0
     }
 
+    /// The current compiled rule set.
+    pub(crate) fn plan(&self) -> Arc<Plan> {
+        read(&self.inner.rules).plan.clone()
+    }
+
     /// Ends every subscription to this node's change logs and waits until they are
     /// gone (shutdown).
     pub async fn close_subscriptions(&self) {

@@ -4,10 +4,12 @@ use std::future::Future;
 use std::net::SocketAddr;
 
 use dynseg_proto::serving;
+use dynseg_telemetry::metrics::{MetricsServer, ScrapeHook};
 use tokio::net::TcpListener;
 
 use crate::config::NodeConfig;
 use crate::error::NodeError;
+use crate::metrics;
 use crate::runtime::{Node, NodeGuard};
 use crate::service::NodeService;
 
@@ -20,6 +22,8 @@ pub struct Server {
     guard: NodeGuard,
     stop: tokio::sync::oneshot::Sender<()>,
     serving: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    metrics_hook: ScrapeHook,
+    metrics_server: Option<MetricsServer>,
 }
 
 impl Server {
@@ -31,7 +35,21 @@ impl Server {
         let addr = listener
             .local_addr()
             .map_err(|e| NodeError::Unavailable(e.to_string()))?;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                NodeError::Unavailable(format!("cannot listen on {addr} for /metrics: {e}"))
+            })?),
+            None => None,
+        };
         let (node, guard) = Node::start(config).await?;
+        let metrics_hook = metrics::hook(node.clone());
+        let metrics_server = match metrics_listener {
+            Some(listener) => Some(
+                MetricsServer::start(listener)
+                    .map_err(|e| NodeError::Unavailable(format!("/metrics: {e}")))?,
+            ),
+            None => None,
+        };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let service = NodeService::new(node.clone()).into_server();
         let router = tonic::transport::Server::builder().add_service(service);
@@ -52,11 +70,17 @@ impl Server {
             guard,
             stop,
             serving,
+            metrics_hook,
+            metrics_server,
         })
     }
 
     /// Stops accepting requests, then shuts the node down cleanly.
     pub async fn shutdown(self) {
+        if let Some(metrics) = self.metrics_server {
+            metrics.shutdown().await;
+        }
+        drop(self.metrics_hook);
         self.node.close_subscriptions().await;
         let _ = self.stop.send(());
         let _ = self.serving.await;

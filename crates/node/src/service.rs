@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use dynseg_proto::pb::{self, node_server};
 use dynseg_rules::{Event, Plan, RuleVersion, SegmentDef, Span, Timestamp, UserId};
@@ -14,7 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::NodeError;
 use crate::runtime::{Command, Node};
-use crate::{moves, transfer};
+use crate::{metrics, moves, transfer};
 
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -97,13 +98,7 @@ impl NodeService {
     }
 
     fn plan(&self) -> Arc<Plan> {
-        self.node
-            .inner
-            .rules
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .plan
-            .clone()
+        self.node.plan()
     }
 }
 
@@ -118,8 +113,13 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<pb::EventBatch>,
     ) -> Result<Response<pb::IngestResponse>, Status> {
-        let rx = self.submit(request.into_inner()).await?;
-        Ok(Response::new(answer(rx).await?))
+        let started = Instant::now();
+        let outcome = match self.submit(request.into_inner()).await {
+            Ok(rx) => answer(rx).await,
+            Err(e) => Err(e),
+        };
+        metrics::record_ingest(started, &outcome);
+        Ok(Response::new(outcome?))
     }
 
     async fn ingest_shards(
@@ -137,6 +137,7 @@ impl node_server::Node for NodeService {
         }
         // Submit every batch before waiting for any: their records then share
         // the same group commits.
+        let started = Instant::now();
         let mut submitted = Vec::with_capacity(batches.len());
         for batch in batches {
             submitted.push(self.submit(batch).await);
@@ -147,6 +148,7 @@ impl node_server::Node for NodeService {
                 Ok(rx) => answer(rx).await,
                 Err(e) => Err(e),
             };
+            metrics::record_ingest(started, &outcome);
             results.push(match outcome {
                 Ok(response) => pb::ShardBatchResult {
                     response: Some(response),

@@ -75,13 +75,16 @@ pub fn router(
     routing: watch::Receiver<Arc<Routing>>,
     config: HttpConfig,
 ) -> Router {
+    dynseg_telemetry::metrics::register_process_metrics();
     let api = Api {
         ingestor,
         routing,
         inflight: Arc::new(Semaphore::new(config.max_inflight.max(1))),
         config: Arc::new(config.clone()),
     };
-    let mut routes = Router::new().route("/healthz", get(health));
+    let mut routes = Router::new()
+        .route("/healthz", get(health))
+        .merge(dynseg_telemetry::metrics::router());
     // Segment's names, and the one-letter forms analytics.js uses.
     for (paths, call) in [
         (["/v1/track", "/v1/t"], Some(Call::Track)),
@@ -200,6 +203,7 @@ async fn receive(
             }),
         }
     }
+    crate::metrics::record_refused(rejected.len());
     let mut reply = if events.is_empty() {
         pb::IngestReply::default()
     } else {
@@ -299,6 +303,12 @@ impl<'a> Batch<'a> {
 
 /// The HTTP answer for a request's outcome.
 fn answer(outcome: Result<pb::IngestReply, GatewayError>) -> Response {
+    let response = respond(outcome);
+    crate::metrics::record_http(response.status().as_u16());
+    response
+}
+
+fn respond(outcome: Result<pb::IngestReply, GatewayError>) -> Response {
     let reply = match outcome {
         Ok(reply) => reply,
         Err(e) => return error_response(HttpError::from(e), None),

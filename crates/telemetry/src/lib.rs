@@ -1,0 +1,7 @@
+//! # dynseg-telemetry: what a running dynseg process tells its operator
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`metrics`] | the process's Prometheus registry, scrape-time refresh hooks, and the `/metrics` endpoint |
+
+pub mod metrics;
