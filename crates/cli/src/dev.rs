@@ -10,6 +10,7 @@ use dynseg_control::{ControlConfig, ControlServer};
 use dynseg_gateway::{GatewayConfig, GatewayServer, HttpConfig};
 use dynseg_node::control_link::{ControlLink, LinkConfig};
 use dynseg_node::{Clock, NodeConfig};
+use dynseg_proto::auth::{Access, Credentials, TokenStore, random_token};
 use tokio::net::TcpListener;
 
 /// A running dev cluster.
@@ -44,7 +45,17 @@ impl DevCluster {
         clock: Clock,
         shard_count: u32,
         http: HttpConfig,
+        tokens: Option<TokenStore>,
     ) -> Result<DevCluster, String> {
+        // With tokens, the roles in this process call each other with a
+        // cluster secret made for this run.
+        let access = match tokens {
+            Some(tokens) => {
+                let secret = random_token().map_err(|e| format!("cluster secret: {e}"))?;
+                Access::new(Some(tokens), Some(secret))
+            }
+            None => Access::open(),
+        };
         let port = |offset: u16| {
             if base_port == 0 {
                 0
@@ -56,10 +67,12 @@ impl DevCluster {
         let control = control_listener.local_addr().map_err(|e| e.to_string())?;
         let mut control_config = ControlConfig::new(1, data.join("control"));
         control_config.peers = BTreeMap::from([(1, control.to_string())]);
+        control_config.cluster_secret = access.cluster_secret().map(str::to_owned);
+        control_config.access = access.clone();
         let control_server = ControlServer::start(control_config, control_listener)
             .await
             .map_err(|e| format!("control plane: {e}"))?;
-        set_shard_count(control, shard_count).await?;
+        set_shard_count(control, shard_count, &access).await?;
 
         let node_listener = bind(port(1)).await?;
         let node_addr = node_listener.local_addr().map_err(|e| e.to_string())?;
@@ -68,6 +81,7 @@ impl DevCluster {
         node_config.node_id = "node-1".into();
         node_config.shard_count = shard_count;
         node_config.shards = Vec::new();
+        node_config.access = access.clone();
         let node_server = dynseg_node::Server::start(node_config)
             .await
             .map_err(|e| format!("node: {e}"))?;
@@ -80,6 +94,7 @@ impl DevCluster {
         let http_listener = bind(port(3)).await?;
         let mut gateway_config = GatewayConfig::new(control.to_string());
         gateway_config.http = http;
+        gateway_config.access = access;
         let gateway_server =
             GatewayServer::start(gateway_config, gateway_listener, Some(http_listener))
                 .await
@@ -126,11 +141,16 @@ impl DevCluster {
 
 /// Sets the shard count on a new cluster; a cluster that already has one keeps it
 /// (a mismatch is reported).
-async fn set_shard_count(control: SocketAddr, shard_count: u32) -> Result<(), String> {
+async fn set_shard_count(
+    control: SocketAddr,
+    shard_count: u32,
+    access: &Access,
+) -> Result<(), String> {
     use dynseg_proto::pb;
-    let mut client = pb::control_client::ControlClient::connect(format!("http://{control}"))
+    let channel = dynseg_proto::client::connect(&control.to_string(), Credentials::member(access))
         .await
         .map_err(|e| e.to_string())?;
+    let mut client = pb::control_client::ControlClient::new(channel);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let topology = client.get_topology(pb::ReadOptions { stale: false }).await;

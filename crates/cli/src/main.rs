@@ -23,7 +23,7 @@ const HELP: &str = "\
 dynseg: real-time customer segmentation
 
 Run:
-  dynseg dev [--data DIR] [--clock system|manual[=RFC3339]] [--base-port P] [--shards N]
+  dynseg dev [--data DIR] [--clock system|manual[=RFC3339]] [--base-port P] [--shards N] [--tokens-file F]
                                    the whole cluster in one process (control P, node P+1, gateway P+2,
                                    its HTTP API P+3; --write-key KEY and the gateway's HTTP limits apply)
   dynseg demo [--users N] [--rate EVENTS_PER_S] [--duration SECS] [--data DIR]
@@ -47,7 +47,11 @@ Data (gateway, --addr default 127.0.0.1:7102):
   dynseg clock advance DURATION | --to RFC3339     (manual clock)
   dynseg bench [--users N] [--rate EVENTS_PER_S|0=max] [--duration SECS] [--batch N] [--connections N]
 
-Everywhere: --output table|json. Exit status: 1 for a user error, 2 when a server cannot be reached.";
+Access (docs/operations.md):
+  dynseg auth token NAME ROLE[,ROLE]  a new random token, and its line for a tokens file
+  dynseg auth hash                    the tokens-file hash of the token read from stdin
+
+Everywhere: --output table|json, --token T (or DYNSEG_TOKEN). Exit status: 1 for a user error, 2 when a server cannot be reached.";
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -118,11 +122,17 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
             )));
         }
     };
-    let common = ["addr", "output"];
+    let common = ["addr", "output", "token"];
     let known = |extra: &[&str]| args.only(&[&common[..], extra].concat());
     match command {
         "dev" => {
-            known(&[&["data", "clock", "base-port", "shards"][..], HTTP_FLAGS].concat())?;
+            known(
+                &[
+                    &["data", "clock", "base-port", "shards", "tokens-file"][..],
+                    HTTP_FLAGS,
+                ]
+                .concat(),
+            )?;
             init_logs("warn,dynseg=info");
             let data = PathBuf::from(args.get("data").unwrap_or("data"));
             let clock = parse_clock(args.get("clock"))?;
@@ -132,6 +142,7 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
                 clock,
                 args.number("shards", 256)?,
                 http_config(&args)?,
+                dev_tokens(&args)?,
             )
             .await
             .map_err(CliError::User)?;
@@ -164,6 +175,7 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
                 Clock::System,
                 args.number("shards", 64)?,
                 dynseg_gateway::HttpConfig::default(),
+                None,
             )
             .await
             .map_err(CliError::User)?;
@@ -191,15 +203,13 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
         "bench" => {
             known(&["users", "rate", "duration", "batch", "connections"])?;
             let config = bench::BenchConfig {
-                addr: args
-                    .get("addr")
-                    .unwrap_or(commands::GATEWAY_ADDR)
-                    .to_owned(),
+                addr: commands::addr(&args),
                 users: args.number("users", 100_000)?,
                 rate: args.number("rate", 0)?,
                 duration: Duration::from_secs(args.number("duration", 10)?),
                 batch: args.number("batch", 1_000)?,
                 connections: args.number("connections", 8)?,
+                credentials: commands::credentials(&args)?,
             };
             bench::run(config, out).await?;
         }
@@ -220,6 +230,10 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
         "clock" => {
             known(&["to"])?;
             commands::clock(&args, out).await?;
+        }
+        "auth" => {
+            known(&[])?;
+            auth(&args)?;
         }
         "cluster" => {
             known(&["weight", "wait", "max-moves"])?;
@@ -243,6 +257,54 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `dynseg auth token NAME ROLES` / `dynseg auth hash`.
+fn auth(args: &Args) -> Result<(), CliError> {
+    use dynseg_proto::auth::{Role, random_token, token_hash};
+    match args.positional.get(1).map(String::as_str) {
+        Some("token") => {
+            let usage = || {
+                CliError::User(
+                    "usage: dynseg auth token NAME ROLE[,ROLE...] (ingest, read, admin)".into(),
+                )
+            };
+            let name = args
+                .positional
+                .get(2)
+                .map(String::as_str)
+                .ok_or_else(usage)?;
+            let roles = args
+                .positional
+                .get(3)
+                .map(String::as_str)
+                .ok_or_else(usage)?;
+            for role in roles.split(',') {
+                if Role::parse(role).is_none() {
+                    return Err(CliError::User(format!(
+                        "unknown role {role:?} (ingest, read, admin)"
+                    )));
+                }
+            }
+            let token = random_token()
+                .map_err(|e| CliError::User(format!("cannot read random bytes: {e}")))?;
+            say!("token: {token}");
+            say!("tokens-file line: {name} {roles} {}", token_hash(&token));
+        }
+        Some("hash") => {
+            let mut token = String::new();
+            std::io::stdin()
+                .read_line(&mut token)
+                .map_err(|e| CliError::User(format!("cannot read the token: {e}")))?;
+            say!("{}", token_hash(token.trim()));
+        }
+        _ => {
+            return Err(CliError::User(
+                "usage: dynseg auth token NAME ROLE[,ROLE...] | dynseg auth hash < token".into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 async fn run_control(argv: &[String]) -> Result<ExitCode, CliError> {
@@ -283,6 +345,22 @@ const HTTP_FLAGS: &[&str] = &[
     "http-max-inflight",
 ];
 
+/// `dynseg dev --tokens-file F` (or `DYNSEG_TOKENS`): the tokens the dev
+/// cluster enforces; none: open.
+fn dev_tokens(args: &Args) -> Result<Option<dynseg_proto::auth::TokenStore>, CliError> {
+    let text = match args.get("tokens-file") {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| CliError::User(format!("--tokens-file {path}: {e}")))?,
+        ),
+        None => std::env::var("DYNSEG_TOKENS")
+            .ok()
+            .filter(|t| !t.trim().is_empty()),
+    };
+    text.map(|t| dynseg_proto::auth::TokenStore::parse(&t).map_err(CliError::User))
+        .transpose()
+}
+
 fn http_config(args: &Args) -> Result<dynseg_gateway::HttpConfig, CliError> {
     let defaults = dynseg_gateway::HttpConfig::default();
     Ok(dynseg_gateway::HttpConfig {
@@ -295,9 +373,21 @@ fn http_config(args: &Args) -> Result<dynseg_gateway::HttpConfig, CliError> {
 }
 
 async fn run_gateway(argv: &[String]) -> Result<ExitCode, CliError> {
-    const USAGE: &str = "usage: dynseg gateway --control ADDR [--listen ADDR] [--http ADDR] [--write-key KEY]... [--max-body-bytes N] [--max-message-bytes N] [--max-depth N] [--http-max-inflight N]";
+    const USAGE: &str = "usage: dynseg gateway --control ADDR [--listen ADDR] [--http ADDR] [--tokens-file F] [--cluster-secret-file F] [--write-key KEY]... [--max-body-bytes N] [--max-message-bytes N] [--max-depth N] [--http-max-inflight N]";
     let args = Args::parse(argv, &[])?;
-    args.only(&[&["control", "listen", "http"][..], HTTP_FLAGS].concat())?;
+    args.only(
+        &[
+            &[
+                "control",
+                "listen",
+                "http",
+                "tokens-file",
+                "cluster-secret-file",
+            ][..],
+            HTTP_FLAGS,
+        ]
+        .concat(),
+    )?;
     let control = args
         .get("control")
         .ok_or_else(|| CliError::User(USAGE.into()))?;
@@ -317,6 +407,9 @@ async fn run_gateway(argv: &[String]) -> Result<ExitCode, CliError> {
     };
     let mut config = dynseg_gateway::GatewayConfig::new(control);
     config.http = http_config(&args)?;
+    config.access =
+        dynseg_proto::auth::access_from(args.get("tokens-file"), args.get("cluster-secret-file"))
+            .map_err(CliError::User)?;
     let server = dynseg_gateway::GatewayServer::start(config, listener, http_listener)
         .await
         .map_err(|e| CliError::User(e.to_string()))?;

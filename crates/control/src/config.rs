@@ -36,6 +36,9 @@ pub struct ControlConfig {
     /// A secret every member presents with its raft messages; with it set, a
     /// member decodes raft messages only from senders that know it.
     pub cluster_secret: Option<String>,
+    /// Who may call the member: with a token store, clients need tokens and
+    /// members the cluster secret (`cluster_secret` must then be set).
+    pub access: dynseg_proto::auth::Access,
     /// Where to serve `/metrics` over HTTP, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
 }
@@ -57,13 +60,14 @@ impl ControlConfig {
             request_timeout: Duration::from_secs(5),
             faults: Faults::default(),
             cluster_secret: None,
+            access: dynseg_proto::auth::Access::open(),
             metrics_listen: None,
         }
     }
 }
 
 /// The command line of a control member: `--id N --listen ADDR --data-dir DIR
-/// [--peers ID=ADDR,...] [--join] [--snapshot-interval N] [--cluster-secret-file F] [--metrics ADDR]`.
+/// [--peers ID=ADDR,...] [--join] [--snapshot-interval N] [--cluster-secret-file F] [--tokens-file F] [--metrics ADDR]`.
 #[derive(Clone, Debug)]
 pub struct ControlArgs {
     /// Where to listen.
@@ -73,8 +77,9 @@ pub struct ControlArgs {
 }
 
 /// The usage line of [`ControlArgs::parse`].
-pub const USAGE: &str = "--id N --listen ADDR --data-dir DIR [--peers ID=ADDR,...] [--join] \
-     [--snapshot-interval N] [--cluster-secret-file F] (or DYNSEG_CLUSTER_SECRET) [--metrics ADDR]";
+pub const USAGE: &str = "--id N|from-hostname --listen ADDR --data-dir DIR [--peers ID=ADDR,...] [--join] \
+     [--snapshot-interval N] [--cluster-secret-file F] (or DYNSEG_CLUSTER_SECRET) \
+     [--tokens-file F] (or DYNSEG_TOKENS) [--metrics ADDR]";
 
 impl ControlArgs {
     /// Parses the flags; with no `--peers` (and no `--join`) the member founds a
@@ -87,7 +92,8 @@ impl ControlArgs {
         let mut join = false;
         let mut metrics_listen = None;
         let mut snapshot_interval = None;
-        let mut cluster_secret = std::env::var("DYNSEG_CLUSTER_SECRET").ok();
+        let mut secret_file = None;
+        let mut tokens_file = None;
         let mut it = args.iter();
         while let Some(flag) = it.next() {
             let mut value = || {
@@ -97,13 +103,15 @@ impl ControlArgs {
             };
             match flag.as_str() {
                 "--id" => {
-                    id = Some(
-                        value()?
-                            .parse::<u64>()
+                    let text = value()?;
+                    id = Some(if text == "from-hostname" {
+                        id_from_hostname()?
+                    } else {
+                        text.parse::<u64>()
                             .ok()
                             .filter(|id| *id > 0)
-                            .ok_or("--id takes a number from 1")?,
-                    )
+                            .ok_or("--id takes a number from 1, or from-hostname")?
+                    })
                 }
                 "--listen" => listen = Some(value()?),
                 "--data-dir" => data_dir = Some(PathBuf::from(value()?)),
@@ -128,12 +136,8 @@ impl ControlArgs {
                             .map_err(|_| format!("invalid --metrics address {addr}"))?,
                     );
                 }
-                "--cluster-secret-file" => {
-                    let path = value()?;
-                    let text = std::fs::read_to_string(&path)
-                        .map_err(|e| format!("--cluster-secret-file {path}: {e}"))?;
-                    cluster_secret = Some(text.trim().to_owned());
-                }
+                "--cluster-secret-file" => secret_file = Some(value()?),
+                "--tokens-file" => tokens_file = Some(value()?),
                 "--snapshot-interval" => {
                     snapshot_interval = Some(
                         value()?
@@ -157,14 +161,27 @@ impl ControlArgs {
         if let Some(n) = snapshot_interval {
             config.snapshot_interval = n.max(1);
         }
-        if let Some(secret) = &cluster_secret
-            && (secret.len() < 16 || !secret.bytes().all(|b| b.is_ascii_graphic()))
-        {
-            return Err("the cluster secret must be at least 16 printable ASCII characters".into());
-        }
-        config.cluster_secret = cluster_secret;
+        let access =
+            dynseg_proto::auth::access_from(tokens_file.as_deref(), secret_file.as_deref())?;
+        config.cluster_secret = access.cluster_secret().map(str::to_owned);
+        config.access = access;
         Ok(ControlArgs { listen, config })
     }
+}
+
+/// A StatefulSet pod's raft id: its ordinal (`dynseg-control-2`) plus one.
+fn id_from_hostname() -> Result<u64, String> {
+    let host = std::env::var("HOSTNAME")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map_err(|e| format!("--id from-hostname: no hostname: {e}"))?;
+    ordinal_id(host.trim())
+}
+
+fn ordinal_id(host: &str) -> Result<u64, String> {
+    host.rsplit_once('-')
+        .and_then(|(_, n)| n.parse::<u64>().ok())
+        .map(|n| n + 1)
+        .ok_or_else(|| format!("--id from-hostname: {host:?} does not end in -ORDINAL"))
 }
 
 #[cfg(test)]
@@ -173,6 +190,13 @@ mod tests {
 
     fn args(line: &str) -> Vec<String> {
         line.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn a_statefulset_ordinal_gives_the_raft_id() {
+        assert_eq!(ordinal_id("dynseg-control-0"), Ok(1));
+        assert_eq!(ordinal_id("dynseg-control-2"), Ok(3));
+        assert!(ordinal_id("control").is_err());
     }
 
     #[test]

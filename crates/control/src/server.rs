@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
+use dynseg_proto::auth::AccessLayer;
 use dynseg_proto::pb::control_server::ControlServer as ControlGrpc;
 use dynseg_proto::pb::raft_peer_server::RaftPeerServer;
 use dynseg_proto::serving;
@@ -65,6 +66,7 @@ impl ControlServer {
         );
         let (stop, stopped) = oneshot::channel::<()>();
         let router = tonic::transport::Server::builder()
+            .layer(AccessLayer::new(config.access.clone()))
             .add_service(
                 ControlGrpc::new(service.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
             )

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use dynseg_proto::auth::{CLUSTER_SECRET_HEADER, constant_time_eq};
 use dynseg_proto::pb;
 use dynseg_proto::pb::control_server::Control;
 use dynseg_proto::pb::raft_peer_server::RaftPeer;
@@ -18,13 +19,7 @@ use tonic::{Request, Response, Status};
 use crate::error::ControlError;
 use crate::replica::{MemberChange, ReplicaHandle, View};
 use crate::state::{Command, MemberKind, MoveProgress, Revised, SegmentSpec};
-use crate::transport::SECRET_HEADER;
 use crate::wire;
-
-/// Compares without revealing, through timing, how long a matching prefix is.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
 
 /// Events buffered per watcher before the stream waits for the client.
 const WATCH_BUFFER: usize = 256;
@@ -364,7 +359,7 @@ impl RaftPeer for ControlService {
         if let Some(secret) = &self.secret {
             let given = request
                 .metadata()
-                .get(SECRET_HEADER)
+                .get(CLUSTER_SECRET_HEADER)
                 .map(|v| v.as_bytes())
                 .unwrap_or_default();
             if !constant_time_eq(given, secret.as_bytes()) {

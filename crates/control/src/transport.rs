@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use dynseg_proto::auth::CLUSTER_SECRET_HEADER;
 use dynseg_proto::pb;
 use dynseg_proto::pb::raft_peer_client::RaftPeerClient;
 use protobuf::Message as _;
@@ -21,9 +22,6 @@ use crate::faults::{Faults, Verdict};
 
 /// Messages queued per peer before new ones are lost.
 const PEER_QUEUE: usize = 1024;
-/// The metadata key that carries the cluster secret.
-pub const SECRET_HEADER: &str = "x-dynseg-cluster-secret";
-
 /// Messages sent in one `RaftPeer.Send` call at most.
 const BATCH: usize = 256;
 
@@ -176,7 +174,9 @@ async fn send_loop(
         }
         let mut request = tonic::Request::new(pb::RaftBatch { from, messages });
         if let Some(secret) = &secret {
-            request.metadata_mut().insert(SECRET_HEADER, secret.clone());
+            request
+                .metadata_mut()
+                .insert(CLUSTER_SECRET_HEADER, secret.clone());
         }
         let sent = client.clone().send(request).await;
         let delivered = match sent {

@@ -4,34 +4,34 @@
 
 use std::pin::Pin;
 
+use dynseg_proto::auth::Credentials;
+use dynseg_proto::client::{self, Conn};
 use dynseg_proto::pb;
 use dynseg_proto::pb::control_client::ControlClient;
 use dynseg_proto::pb::control_server::Control;
 use tokio_stream::Stream;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
 /// Forwards `Control` calls to a control-plane member.
 #[derive(Clone)]
 pub struct AdminProxy {
-    control: ControlClient<Channel>,
+    control: ControlClient<Conn>,
 }
 
 impl AdminProxy {
-    /// A proxy to the member at `address` (connected on first use).
-    pub fn new(address: &str) -> Result<AdminProxy, tonic::transport::Error> {
-        let url = if address.contains("://") {
-            address.to_owned()
-        } else {
-            format!("http://{address}")
-        };
-        let channel = Endpoint::from_shared(url)?.connect_lazy();
+    /// A proxy to the member at `address` (connected on first use),
+    /// presenting `credentials` (the gateway has checked the caller's).
+    pub fn new(
+        address: &str,
+        credentials: Credentials,
+    ) -> Result<AdminProxy, tonic::transport::Error> {
+        let channel = client::lazy(client::endpoint(address)?, credentials);
         Ok(AdminProxy {
             control: ControlClient::new(channel).max_decoding_message_size(64 << 20),
         })
     }
 
-    fn client(&self) -> ControlClient<Channel> {
+    fn client(&self) -> ControlClient<Conn> {
         self.control.clone()
     }
 }

@@ -12,6 +12,9 @@ pub enum GatewayError {
     /// No credentials, or credentials the gateway does not know.
     #[error("unauthenticated: {0}")]
     Unauthenticated(String),
+    /// Known credentials without the role the request needs.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// The request is over a size limit.
     #[error("too large: {0}")]
     TooLarge(String),
@@ -30,12 +33,22 @@ pub enum GatewayError {
     ShuttingDown,
 }
 
+impl From<dynseg_proto::auth::Denied> for GatewayError {
+    fn from(denied: dynseg_proto::auth::Denied) -> GatewayError {
+        match denied {
+            dynseg_proto::auth::Denied::Unauthenticated(m) => GatewayError::Unauthenticated(m),
+            dynseg_proto::auth::Denied::PermissionDenied(m) => GatewayError::PermissionDenied(m),
+        }
+    }
+}
+
 impl From<GatewayError> for Status {
     fn from(e: GatewayError) -> Status {
         match e {
             GatewayError::Node(status) => status,
             GatewayError::InvalidArgument(m) => Status::new(Code::InvalidArgument, m),
             GatewayError::Unauthenticated(m) => Status::new(Code::Unauthenticated, m),
+            GatewayError::PermissionDenied(m) => Status::new(Code::PermissionDenied, m),
             GatewayError::TooLarge(m) => Status::new(Code::InvalidArgument, m),
             GatewayError::Overloaded(m) => Status::new(Code::ResourceExhausted, m),
             GatewayError::Unavailable(m) => Status::new(Code::Unavailable, m),
@@ -66,6 +79,7 @@ impl From<GatewayError> for HttpError {
         let (status, code, retry_after) = match &e {
             GatewayError::InvalidArgument(_) => (400, "invalid_request", None),
             GatewayError::Unauthenticated(_) => (401, "unauthorized", None),
+            GatewayError::PermissionDenied(_) => (403, "forbidden", None),
             GatewayError::TooLarge(_) => (413, "payload_too_large", None),
             GatewayError::Overloaded(_) => (429, "rate_limited", Some(1)),
             GatewayError::Unavailable(_) | GatewayError::ShuttingDown => {

@@ -6,12 +6,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dynseg_proto::auth::Credentials;
+use dynseg_proto::client::{self, Conn};
 use dynseg_proto::pb;
 use dynseg_proto::pb::control_client::ControlClient;
 use dynseg_proto::pb::node_client::NodeClient;
 use dynseg_proto::pb::watch_event::Kind;
 use tokio::sync::{oneshot, watch};
-use tonic::transport::{Channel, Endpoint};
 
 /// One shard's owner.
 #[derive(Clone, Debug)]
@@ -32,19 +33,29 @@ pub struct Routing {
     /// Owner per shard (None: unplaced).
     pub shards: Vec<Option<Owner>>,
     /// A client per node, by node id.
-    pub nodes: BTreeMap<String, NodeClient<Channel>>,
+    pub nodes: BTreeMap<String, NodeClient<Conn>>,
     /// Each node's address, by node id.
     pub addresses: BTreeMap<String, String>,
+    /// What this gateway presents to nodes.
+    pub credentials: Credentials,
 }
 
 impl Routing {
+    /// An empty table whose node clients will present `credentials`.
+    pub fn new(credentials: Credentials) -> Routing {
+        Routing {
+            credentials,
+            ..Routing::default()
+        }
+    }
+
     /// Whether every shard has an owner (the gateway can route anything).
     pub fn is_complete(&self) -> bool {
         self.shard_count > 0 && self.shards.iter().all(Option::is_some)
     }
 
     /// The owner of `shard` and a client for it.
-    pub fn owner(&self, shard: u32) -> Option<(&Owner, NodeClient<Channel>)> {
+    pub fn owner(&self, shard: u32) -> Option<(&Owner, NodeClient<Conn>)> {
         let owner = self.shards.get(shard as usize)?.as_ref()?;
         let client = self.nodes.get(&owner.node)?.clone();
         Some((owner, client))
@@ -72,7 +83,7 @@ impl Routing {
                 Some(client) if self.addresses.get(&node.id) == Some(&node.address) => {
                     client.clone()
                 }
-                _ => match node_client(&node.address) {
+                _ => match node_client(&node.address, &self.credentials) {
                     Some(client) => client,
                     None => continue,
                 },
@@ -99,28 +110,18 @@ impl Routing {
                 .iter()
                 .map(|n| (n.id.clone(), n.address.clone()))
                 .collect(),
+            credentials: self.credentials.clone(),
         }
     }
 }
 
-fn url(address: &str) -> String {
-    if address.contains("://") {
-        address.to_owned()
-    } else {
-        format!("http://{address}")
-    }
-}
-
-fn node_client(address: &str) -> Option<NodeClient<Channel>> {
-    let endpoint = Endpoint::from_shared(url(address)).ok()?;
-    Some(
-        NodeClient::new(
-            endpoint
-                .connect_timeout(Duration::from_secs(1))
-                .connect_lazy(),
-        )
-        .max_decoding_message_size(64 << 20),
-    )
+fn node_client(address: &str, credentials: &Credentials) -> Option<NodeClient<Conn>> {
+    let endpoint = client::endpoint(address).ok()?;
+    let channel = client::lazy(
+        endpoint.connect_timeout(Duration::from_secs(1)),
+        credentials.clone(),
+    );
+    Some(NodeClient::new(channel).max_decoding_message_size(64 << 20))
 }
 
 /// Registers this gateway, follows the control plane's `Watch` and publishes a new [`Routing`] on every
@@ -154,10 +155,11 @@ async fn watch_once(
     me: &pb::RegisterMemberRequest,
     publish: &watch::Sender<Arc<Routing>>,
 ) -> Result<(), tonic::Status> {
-    let mut client = ControlClient::connect(url(control))
+    let credentials = publish.borrow().credentials.clone();
+    let channel = client::connect(control, credentials)
         .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?
-        .max_decoding_message_size(64 << 20);
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut client = ControlClient::new(channel).max_decoding_message_size(64 << 20);
     // Registered so operators see every gateway; re-registering is a no-op.
     client.register_member(me.clone()).await?;
     let mut stream = client

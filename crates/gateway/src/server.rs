@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dynseg_proto::auth::{Access, AccessLayer, Credentials};
 use dynseg_proto::pb;
 use dynseg_proto::pb::control_server::ControlServer as ControlGrpc;
 use dynseg_proto::pb::gateway_server::GatewayServer as GatewayGrpc;
@@ -36,6 +37,9 @@ pub struct GatewayConfig {
     pub retry_for: Duration,
     /// The HTTP API's limits and write keys (when it listens).
     pub http: HttpConfig,
+    /// Who may call the gateway (open by default), and the cluster secret it
+    /// presents to nodes and the control plane.
+    pub access: Access,
 }
 
 impl GatewayConfig {
@@ -48,6 +52,7 @@ impl GatewayConfig {
             max_inflight: 1024,
             retry_for: Duration::from_secs(10),
             http: HttpConfig::default(),
+            access: Access::open(),
         }
     }
 }
@@ -77,7 +82,8 @@ impl GatewayServer {
         http_listener: Option<TcpListener>,
     ) -> std::io::Result<GatewayServer> {
         let addr = listener.local_addr()?;
-        let (publish, routing) = watch::channel(Arc::new(Routing::default()));
+        let credentials = Credentials::member(&config.access);
+        let (publish, routing) = watch::channel(Arc::new(Routing::new(credentials.clone())));
         let (stop_topology, stopped) = oneshot::channel();
         let me = pb::RegisterMemberRequest {
             kind: pb::MemberKind::Gateway as i32,
@@ -97,9 +103,10 @@ impl GatewayServer {
         let ingestor = Ingestor::new(routing.clone(), config.max_inflight, config.retry_for);
         let service = GatewayService::new(routing.clone(), ingestor.clone());
         let (stop_serving, stop) = oneshot::channel::<()>();
-        let admin = AdminProxy::new(&config.control)
+        let admin = AdminProxy::new(&config.control, credentials)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let router = tonic::transport::Server::builder()
+            .layer(AccessLayer::new(config.access.clone()))
             .add_service(GatewayGrpc::new(service).max_decoding_message_size(64 << 20))
             .add_service(ControlGrpc::new(admin).max_decoding_message_size(64 << 20));
         let (router, health) = serving::add_standard_services(
@@ -124,7 +131,12 @@ impl GatewayServer {
         let (http_addr, stop_http, http) = match http_listener {
             Some(listener) => {
                 let http_addr = listener.local_addr()?;
-                let router = http::router(ingestor, routing.clone(), config.http.clone());
+                let router = http::router(
+                    ingestor,
+                    routing.clone(),
+                    config.http.clone(),
+                    &config.access,
+                );
                 let (stop_http, stop) = oneshot::channel::<()>();
                 let serving = tokio::spawn(http::serve(listener, router, async {
                     let _ = stop.await;

@@ -47,7 +47,7 @@ impl GatewayService {
     fn all_nodes(
         &self,
     ) -> Result<
-        Vec<dynseg_proto::pb::node_client::NodeClient<tonic::transport::Channel>>,
+        Vec<dynseg_proto::pb::node_client::NodeClient<dynseg_proto::client::Conn>>,
         GatewayError,
     > {
         Ok(self.table()?.nodes.values().cloned().collect())

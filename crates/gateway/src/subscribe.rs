@@ -10,12 +10,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dynseg_proto::client::Conn;
 use dynseg_proto::pb;
 use dynseg_proto::pb::node_client::NodeClient;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tonic::Status;
-use tonic::transport::Channel;
 
 use crate::error::GatewayError;
 use crate::routing::Routing;
@@ -183,7 +183,7 @@ pub async fn merge(
 }
 
 async fn read_node(
-    mut client: NodeClient<Channel>,
+    mut client: NodeClient<Conn>,
     request: pb::SubscribeRequest,
     tx: mpsc::Sender<Result<pb::MembershipChange, Status>>,
 ) {

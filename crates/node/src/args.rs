@@ -7,7 +7,7 @@ use dynseg_rules::Timestamp;
 use std::path::PathBuf;
 
 /// The flags `parse` accepts.
-pub const USAGE: &str = "--data-dir DIR [--listen ADDR] [--metrics ADDR] [--node-id ID] [--shard-count N] [--shards A-B] [--clock system|manual[=RFC3339]] [--checkpoint-secs S] [--memory-mib M] [--control ADDR [--advertise ADDR] [--weight N] [--move-mib-per-sec N] [--drain-timeout-secs S]]";
+pub const USAGE: &str = "--data-dir DIR [--listen ADDR] [--metrics ADDR] [--node-id ID] [--shard-count N] [--shards A-B] [--clock system|manual[=RFC3339]] [--checkpoint-secs S] [--memory-mib M] [--tokens-file F] [--cluster-secret-file F] [--control ADDR [--advertise ADDR] [--weight N] [--move-mib-per-sec N] [--drain-timeout-secs S] [--rejoin]]";
 
 /// Parses the flags into the node's settings and, with `--control`, how it
 /// follows the control plane.
@@ -15,6 +15,9 @@ pub fn parse(args: &[String]) -> Result<(NodeConfig, Option<LinkConfig>), String
     let mut data_dir = None;
     let mut listen = "127.0.0.1:0".to_owned();
     let mut metrics = None;
+    let mut rejoin = false;
+    let mut tokens_file = None;
+    let mut secret_file = None;
     let mut node_id = "node-1".to_owned();
     let mut shard_count = 256u32;
     let mut shards: Option<(u32, u32)> = None;
@@ -37,6 +40,9 @@ pub fn parse(args: &[String]) -> Result<(NodeConfig, Option<LinkConfig>), String
             "--data-dir" => data_dir = Some(PathBuf::from(value()?)),
             "--listen" => listen = value()?,
             "--metrics" => metrics = Some(value()?),
+            "--rejoin" => rejoin = true,
+            "--tokens-file" => tokens_file = Some(value()?),
+            "--cluster-secret-file" => secret_file = Some(value()?),
             "--node-id" => node_id = value()?,
             "--shard-count" => {
                 shard_count = value()?
@@ -101,6 +107,8 @@ pub fn parse(args: &[String]) -> Result<(NodeConfig, Option<LinkConfig>), String
         .parse()
         .map_err(|_| format!("invalid --listen address {listen}"))?;
     let mut config = NodeConfig::new(data_dir, listen, clock);
+    config.access =
+        dynseg_proto::auth::access_from(tokens_file.as_deref(), secret_file.as_deref())?;
     config.metrics_listen = match metrics {
         Some(addr) => Some(
             addr.parse()
@@ -135,6 +143,7 @@ pub fn parse(args: &[String]) -> Result<(NodeConfig, Option<LinkConfig>), String
         weight,
         move_bytes_per_sec,
         drain_timeout,
+        rejoin,
     });
     Ok((config, link))
 }

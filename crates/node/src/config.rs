@@ -18,6 +18,9 @@ pub struct NodeConfig {
     pub listen: SocketAddr,
     /// Where to serve `/metrics` over HTTP, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Who may call the node (open by default), and the cluster secret its
+    /// own calls to other members present.
+    pub access: dynseg_proto::auth::Access,
     /// Directory of the write-ahead log and the store.
     pub data_dir: PathBuf,
     /// Shards in the cluster (a cluster setting: users hash to one of these).
@@ -56,6 +59,7 @@ impl NodeConfig {
             node_id: "node-1".into(),
             listen,
             metrics_listen: None,
+            access: dynseg_proto::auth::Access::open(),
             data_dir,
             shard_count,
             shards: (0..shard_count).map(|s| (s, 1)).collect(),

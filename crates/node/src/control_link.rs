@@ -13,16 +13,17 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use dynseg_proto::auth::Credentials;
+use dynseg_proto::client::{self, Conn};
 use dynseg_proto::pb;
 use dynseg_proto::pb::control_client::ControlClient;
 use dynseg_proto::pb::watch_event::Kind;
 use dynseg_rules::SegmentDef;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
-use tonic::transport::Channel;
 
 use crate::error::NodeError;
-use crate::moves::{self, MoveIn, url};
+use crate::moves::{self, MoveIn};
 use crate::runtime::Node;
 
 /// How this node presents itself to the control plane.
@@ -38,6 +39,9 @@ pub struct LinkConfig {
     pub move_bytes_per_sec: u64,
     /// On shutdown of a draining node, how long to wait for its moves.
     pub drain_timeout: Duration,
+    /// Take shards again at start if the node was drained (Kubernetes: the
+    /// preStop hook drains every stopping node; the restarted one rejoins).
+    pub rejoin: bool,
 }
 
 impl LinkConfig {
@@ -49,6 +53,7 @@ impl LinkConfig {
             weight: 1,
             move_bytes_per_sec: DEFAULT_MOVE_BYTES_PER_SEC,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            rejoin: false,
         }
     }
 }
@@ -183,7 +188,7 @@ impl MovesRunning {
     fn sync(
         &mut self,
         node: &Node,
-        control: &ControlClient<Channel>,
+        control: &ControlClient<Conn>,
         config: &LinkConfig,
         topology: &pb::Topology,
     ) {
@@ -259,10 +264,12 @@ async fn run(
     let mut backoff = Duration::from_millis(100);
     // Dropped (aborting every move in) when the link stops.
     let mut moves = MovesRunning::default();
+    // Once per process: a drain an operator starts later must stick.
+    let mut rejoin = config.rejoin;
     loop {
         tokio::select! {
             _ = &mut stopped => return,
-            result = follow(&node, &config, &mut moves, &topology) => {
+            result = follow(&node, &config, &mut rejoin, &mut moves, &topology) => {
                 if let Err(e) = result {
                     tracing::warn!(control = %config.control, error = %e, "control link lost; reconnecting");
                 }
@@ -279,15 +286,16 @@ async fn run(
 async fn follow(
     node: &Node,
     config: &LinkConfig,
+    rejoin: &mut bool,
     moves: &mut MovesRunning,
     published: &watch::Sender<Option<pb::Topology>>,
 ) -> Result<(), NodeError> {
     let unavailable =
         |e: &dyn std::fmt::Display| NodeError::Unavailable(format!("control plane: {e}"));
-    let mut client = ControlClient::connect(url(&config.control))
+    let channel = client::connect(&config.control, Credentials::member(&node.config().access))
         .await
-        .map_err(|e| unavailable(&e))?
-        .max_decoding_message_size(64 << 20);
+        .map_err(|e| unavailable(&e))?;
+    let mut client = ControlClient::new(channel).max_decoding_message_size(64 << 20);
     client
         .register_member(pb::RegisterMemberRequest {
             kind: pb::MemberKind::Node as i32,
@@ -297,6 +305,17 @@ async fn follow(
         })
         .await
         .map_err(|e| unavailable(&e))?;
+    if *rejoin {
+        client
+            .add_node(pb::AddNodeRequest {
+                node: node.config().node_id.clone(),
+                weight: 0,
+            })
+            .await
+            .map_err(|e| unavailable(&e))?;
+        *rejoin = false;
+        tracing::info!("rejoined: this node takes shards again");
+    }
     // The watch replays history first; placement is acted on only once it is
     // at least as new as this linearizable read, so a reconnecting node never
     // releases (and deletes) a shard on the strength of an old placement.
@@ -359,7 +378,7 @@ async fn follow(
 }
 
 /// Tells the control plane this node is alive, with its moves' progress.
-async fn beat(node: &Node, client: &mut ControlClient<Channel>) -> Result<(), NodeError> {
+async fn beat(node: &Node, client: &mut ControlClient<Conn>) -> Result<(), NodeError> {
     client
         .heartbeat(pb::HeartbeatRequest {
             node_id: node.config().node_id.clone(),
@@ -405,7 +424,7 @@ async fn sync_rules(node: &Node, known: &Known) -> Result<(), NodeError> {
 
 async fn sync_shards(
     node: &Node,
-    client: &mut ControlClient<Channel>,
+    client: &mut ControlClient<Conn>,
     known: &Known,
 ) -> Result<(), NodeError> {
     let Some(topology) = &known.topology else {

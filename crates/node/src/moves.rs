@@ -24,12 +24,13 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use dynseg_proto::auth::Credentials;
+use dynseg_proto::client::{self, Conn};
 use dynseg_proto::pb;
 use dynseg_proto::pb::control_client::ControlClient;
 use dynseg_proto::pb::node_client::NodeClient;
 use prost::Message;
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::error::NodeError;
@@ -347,7 +348,7 @@ pub fn end_move_out(node: &Node, shard: u32, attempt: u64) {
 /// Settles every move-out whose destination went quiet: an unfenced shard
 /// simply ends its session; a fenced one first has its attempt aborted by the
 /// control plane, and serves again only if it still owns the shard.
-pub(crate) async fn settle_idle(node: &Node, control: &mut ControlClient<Channel>) {
+pub(crate) async fn settle_idle(node: &Node, control: &mut ControlClient<Conn>) {
     for (shard, attempt) in node.inner.move_outs.idle() {
         if let Err(e) = settle(node, control, shard, attempt).await {
             tracing::warn!(shard, attempt, error = %e, "settling a move-out failed; retrying");
@@ -357,7 +358,7 @@ pub(crate) async fn settle_idle(node: &Node, control: &mut ControlClient<Channel
 
 async fn settle(
     node: &Node,
-    control: &mut ControlClient<Channel>,
+    control: &mut ControlClient<Conn>,
     shard: u32,
     attempt: u64,
 ) -> Result<(), NodeError> {
@@ -423,30 +424,25 @@ pub(crate) struct MoveIn {
     pub(crate) bytes_per_sec: u64,
 }
 
-pub(crate) fn url(address: &str) -> String {
-    if address.contains("://") {
-        address.to_owned()
-    } else {
-        format!("http://{address}")
-    }
-}
-
 /// Copies the shard, fences the source, and commits the move; serves the shard
 /// once committed. On failure the local copy is deleted and the source told.
 pub(crate) async fn run_move_in(
     node: Node,
-    mut control: ControlClient<Channel>,
+    mut control: ControlClient<Conn>,
     job: MoveIn,
 ) -> Result<(), NodeError> {
     let unavailable = |e: &dyn std::fmt::Display| NodeError::Unavailable(format!("{e}"));
     // Reported in heartbeats, and keeps the control link from opening the
     // shard itself, until this task ends (however it ends).
     let progress = ProgressEntry::new(&node, job.shard, job.attempt);
-    let endpoint = tonic::transport::Endpoint::from_shared(url(&job.source))
+    let endpoint = client::endpoint(&job.source)
         .map_err(|e| unavailable(&e))?
         .connect_timeout(CALL_TIMEOUT);
-    let mut source = NodeClient::new(endpoint.connect().await.map_err(|e| unavailable(&e))?)
-        .max_decoding_message_size(64 << 20);
+    let credentials = Credentials::member(&node.config().access);
+    let channel = client::connect_endpoint(endpoint, credentials)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let mut source = NodeClient::new(channel).max_decoding_message_size(64 << 20);
     let result = copy_and_commit(&node, &mut control, &mut source, &job).await;
     drop(progress);
     match result {
@@ -498,8 +494,8 @@ impl From<NodeError> for Failed {
 
 async fn copy_and_commit(
     node: &Node,
-    control: &mut ControlClient<Channel>,
-    source: &mut NodeClient<Channel>,
+    control: &mut ControlClient<Conn>,
+    source: &mut NodeClient<Conn>,
     job: &MoveIn,
 ) -> Result<(), Failed> {
     let (shard, attempt) = (job.shard, job.attempt);
@@ -700,7 +696,7 @@ async fn copy_and_commit(
 }
 
 async fn read_tail(
-    source: &mut NodeClient<Channel>,
+    source: &mut NodeClient<Conn>,
     shard: u32,
     attempt: u64,
     from: u64,
@@ -761,7 +757,7 @@ fn replay(node: &Node, shard: &mut Shard, records: &[Vec<u8>]) -> Result<Vec<Log
 /// whether it committed.
 async fn commit(
     node: &Node,
-    control: &mut ControlClient<Channel>,
+    control: &mut ControlClient<Conn>,
     shard: u32,
     attempt: u64,
     epoch: u64,

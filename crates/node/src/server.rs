@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 
+use dynseg_proto::auth::AccessLayer;
 use dynseg_proto::serving;
 use dynseg_telemetry::metrics::{MetricsServer, ScrapeHook};
 use tokio::net::TcpListener;
@@ -52,7 +53,9 @@ impl Server {
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let service = NodeService::new(node.clone()).into_server();
-        let router = tonic::transport::Server::builder().add_service(service);
+        let router = tonic::transport::Server::builder()
+            .layer(AccessLayer::new(node.config().access.clone()))
+            .add_service(service);
         let (router, _health) =
             serving::add_standard_services(router, &[dynseg_proto::pb::node_server::SERVICE_NAME])
                 .await

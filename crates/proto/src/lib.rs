@@ -5,9 +5,14 @@
 //! - [`convert`]: the one place wire types become domain types (`TryFrom`, which
 //!   rejects malformed input with a reason) and domain types become wire types.
 //! - [`routing`]: which shard a user belongs to.
+//! - [`auth`]: roles, token stores, the access check every server runs, and
+//!   the credentials every client presents.
+//! - [`client`]: addresses to channels that present credentials.
 //! - [`serving`]: what every dynseg gRPC server shares: health, reflection,
 //!   accepted connections.
 
+pub mod auth;
+pub mod client;
 pub mod convert;
 pub mod routing;
 pub mod serving;

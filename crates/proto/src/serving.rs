@@ -16,10 +16,10 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 /// names, such as `dynseg.v1.Node`): reflection lists those, health and
 /// itself. Health answers for the server as a whole (service `""`) and for
 /// each of `services`, all SERVING; [`Health::set`] changes that.
-pub async fn add_standard_services(
-    router: Router,
+pub async fn add_standard_services<L>(
+    router: Router<L>,
     services: &[&str],
-) -> std::io::Result<(Router, Health)> {
+) -> std::io::Result<(Router<L>, Health)> {
     let (reporter, health) = tonic_health::server::health_reporter();
     // Each version of reflection lists itself.
     let reflection = |version: &str| {

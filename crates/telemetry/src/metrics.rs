@@ -1,6 +1,8 @@
 //! Prometheus metrics. Every role registers its metrics in the process's
 //! default registry (one process may run several roles: `dynseg dev`), and
-//! any of its HTTP listeners serves them all at `GET /metrics`.
+//! any of its HTTP listeners serves them all at `GET /metrics`. The default
+//! registry also carries the process collector (`process_*`: CPU, memory,
+//! open files).
 //!
 //! Counters and histograms are updated where things happen. Gauges that
 //! describe state owned by tasks (segment sizes, actors, raft status) are
@@ -109,17 +111,6 @@ pub async fn serve(
         .await
 }
 
-/// Registers the process collector (CPU, memory, open files) once.
-pub fn register_process_metrics() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let collector = prometheus::process_collector::ProcessCollector::for_self();
-        if let Err(e) = prometheus::register(Box::new(collector)) {
-            tracing::warn!(error = %e, "process metrics unavailable");
-        }
-    });
-}
-
 /// A served `/metrics` endpoint, stopped on [`MetricsServer::shutdown`].
 pub struct MetricsServer {
     addr: std::net::SocketAddr,
@@ -130,7 +121,6 @@ pub struct MetricsServer {
 impl MetricsServer {
     /// Starts serving `/metrics` on `listener`.
     pub fn start(listener: tokio::net::TcpListener) -> std::io::Result<MetricsServer> {
-        register_process_metrics();
         let addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(serve(listener, async {

@@ -23,6 +23,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use dynseg_proto::auth::{Access, Role, TokenStore, authorize};
 use dynseg_proto::pb;
 use serde_json::value::RawValue;
 use serde_json::{Value as Json, json};
@@ -45,7 +46,8 @@ pub struct HttpConfig {
     pub max_depth: usize,
     /// Requests being ingested at once at most; more get 429.
     pub max_inflight: usize,
-    /// The write keys accepted; empty: any key, or none, is accepted (dev).
+    /// Write keys accepted besides the tokens with the `ingest` role; with
+    /// neither, any key or none is accepted (dev).
     pub write_keys: BTreeSet<String>,
 }
 
@@ -63,20 +65,29 @@ impl Default for HttpConfig {
 
 #[derive(Clone)]
 struct Api {
+    /// Tokens and write keys that may send, when sending needs a key.
+    keys: Option<Arc<TokenStore>>,
     ingestor: Ingestor,
     routing: watch::Receiver<Arc<Routing>>,
     config: Arc<HttpConfig>,
     inflight: Arc<Semaphore>,
 }
 
-/// The HTTP API's routes.
+/// The HTTP API's routes: write keys are `config`'s and the tokens of
+/// `access` (those with the `ingest` role may send).
 pub fn router(
     ingestor: Ingestor,
     routing: watch::Receiver<Arc<Routing>>,
     config: HttpConfig,
+    access: &Access,
 ) -> Router {
-    dynseg_telemetry::metrics::register_process_metrics();
+    let mut keys = access.tokens().cloned().unwrap_or_default();
+    for key in &config.write_keys {
+        keys.add("write key", key, &[Role::Ingest]);
+    }
+    let enforced = access.is_enforced() || !keys.is_empty();
     let api = Api {
+        keys: enforced.then(|| Arc::new(keys)),
         ingestor,
         routing,
         inflight: Arc::new(Semaphore::new(config.max_inflight.max(1))),
@@ -219,16 +230,15 @@ async fn receive(
 
 impl Api {
     fn check_key(&self, key: Option<&str>) -> Result<(), GatewayError> {
-        if self.config.write_keys.is_empty() {
+        let Some(keys) = &self.keys else {
             return Ok(());
-        }
-        match key {
-            None => Err(GatewayError::Unauthenticated(
+        };
+        if key.is_none() {
+            return Err(GatewayError::Unauthenticated(
                 "no write key: send it as the basic-auth user name".into(),
-            )),
-            Some(key) if self.config.write_keys.contains(key) => Ok(()),
-            Some(_) => Err(GatewayError::Unauthenticated("unknown write key".into())),
+            ));
         }
+        Ok(authorize(keys, key, Role::Ingest, "sending events")?)
     }
 
     fn convert(

@@ -1,0 +1,47 @@
+//! How dynseg processes reach each other and how the CLI reaches them: one
+//! place that turns an address into a channel presenting credentials.
+
+use tonic::transport::{Endpoint, Error};
+
+pub use crate::auth::Conn;
+use crate::auth::{Credentials, with_credentials};
+
+/// `http://` + `address`, unless it already names a scheme.
+pub fn url(address: &str) -> String {
+    if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("http://{address}")
+    }
+}
+
+/// The endpoint for `address`.
+pub fn endpoint(address: &str) -> Result<Endpoint, Error> {
+    Endpoint::from_shared(url(address))
+}
+
+/// Connects to `address` now, presenting `credentials` on every call.
+pub async fn connect(address: &str, credentials: Credentials) -> Result<Conn, Error> {
+    connect_endpoint(endpoint(address)?, credentials).await
+}
+
+/// Connects through `endpoint` (with its timeouts) now.
+pub async fn connect_endpoint(endpoint: Endpoint, credentials: Credentials) -> Result<Conn, Error> {
+    Ok(with_credentials(endpoint.connect().await?, credentials))
+}
+
+/// A channel to `endpoint` that connects on first use (and reconnects).
+pub fn lazy(endpoint: Endpoint, credentials: Credentials) -> Conn {
+    with_credentials(endpoint.connect_lazy(), credentials)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_get_a_scheme_once() {
+        assert_eq!(url("127.0.0.1:7102"), "http://127.0.0.1:7102");
+        assert_eq!(url("https://gw:443"), "https://gw:443");
+    }
+}
