@@ -1034,3 +1034,123 @@ fn deploy_manifests_render_validate_and_read_real_metrics() {
         }
     }
 }
+
+/// A fake OTLP collector: every exported span, with its service name.
+struct Collector(tokio::sync::mpsc::Sender<(String, opentelemetry_proto::tonic::trace::v1::Span)>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Collector
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        for resource_spans in request.into_inner().resource_spans {
+            let service = resource_spans
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|a| a.key == "service.name")
+                .and_then(|a| a.value.as_ref())
+                .and_then(|v| match &v.value {
+                    Some(
+                        opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s),
+                    ) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            for scope in resource_spans.scope_spans {
+                for span in scope.spans {
+                    let _ = self.0.send((service.clone(), span)).await;
+                }
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+/// The real binary exports its spans over OTLP when the standard variable
+/// names a collector, and an ingest's spans on the gateway and the node form
+/// one trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_go_to_the_otlp_collector_named_by_the_environment() {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, mut spans) = tokio::sync::mpsc::channel(10_000);
+    let collector = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(Collector(tx)))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let line = format!("dev --base-port 0 --shards 4 --clock manual={T0} --data");
+    let process = Process::start_with_env(
+        &args(&line, dir.path()),
+        "ready",
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            // Export within 100 ms rather than the default 5 s.
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    let gateway = process
+        .lines
+        .iter()
+        .find_map(|l| l.strip_prefix("gateway"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let mut client = GatewayClient::connect(format!("http://{gateway}"))
+        .await
+        .unwrap();
+    client
+        .ingest(pb::IngestRequest {
+            events: vec![pb::Event {
+                message_id: "otlp-1".into(),
+                user_id: "otlp-user".into(),
+                r#type: pb::EventType::Track as i32,
+                event: "order_completed".into(),
+                timestamp_ms: ms(T0) - 1_000,
+                ..pb::Event::default()
+            }],
+        })
+        .await
+        .unwrap();
+
+    // Span name → (service, trace id, span id, parent span id).
+    type Seen = (String, Vec<u8>, Vec<u8>, Vec<u8>);
+    let mut seen: BTreeMap<String, Seen> = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !(seen.contains_key("dynseg.v1.Gateway/Ingest")
+        && seen.contains_key("dynseg.v1.Node/IngestShards"))
+    {
+        let (service, span) = tokio::time::timeout_at(deadline, spans.recv())
+            .await
+            .unwrap_or_else(|_| panic!("spans seen: {:?}", seen.keys().collect::<Vec<_>>()))
+            .unwrap();
+        seen.insert(
+            span.name.clone(),
+            (service, span.trace_id, span.span_id, span.parent_span_id),
+        );
+    }
+    let gateway_span = &seen["dynseg.v1.Gateway/Ingest"];
+    let node_span = &seen["dynseg.v1.Node/IngestShards"];
+    assert_eq!(gateway_span.0, "dynseg-dev");
+    assert_eq!(node_span.1, gateway_span.1, "one trace");
+    assert_eq!(
+        node_span.3, gateway_span.2,
+        "the node's span is the gateway span's child"
+    );
+    drop(process);
+    collector.abort();
+}

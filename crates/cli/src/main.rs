@@ -71,14 +71,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logs(default: &str) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default.into()),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+/// Logs to stderr (`RUST_LOG`, else `default`), and spans over OTLP as
+/// `dynseg-ROLE` when `OTEL_EXPORTER_OTLP_ENDPOINT` is set; keep the guard
+/// for the command's life (dropping it flushes the spans).
+fn init_logs(role: &str, default: &str) -> dynseg_telemetry::traces::Telemetry {
+    dynseg_telemetry::traces::init(&format!("dynseg-{role}"), default)
 }
 
 fn parse_clock(text: Option<&str>) -> Result<Clock, CliError> {
@@ -133,7 +130,7 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
                 ]
                 .concat(),
             )?;
-            init_logs("warn,dynseg=info");
+            let _telemetry = init_logs("dev", "warn,dynseg=info");
             let data = PathBuf::from(args.get("data").unwrap_or("data"));
             let clock = parse_clock(args.get("clock"))?;
             let cluster = dev::DevCluster::start(
@@ -160,7 +157,7 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
         }
         "demo" => {
             known(&["data", "users", "rate", "duration", "base-port", "shards"])?;
-            init_logs("warn");
+            let _telemetry = init_logs("demo", "warn");
             let temp;
             let data = match args.get("data") {
                 Some(dir) => PathBuf::from(dir),
@@ -311,7 +308,7 @@ async fn run_control(argv: &[String]) -> Result<ExitCode, CliError> {
     use dynseg_control::config::{ControlArgs, USAGE};
     let dynseg_control::config::ControlArgs { listen, config } = ControlArgs::parse(argv)
         .map_err(|e| CliError::User(format!("{e}\nusage: dynseg control {USAGE}")))?;
-    init_logs("info,raft=warn");
+    let _telemetry = init_logs("control", "info,raft=warn");
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .map_err(|e| CliError::User(format!("cannot listen on {listen}: {e}")))?;
@@ -328,7 +325,7 @@ async fn run_node(argv: &[String]) -> Result<ExitCode, CliError> {
     use dynseg_node::args::{USAGE, parse};
     let (config, link) =
         parse(argv).map_err(|e| CliError::User(format!("{e}\nusage: dynseg node {USAGE}")))?;
-    init_logs("info");
+    let _telemetry = init_logs("node", "info");
     let ready = |addr| say!("listening on {addr}");
     dynseg_node::server::run_linked(config, link, ready, commands::until_stopped())
         .await
@@ -391,7 +388,7 @@ async fn run_gateway(argv: &[String]) -> Result<ExitCode, CliError> {
     let control = args
         .get("control")
         .ok_or_else(|| CliError::User(USAGE.into()))?;
-    init_logs("info");
+    let _telemetry = init_logs("gateway", "info");
     let bind = |addr: &str| {
         let addr = addr.to_owned();
         async move {

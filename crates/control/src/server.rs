@@ -66,6 +66,7 @@ impl ControlServer {
         );
         let (stop, stopped) = oneshot::channel::<()>();
         let router = tonic::transport::Server::builder()
+            .layer(dynseg_telemetry::traces::TraceLayer)
             .layer(AccessLayer::new(config.access.clone()))
             .add_service(
                 ControlGrpc::new(service.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),

@@ -12,6 +12,7 @@ use dynseg_proto::shard_for;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tonic::Code;
+use tracing::Instrument;
 
 use crate::error::GatewayError;
 use crate::routing::Routing;
@@ -114,15 +115,20 @@ impl Ingestor {
         let mut sends = JoinSet::new();
         for (node, parts) in by_node {
             let ingestor = self.clone();
-            sends.spawn(async move {
-                let _permit = ingestor
-                    .inflight
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| GatewayError::ShuttingDown)?;
-                ingestor.send_to_node(node.as_deref(), parts).await
-            });
+            // The part's calls belong to the request's trace.
+            let span = tracing::Span::current();
+            sends.spawn(
+                async move {
+                    let _permit = ingestor
+                        .inflight
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .map_err(|_| GatewayError::ShuttingDown)?;
+                    ingestor.send_to_node(node.as_deref(), parts).await
+                }
+                .instrument(span),
+            );
         }
         // Dropping the set on an error aborts the other parts; their events may
         // still have landed, which a retry with the same message ids makes harmless.

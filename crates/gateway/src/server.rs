@@ -106,6 +106,7 @@ impl GatewayServer {
         let admin = AdminProxy::new(&config.control, credentials)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let router = tonic::transport::Server::builder()
+            .layer(dynseg_telemetry::traces::TraceLayer)
             .layer(AccessLayer::new(config.access.clone()))
             .add_service(GatewayGrpc::new(service).max_decoding_message_size(64 << 20))
             .add_service(ControlGrpc::new(admin).max_decoding_message_size(64 << 20));

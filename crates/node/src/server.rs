@@ -54,6 +54,7 @@ impl Server {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let service = NodeService::new(node.clone()).into_server();
         let router = tonic::transport::Server::builder()
+            .layer(dynseg_telemetry::traces::TraceLayer)
             .layer(AccessLayer::new(node.config().access.clone()))
             .add_service(service);
         let (router, _health) =

@@ -491,6 +491,8 @@ impl Interceptor for Credentials {
                 .metadata_mut()
                 .insert("authorization", bearer.clone());
         }
+        // Every dynseg client goes through here: the call joins the caller's trace.
+        dynseg_telemetry::traces::inject(request.metadata_mut());
         Ok(request)
     }
 }

@@ -3,5 +3,7 @@
 //! | module | what it holds |
 //! |---|---|
 //! | [`metrics`] | the process's Prometheus registry, scrape-time refresh hooks, and the `/metrics` endpoint |
+//! | [`traces`] | logs, OTLP span export, and trace context carried across gRPC calls |
 
 pub mod metrics;
+pub mod traces;
