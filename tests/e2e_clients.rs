@@ -17,7 +17,10 @@ use dynseg_proto::pb;
 use dynseg_proto::pb::control_client::ControlClient;
 use dynseg_proto::pb::gateway_client::GatewayClient;
 use dynseg_rules::Timestamp;
-use support::clients::{Answer, basic_auth, grpcurl, http, promtool_problems, python, sample};
+use support::clients::{
+    Answer, basic_auth, grpcurl, grpcurl_with, http, promtool_problems, python, python_with_env,
+    sample,
+};
 use support::{Process, args, wait_for_rules};
 use tonic::transport::Channel;
 
@@ -1153,4 +1156,109 @@ async fn spans_go_to_the_otlp_collector_named_by_the_environment() {
     );
     drop(process);
     collector.abort();
+}
+
+/// `dynseg dev --tls`: every listener speaks TLS with the cluster's
+/// self-signed certificate (kept under DATA/tls); clients that trust it get
+/// through (the CLI, grpcurl, Segment's library over HTTPS), plaintext
+/// clients do not; the node and control servers (members only, mutual TLS)
+/// refuse a caller without a certificate the CA signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_on_every_listener_and_mutual_between_members() {
+    let dir = tempfile::tempdir().unwrap();
+    let line = format!("dev --tls --base-port 0 --shards 4 --clock manual={T0} --data");
+    let process = Process::start(&args(&line, dir.path()), "ready");
+    let find = |prefix: &str| {
+        process
+            .lines
+            .iter()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let (gateway, node, control, http_addr) =
+        (find("gateway"), find("node"), find("control"), find("http"));
+    let ca_path = dir.path().join("tls/cert.pem");
+    let ca = ca_path.to_str().unwrap();
+    assert!(find("tls").starts_with(ca), "the certificate is printed");
+
+    // The CLI: with the CA it works, without it fails.
+    let segments = dir.path().join("segments.yaml");
+    std::fs::write(
+        &segments,
+        "- id: buyers\n  name: Buyers\n  rule: count(order_completed) >= 1\n",
+    )
+    .unwrap();
+    let apply = [
+        "segment",
+        "apply",
+        "-f",
+        segments.to_str().unwrap(),
+        "--addr",
+        &gateway,
+    ];
+    let (code, err) = cli_with_token(None, &[&apply[..], &["--tls-ca", ca]].concat());
+    assert_eq!(code, 0, "{err}");
+    let (code, _) = cli_with_token(None, &["segment", "list", "--addr", &gateway]);
+    assert_ne!(code, 0, "a plaintext client must not get through");
+
+    // grpcurl trusts the CA: health over TLS.
+    for addr in [&gateway, &node, &control] {
+        let health = grpcurl_with(&["-cacert", ca], addr, &["", "grpc.health.v1.Health/Check"]);
+        if addr == &gateway {
+            assert!(health.unwrap().contains("SERVING"));
+        } else {
+            // Members only: grpcurl has no client certificate.
+            assert!(
+                health.is_err(),
+                "{addr} took a caller without a certificate"
+            );
+        }
+    }
+
+    // Segment's library over HTTPS, trusting the CA as requests does.
+    let script = r#"
+import sys, datetime
+from segment.analytics import Client
+t = datetime.datetime(2026, 3, 1, 11, 0, tzinfo=datetime.timezone.utc)
+Client("any", host=sys.argv[1], sync_mode=True, max_retries=0).track("tls-user", "order_completed", timestamp=t)
+print("sent")
+"#;
+    let out = python_with_env(
+        script,
+        &[&format!("https://{http_addr}")],
+        &[("REQUESTS_CA_BUNDLE", ca)],
+    );
+    assert!(out.contains("sent"), "{out}");
+
+    // A member's certificate opens the node; trusting the CA alone does not.
+    let pem = std::fs::read(&ca_path).unwrap();
+    let key = std::fs::read(dir.path().join("tls/key.pem")).unwrap();
+    let member = dynseg_proto::tls::Tls::from_pem(pem.clone(), key, None, true);
+    let get_user = |tls: tonic::transport::ClientTlsConfig| {
+        let node = node.clone();
+        async move {
+            let credentials = dynseg_proto::auth::Credentials::none().with_tls(tls);
+            match dynseg_proto::client::connect(&node, credentials).await {
+                Ok(channel) => pb::node_client::NodeClient::new(channel)
+                    .get_user(pb::GetUserRequest {
+                        user_id: "tls-user".into(),
+                    })
+                    .await
+                    .map(|r| r.into_inner()),
+                Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+            }
+        }
+    };
+    let reply = get_user(member.client()).await.unwrap();
+    assert_eq!(
+        (reply.exists, reply.segments),
+        (true, vec!["buyers".to_owned()])
+    );
+    assert!(
+        get_user(dynseg_proto::tls::client_trusting(&pem))
+            .await
+            .is_err()
+    );
 }

@@ -50,10 +50,16 @@ fn run(command: &mut Command) {
 /// Runs a Python script in the virtualenv; fails the test with its output if
 /// it exits non-zero, returns its stdout otherwise.
 pub fn python(script: &str, args: &[&str]) -> String {
+    python_with_env(script, args, &[])
+}
+
+/// [`python`] with extra environment variables.
+pub fn python_with_env(script: &str, args: &[&str], env: &[(&str, &str)]) -> String {
     let output = Command::new(venv().join("bin/python"))
         .arg("-c")
         .arg(script)
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -68,8 +74,14 @@ pub fn python(script: &str, args: &[&str]) -> String {
 /// Runs the virtualenv's grpcurl (plaintext) against `addr`; its stdout, or
 /// the failure with its stderr.
 pub fn grpcurl(addr: &str, args: &[&str]) -> Result<String, String> {
+    grpcurl_with(&["-plaintext"], addr, args)
+}
+
+/// [`grpcurl`] with other connection flags (`-cacert F` for TLS).
+pub fn grpcurl_with(flags: &[&str], addr: &str, args: &[&str]) -> Result<String, String> {
     let output = Command::new(venv().join("bin/grpcurl"))
-        .args(["-plaintext", "-max-time", "10"])
+        .args(flags)
+        .args(["-max-time", "10"])
         .args(args.iter().take_while(|a| !a.is_empty()))
         .arg(addr)
         .args(args.iter().skip_while(|a| !a.is_empty()).skip(1))

@@ -38,19 +38,32 @@ pub fn addr(args: &Args) -> String {
 /// What the CLI presents: `--token`, else `DYNSEG_TOKEN`, else the cluster
 /// secret of `DYNSEG_CLUSTER_SECRET` (a member's own pod runs `dynseg
 /// cluster drain` that way), else nothing.
+/// Over TLS when `--tls-ca F` (or `DYNSEG_TLS_CA`) names the CA to trust.
 pub fn credentials(args: &Args) -> Result<Credentials, CliError> {
     let token = match args.get("token") {
         Some(token) => Some(token.to_owned()),
         None => std::env::var("DYNSEG_TOKEN").ok().filter(|t| !t.is_empty()),
     };
-    match token {
-        Some(token) => Credentials::token(&token).map_err(CliError::User),
+    let credentials = match token {
+        Some(token) => Credentials::token(&token).map_err(CliError::User)?,
         None => {
             let secret = dynseg_proto::auth::cluster_secret_from(None).map_err(CliError::User)?;
-            Ok(Credentials::member(&dynseg_proto::auth::Access::new(
-                None, secret,
-            )))
+            Credentials::member(&dynseg_proto::auth::Access::new(None, secret))
         }
+    };
+    let ca = match args.get("tls-ca") {
+        Some(path) => Some(path.to_owned()),
+        None => std::env::var("DYNSEG_TLS_CA")
+            .ok()
+            .filter(|p| !p.is_empty()),
+    };
+    match ca {
+        Some(path) => {
+            let pem = std::fs::read(&path)
+                .map_err(|e| CliError::User(format!("--tls-ca {path}: {e}")))?;
+            Ok(credentials.with_tls(dynseg_proto::tls::client_trusting(&pem)))
+        }
+        None => Ok(credentials),
     }
 }
 

@@ -11,6 +11,7 @@ use dynseg_gateway::{GatewayConfig, GatewayServer, HttpConfig};
 use dynseg_node::control_link::{ControlLink, LinkConfig};
 use dynseg_node::{Clock, NodeConfig};
 use dynseg_proto::auth::{Access, Credentials, TokenStore, random_token};
+use dynseg_proto::tls::Tls;
 use tokio::net::TcpListener;
 
 /// A running dev cluster.
@@ -35,18 +36,64 @@ async fn bind(port: u16) -> Result<TcpListener, String> {
         .map_err(|e| format!("cannot listen on 127.0.0.1:{port}: {e}"))
 }
 
+/// How a dev cluster runs.
+pub struct DevOptions {
+    /// Ports `base_port`, `+1`, `+2`, `+3`: control, node, gateway, gateway
+    /// HTTP (0: any free ports).
+    pub base_port: u16,
+    /// The node's clock.
+    pub clock: Clock,
+    /// Shards in the cluster.
+    pub shard_count: u32,
+    /// The gateway's HTTP API.
+    pub http: HttpConfig,
+    /// Tokens to enforce (none: open).
+    pub tokens: Option<TokenStore>,
+    /// Serve TLS with a self-signed certificate kept under `DATA/tls`.
+    pub tls: bool,
+}
+
+impl DevOptions {
+    /// Defaults: free ports, 64 shards, open, no TLS.
+    pub fn new(clock: Clock) -> DevOptions {
+        DevOptions {
+            base_port: 0,
+            clock,
+            shard_count: 64,
+            http: HttpConfig::default(),
+            tokens: None,
+            tls: false,
+        }
+    }
+}
+
+/// The self-signed pair of a dev cluster with `--tls`: made once, kept under
+/// `DATA/tls` so clients keep trusting it across restarts.
+fn dev_tls(data: &Path) -> Result<Tls, String> {
+    let dir = data.join("tls");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    if let (Ok(cert), Ok(key)) = (std::fs::read(&cert), std::fs::read(&key)) {
+        return Ok(Tls::from_pem(cert, key, None, true));
+    }
+    let tls = Tls::self_signed(&["localhost", "127.0.0.1"], true)?;
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::write(&cert, tls.cert_pem()).map_err(|e| format!("{}: {e}", cert.display()))?;
+    std::fs::write(&key, tls.key_pem()).map_err(|e| format!("{}: {e}", key.display()))?;
+    Ok(tls)
+}
+
 impl DevCluster {
-    /// Starts the cluster under `data`, listening on `base_port`, `+1`, `+2`,
-    /// `+3` (control, node, gateway, gateway HTTP; 0: any free ports), and
-    /// waits until every shard is placed and served.
-    pub async fn start(
-        data: &Path,
-        base_port: u16,
-        clock: Clock,
-        shard_count: u32,
-        http: HttpConfig,
-        tokens: Option<TokenStore>,
-    ) -> Result<DevCluster, String> {
+    /// Starts the cluster under `data` and waits until every shard is placed
+    /// and served.
+    pub async fn start(data: &Path, options: DevOptions) -> Result<DevCluster, String> {
+        let DevOptions {
+            base_port,
+            clock,
+            shard_count,
+            http,
+            tokens,
+            tls,
+        } = options;
         // With tokens, the roles in this process call each other with a
         // cluster secret made for this run.
         let access = match tokens {
@@ -55,6 +102,11 @@ impl DevCluster {
                 Access::new(Some(tokens), Some(secret))
             }
             None => Access::open(),
+        };
+        let access = if tls {
+            access.with_tls(Some(dev_tls(data)?))
+        } else {
+            access
         };
         let port = |offset: u16| {
             if base_port == 0 {

@@ -51,7 +51,7 @@ Access (docs/operations.md):
   dynseg auth token NAME ROLE[,ROLE]  a new random token, and its line for a tokens file
   dynseg auth hash                    the tokens-file hash of the token read from stdin
 
-Everywhere: --output table|json, --token T (or DYNSEG_TOKEN). Exit status: 1 for a user error, 2 when a server cannot be reached.";
+Everywhere: --output table|json, --token T (or DYNSEG_TOKEN), --tls-ca F (or DYNSEG_TLS_CA). Exit status: 1 for a user error, 2 when a server cannot be reached.";
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -109,7 +109,7 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
         }
         _ => {}
     }
-    let args = Args::parse(&argv, &["from-now", "wait"])?;
+    let args = Args::parse(&argv, &["from-now", "wait", "tls"])?;
     let out = match args.get("output") {
         None | Some("table") => Output::Table,
         Some("json") => Output::Json,
@@ -119,13 +119,13 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
             )));
         }
     };
-    let common = ["addr", "output", "token"];
+    let common = ["addr", "output", "token", "tls-ca"];
     let known = |extra: &[&str]| args.only(&[&common[..], extra].concat());
     match command {
         "dev" => {
             known(
                 &[
-                    &["data", "clock", "base-port", "shards", "tokens-file"][..],
+                    &["data", "clock", "base-port", "shards", "tokens-file", "tls"][..],
                     HTTP_FLAGS,
                 ]
                 .concat(),
@@ -135,11 +135,14 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
             let clock = parse_clock(args.get("clock"))?;
             let cluster = dev::DevCluster::start(
                 &data,
-                args.number("base-port", 7100)?,
-                clock,
-                args.number("shards", 256)?,
-                http_config(&args)?,
-                dev_tokens(&args)?,
+                dev::DevOptions {
+                    base_port: args.number("base-port", 7100)?,
+                    clock,
+                    shard_count: args.number("shards", 256)?,
+                    http: http_config(&args)?,
+                    tokens: dev_tokens(&args)?,
+                    tls: args.has("tls"),
+                },
             )
             .await
             .map_err(CliError::User)?;
@@ -148,6 +151,12 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
             say!("node     {}", cluster.node);
             say!("gateway  {}", cluster.gateway);
             say!("http     {}", cluster.http);
+            if args.has("tls") {
+                say!(
+                    "tls      {} (clients trust it: --tls-ca)",
+                    data.join("tls").join("cert.pem").display()
+                );
+            }
             say!(
                 "ready; Ctrl-C stops it (a restart resumes from {})",
                 data.display()
@@ -168,11 +177,11 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
             };
             let cluster = dev::DevCluster::start(
                 &data,
-                args.number("base-port", 0)?,
-                Clock::System,
-                args.number("shards", 64)?,
-                dynseg_gateway::HttpConfig::default(),
-                None,
+                dev::DevOptions {
+                    base_port: args.number("base-port", 0)?,
+                    shard_count: args.number("shards", 64)?,
+                    ..dev::DevOptions::new(Clock::System)
+                },
             )
             .await
             .map_err(CliError::User)?;
@@ -370,8 +379,8 @@ fn http_config(args: &Args) -> Result<dynseg_gateway::HttpConfig, CliError> {
 }
 
 async fn run_gateway(argv: &[String]) -> Result<ExitCode, CliError> {
-    const USAGE: &str = "usage: dynseg gateway --control ADDR [--listen ADDR] [--http ADDR] [--tokens-file F] [--cluster-secret-file F] [--write-key KEY]... [--max-body-bytes N] [--max-message-bytes N] [--max-depth N] [--http-max-inflight N]";
-    let args = Args::parse(argv, &[])?;
+    const USAGE: &str = "usage: dynseg gateway --control ADDR [--listen ADDR] [--http ADDR] [--tokens-file F] [--cluster-secret-file F] [--tls-cert F --tls-key F [--tls-ca F] [--mtls]] [--write-key KEY]... [--max-body-bytes N] [--max-message-bytes N] [--max-depth N] [--http-max-inflight N]";
+    let args = Args::parse(argv, &["mtls"])?;
     args.only(
         &[
             &[
@@ -380,6 +389,10 @@ async fn run_gateway(argv: &[String]) -> Result<ExitCode, CliError> {
                 "http",
                 "tokens-file",
                 "cluster-secret-file",
+                "tls-cert",
+                "tls-key",
+                "tls-ca",
+                "mtls",
             ][..],
             HTTP_FLAGS,
         ]
@@ -406,7 +419,16 @@ async fn run_gateway(argv: &[String]) -> Result<ExitCode, CliError> {
     config.http = http_config(&args)?;
     config.access =
         dynseg_proto::auth::access_from(args.get("tokens-file"), args.get("cluster-secret-file"))
-            .map_err(CliError::User)?;
+            .map_err(CliError::User)?
+            .with_tls(
+                dynseg_proto::tls::Tls::from_flags(
+                    args.get("tls-cert"),
+                    args.get("tls-key"),
+                    args.get("tls-ca"),
+                    args.has("mtls"),
+                )
+                .map_err(CliError::User)?,
+            );
     let server = dynseg_gateway::GatewayServer::start(config, listener, http_listener)
         .await
         .map_err(|e| CliError::User(e.to_string()))?;

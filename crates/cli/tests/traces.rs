@@ -8,8 +8,7 @@
 
 use std::time::Duration;
 
-use dynseg_cli::dev::DevCluster;
-use dynseg_gateway::HttpConfig;
+use dynseg_cli::dev::{DevCluster, DevOptions};
 use dynseg_node::Clock;
 use dynseg_proto::pb;
 use dynseg_proto::pb::gateway_client::GatewayClient;
@@ -34,16 +33,11 @@ async fn one_ingest_is_one_trace_from_gateway_to_node() {
 
     let dir = tempfile::tempdir().unwrap();
     let t0 = Timestamp::parse_rfc3339("2026-03-01T12:00:00Z").unwrap();
-    let cluster = DevCluster::start(
-        dir.path(),
-        0,
-        Clock::manual(t0),
-        4,
-        HttpConfig::default(),
-        None,
-    )
-    .await
-    .unwrap();
+    let options = DevOptions {
+        shard_count: 4,
+        ..DevOptions::new(Clock::manual(t0))
+    };
+    let cluster = DevCluster::start(dir.path(), options).await.unwrap();
     let mut client = GatewayClient::connect(format!("http://{}", cluster.gateway))
         .await
         .unwrap();

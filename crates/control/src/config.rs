@@ -79,7 +79,7 @@ pub struct ControlArgs {
 /// The usage line of [`ControlArgs::parse`].
 pub const USAGE: &str = "--id N|from-hostname --listen ADDR --data-dir DIR [--peers ID=ADDR,...] [--join] \
      [--snapshot-interval N] [--cluster-secret-file F] (or DYNSEG_CLUSTER_SECRET) \
-     [--tokens-file F] (or DYNSEG_TOKENS) [--metrics ADDR]";
+     [--tokens-file F] (or DYNSEG_TOKENS) [--tls-cert F --tls-key F [--tls-ca F] [--mtls]] [--metrics ADDR]";
 
 impl ControlArgs {
     /// Parses the flags; with no `--peers` (and no `--join`) the member founds a
@@ -94,6 +94,7 @@ impl ControlArgs {
         let mut snapshot_interval = None;
         let mut secret_file = None;
         let mut tokens_file = None;
+        let (mut tls_cert, mut tls_key, mut tls_ca, mut mtls) = (None, None, None, false);
         let mut it = args.iter();
         while let Some(flag) = it.next() {
             let mut value = || {
@@ -138,6 +139,10 @@ impl ControlArgs {
                 }
                 "--cluster-secret-file" => secret_file = Some(value()?),
                 "--tokens-file" => tokens_file = Some(value()?),
+                "--tls-cert" => tls_cert = Some(value()?),
+                "--tls-key" => tls_key = Some(value()?),
+                "--tls-ca" => tls_ca = Some(value()?),
+                "--mtls" => mtls = true,
                 "--snapshot-interval" => {
                     snapshot_interval = Some(
                         value()?
@@ -162,7 +167,13 @@ impl ControlArgs {
             config.snapshot_interval = n.max(1);
         }
         let access =
-            dynseg_proto::auth::access_from(tokens_file.as_deref(), secret_file.as_deref())?;
+            dynseg_proto::auth::access_from(tokens_file.as_deref(), secret_file.as_deref())?
+                .with_tls(dynseg_proto::tls::Tls::from_flags(
+                    tls_cert.as_deref(),
+                    tls_key.as_deref(),
+                    tls_ca.as_deref(),
+                    mtls,
+                )?);
         config.cluster_secret = access.cluster_secret().map(str::to_owned);
         config.access = access;
         Ok(ControlArgs { listen, config })

@@ -270,7 +270,8 @@ pub fn start(config: &ControlConfig) -> Result<(ReplicaHandle, ReplicaTask), Con
         })?),
         None => None,
     };
-    let mut transport = Transport::new(config.id, secret, config.faults.clone(), reports_tx);
+    let tls = config.access.tls().map(dynseg_proto::tls::Tls::client);
+    let mut transport = Transport::new(config.id, secret, tls, config.faults.clone(), reports_tx);
     // A joining member knows nobody until its first snapshot: it answers the
     // peers it was started with.
     if state.control_members.is_empty() {

@@ -54,7 +54,8 @@ impl ControlServer {
         let metrics_hook = metrics::hook(replica.clone());
         let metrics_server = match metrics_listener {
             Some(listener) => Some(
-                MetricsServer::start(listener)
+                serving::http_tls(&config.access)
+                    .and_then(|tls| MetricsServer::start(listener, tls))
                     .map_err(|e| ControlError::InvalidArgument(format!("/metrics: {e}")))?,
             ),
             None => None,
@@ -65,7 +66,8 @@ impl ControlServer {
             config.cluster_secret.as_deref(),
         );
         let (stop, stopped) = oneshot::channel::<()>();
-        let router = tonic::transport::Server::builder()
+        let router = serving::builder(&config.access, true)
+            .map_err(|e| ControlError::InvalidArgument(e.to_string()))?
             .layer(dynseg_telemetry::traces::TraceLayer)
             .layer(AccessLayer::new(config.access.clone()))
             .add_service(

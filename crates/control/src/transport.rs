@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 
 use dynseg_proto::auth::CLUSTER_SECRET_HEADER;
+use dynseg_proto::client::url;
 use dynseg_proto::pb;
 use dynseg_proto::pb::raft_peer_client::RaftPeerClient;
 use protobuf::Message as _;
@@ -16,7 +17,7 @@ use raft::eraftpb::{Message, MessageType};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::Endpoint;
+use tonic::transport::{ClientTlsConfig, Endpoint};
 
 use crate::faults::{Faults, Verdict};
 
@@ -43,6 +44,8 @@ struct Peer {
 pub struct Transport {
     id: u64,
     secret: Option<MetadataValue<Ascii>>,
+    /// With mutual TLS, this member's certificate goes with every call.
+    tls: Option<ClientTlsConfig>,
     peers: BTreeMap<u64, Peer>,
     faults: Faults,
     reports: mpsc::Sender<Report>,
@@ -55,12 +58,14 @@ impl Transport {
     pub fn new(
         id: u64,
         secret: Option<MetadataValue<Ascii>>,
+        tls: Option<ClientTlsConfig>,
         faults: Faults,
         reports: mpsc::Sender<Report>,
     ) -> Transport {
         Transport {
             id,
             secret,
+            tls,
             peers: BTreeMap::new(),
             faults,
             reports,
@@ -83,6 +88,7 @@ impl Transport {
                 id,
                 address.clone(),
                 self.secret.clone(),
+                self.tls.clone(),
                 rx,
                 self.faults.clone(),
                 self.reports.clone(),
@@ -119,24 +125,21 @@ impl Transport {
     }
 }
 
-fn url(address: &str) -> String {
-    if address.contains("://") {
-        address.to_owned()
-    } else {
-        format!("http://{address}")
-    }
-}
-
 async fn send_loop(
     from: u64,
     to: u64,
     address: String,
     secret: Option<MetadataValue<Ascii>>,
+    tls: Option<ClientTlsConfig>,
     mut queue: mpsc::Receiver<Message>,
     faults: Faults,
     reports: mpsc::Sender<Report>,
 ) {
-    let client = match Endpoint::from_shared(url(&address)) {
+    let endpoint = Endpoint::from_shared(url(&address, tls.is_some())).and_then(|e| match tls {
+        Some(tls) => e.tls_config(tls),
+        None => Ok(e),
+    });
+    let client = match endpoint {
         Ok(endpoint) => RaftPeerClient::new(
             endpoint
                 .connect_timeout(std::time::Duration::from_millis(500))

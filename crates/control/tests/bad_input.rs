@@ -217,3 +217,87 @@ async fn with_a_cluster_secret_raft_messages_without_it_are_refused_before_decod
     );
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_mutual_tls_members_replicate_over_tls_and_callers_need_a_certificate() {
+    use dynseg_proto::auth::{Access, Credentials};
+    use dynseg_proto::client;
+    use dynseg_proto::pb::control_client::ControlClient;
+    use dynseg_proto::tls::{Tls, client_trusting};
+    let tls = Tls::self_signed(&["localhost", "127.0.0.1"], true).unwrap();
+    let cluster = Cluster::start(3, 14, |c| {
+        c.access = Access::open().with_tls(Some(tls.clone()));
+    })
+    .await;
+    let addr = |id: u64| cluster.members[&id].addr.to_string();
+    // Raft runs over the members' mutual TLS: a leader is elected and a
+    // write commits on every member.
+    let member = Credentials::none().with_tls(tls.client());
+    let connect = |id: u64, credentials: Credentials| {
+        let addr = addr(id);
+        async move {
+            client::connect(&addr, credentials)
+                .await
+                .map(ControlClient::new)
+        }
+    };
+    let leader = eventually("a leader over mutual TLS", || async {
+        let mut leaders = Vec::new();
+        for id in [1, 2, 3] {
+            let mut client = connect(id, member.clone()).await.ok()?;
+            let status = client
+                .get_control_status(pb::ControlStatusRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            leaders.push(status.leader_id);
+        }
+        (leaders[0] != 0 && leaders.iter().all(|l| *l == leaders[0])).then_some(leaders[0])
+    })
+    .await;
+    connect(leader, member.clone())
+        .await
+        .unwrap()
+        .apply_segments(segments(vec![segment("over_tls", "exists(login)")]))
+        .await
+        .unwrap();
+    for id in [1, 2, 3] {
+        let client = connect(id, member.clone()).await.unwrap();
+        eventually("the write everywhere", || async {
+            let listed = client
+                .clone()
+                .list_segments(pb::ReadOptions { stale: true })
+                .await
+                .ok()?
+                .into_inner();
+            listed
+                .segments
+                .iter()
+                .any(|s| s.def.as_ref().is_some_and(|d| d.id == "over_tls"))
+                .then_some(())
+        })
+        .await;
+    }
+    // Trusting the CA without a certificate of one's own: refused at the
+    // handshake or on the first call; so is plaintext.
+    let anonymous = Credentials::none().with_tls(client_trusting(tls.cert_pem()));
+    let refused = match connect(leader, anonymous).await {
+        Err(_) => true,
+        Ok(mut client) => client
+            .list_segments(pb::ReadOptions { stale: true })
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a caller without a certificate got through");
+    let plaintext = match connect(leader, Credentials::none()).await {
+        Err(_) => true,
+        Ok(mut client) => tokio::time::timeout(
+            Duration::from_secs(5),
+            client.list_segments(pb::ReadOptions { stale: true }),
+        )
+        .await
+        .map_or(true, |r| r.is_err()),
+    };
+    assert!(plaintext, "a plaintext caller got through");
+    cluster.shutdown().await;
+}

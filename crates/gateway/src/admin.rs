@@ -25,7 +25,7 @@ impl AdminProxy {
         address: &str,
         credentials: Credentials,
     ) -> Result<AdminProxy, tonic::transport::Error> {
-        let channel = client::lazy(client::endpoint(address)?, credentials);
+        let channel = client::lazy(client::endpoint(address, &credentials)?, credentials);
         Ok(AdminProxy {
             control: ControlClient::new(channel).max_decoding_message_size(64 << 20),
         })

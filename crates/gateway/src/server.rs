@@ -105,7 +105,7 @@ impl GatewayServer {
         let (stop_serving, stop) = oneshot::channel::<()>();
         let admin = AdminProxy::new(&config.control, credentials)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        let router = tonic::transport::Server::builder()
+        let router = serving::builder(&config.access, false)?
             .layer(dynseg_telemetry::traces::TraceLayer)
             .layer(AccessLayer::new(config.access.clone()))
             .add_service(GatewayGrpc::new(service).max_decoding_message_size(64 << 20))
@@ -139,9 +139,15 @@ impl GatewayServer {
                     &config.access,
                 );
                 let (stop_http, stop) = oneshot::channel::<()>();
-                let serving = tokio::spawn(http::serve(listener, router, async {
-                    let _ = stop.await;
-                }));
+                let tls = serving::http_tls(&config.access)?;
+                let serving = tokio::spawn(dynseg_telemetry::http::serve(
+                    listener,
+                    router,
+                    tls,
+                    async {
+                        let _ = stop.await;
+                    },
+                ));
                 tracing::info!(addr = %http_addr, "gateway HTTP API serving");
                 (Some(http_addr), Some(stop_http), Some(serving))
             }

@@ -7,7 +7,7 @@ use dynseg_rules::Timestamp;
 use std::path::PathBuf;
 
 /// The flags `parse` accepts.
-pub const USAGE: &str = "--data-dir DIR [--listen ADDR] [--metrics ADDR] [--node-id ID] [--shard-count N] [--shards A-B] [--clock system|manual[=RFC3339]] [--checkpoint-secs S] [--memory-mib M] [--tokens-file F] [--cluster-secret-file F] [--control ADDR [--advertise ADDR] [--weight N] [--move-mib-per-sec N] [--drain-timeout-secs S] [--rejoin]]";
+pub const USAGE: &str = "--data-dir DIR [--listen ADDR] [--metrics ADDR] [--node-id ID] [--shard-count N] [--shards A-B] [--clock system|manual[=RFC3339]] [--checkpoint-secs S] [--memory-mib M] [--tokens-file F] [--cluster-secret-file F] [--tls-cert F --tls-key F [--tls-ca F] [--mtls]] [--control ADDR [--advertise ADDR] [--weight N] [--move-mib-per-sec N] [--drain-timeout-secs S] [--rejoin]]";
 
 /// Parses the flags into the node's settings and, with `--control`, how it
 /// follows the control plane.
@@ -18,6 +18,7 @@ pub fn parse(args: &[String]) -> Result<(NodeConfig, Option<LinkConfig>), String
     let mut rejoin = false;
     let mut tokens_file = None;
     let mut secret_file = None;
+    let (mut tls_cert, mut tls_key, mut tls_ca, mut mtls) = (None, None, None, false);
     let mut node_id = "node-1".to_owned();
     let mut shard_count = 256u32;
     let mut shards: Option<(u32, u32)> = None;
@@ -42,6 +43,10 @@ pub fn parse(args: &[String]) -> Result<(NodeConfig, Option<LinkConfig>), String
             "--metrics" => metrics = Some(value()?),
             "--rejoin" => rejoin = true,
             "--tokens-file" => tokens_file = Some(value()?),
+            "--tls-cert" => tls_cert = Some(value()?),
+            "--tls-key" => tls_key = Some(value()?),
+            "--tls-ca" => tls_ca = Some(value()?),
+            "--mtls" => mtls = true,
             "--cluster-secret-file" => secret_file = Some(value()?),
             "--node-id" => node_id = value()?,
             "--shard-count" => {
@@ -108,7 +113,14 @@ pub fn parse(args: &[String]) -> Result<(NodeConfig, Option<LinkConfig>), String
         .map_err(|_| format!("invalid --listen address {listen}"))?;
     let mut config = NodeConfig::new(data_dir, listen, clock);
     config.access =
-        dynseg_proto::auth::access_from(tokens_file.as_deref(), secret_file.as_deref())?;
+        dynseg_proto::auth::access_from(tokens_file.as_deref(), secret_file.as_deref())?.with_tls(
+            dynseg_proto::tls::Tls::from_flags(
+                tls_cert.as_deref(),
+                tls_key.as_deref(),
+                tls_ca.as_deref(),
+                mtls,
+            )?,
+        );
     config.metrics_listen = match metrics {
         Some(addr) => Some(
             addr.parse()

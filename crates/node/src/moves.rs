@@ -435,10 +435,10 @@ pub(crate) async fn run_move_in(
     // Reported in heartbeats, and keeps the control link from opening the
     // shard itself, until this task ends (however it ends).
     let progress = ProgressEntry::new(&node, job.shard, job.attempt);
-    let endpoint = client::endpoint(&job.source)
+    let credentials = Credentials::member(&node.config().access);
+    let endpoint = client::endpoint(&job.source, &credentials)
         .map_err(|e| unavailable(&e))?
         .connect_timeout(CALL_TIMEOUT);
-    let credentials = Credentials::member(&node.config().access);
     let channel = client::connect_endpoint(endpoint, credentials)
         .await
         .map_err(|e| unavailable(&e))?;

@@ -46,14 +46,16 @@ impl Server {
         let metrics_hook = metrics::hook(node.clone());
         let metrics_server = match metrics_listener {
             Some(listener) => Some(
-                MetricsServer::start(listener)
+                serving::http_tls(&node.config().access)
+                    .and_then(|tls| MetricsServer::start(listener, tls))
                     .map_err(|e| NodeError::Unavailable(format!("/metrics: {e}")))?,
             ),
             None => None,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let service = NodeService::new(node.clone()).into_server();
-        let router = tonic::transport::Server::builder()
+        let router = serving::builder(&node.config().access, true)
+            .map_err(|e| NodeError::Unavailable(e.to_string()))?
             .layer(dynseg_telemetry::traces::TraceLayer)
             .layer(AccessLayer::new(node.config().access.clone()))
             .add_service(service);

@@ -24,7 +24,9 @@ use sha2::{Digest, Sha256};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
+
+use crate::tls::Tls;
 use tonic::{Code, Status};
 
 /// The header members carry the cluster secret in.
@@ -236,6 +238,7 @@ pub fn required_role(path: &str) -> Option<Role> {
 pub struct Access {
     tokens: Option<Arc<TokenStore>>,
     cluster_secret: Option<Arc<str>>,
+    tls: Option<Arc<Tls>>,
 }
 
 impl Access {
@@ -249,7 +252,19 @@ impl Access {
         Access {
             tokens: tokens.map(Arc::new),
             cluster_secret: cluster_secret.map(Arc::from),
+            tls: None,
         }
+    }
+
+    /// The same, serving and calling over `tls` (when given).
+    pub fn with_tls(mut self, tls: Option<Tls>) -> Access {
+        self.tls = tls.map(Arc::new);
+        self
+    }
+
+    /// This process's TLS, if it has any.
+    pub fn tls(&self) -> Option<&Tls> {
+        self.tls.as_deref()
     }
 
     /// Whether calls are checked.
@@ -451,6 +466,7 @@ where
 pub struct Credentials {
     cluster_secret: Option<MetadataValue<Ascii>>,
     bearer: Option<MetadataValue<Ascii>>,
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Credentials {
@@ -464,7 +480,19 @@ impl Credentials {
         Credentials {
             cluster_secret: access.cluster_secret().and_then(|s| s.parse().ok()),
             bearer: None,
+            tls: access.tls().map(Tls::client),
         }
+    }
+
+    /// The same, over TLS as `tls` says.
+    pub fn with_tls(mut self, tls: ClientTlsConfig) -> Credentials {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// The TLS to connect with, if any.
+    pub fn tls(&self) -> Option<&ClientTlsConfig> {
+        self.tls.as_ref()
     }
 
     /// A user's token (`Bearer`). A token that cannot be a header is an error.
@@ -475,6 +503,7 @@ impl Credentials {
         Ok(Credentials {
             cluster_secret: None,
             bearer: Some(bearer),
+            tls: None,
         })
     }
 }

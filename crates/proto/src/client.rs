@@ -6,23 +6,30 @@ use tonic::transport::{Endpoint, Error};
 pub use crate::auth::Conn;
 use crate::auth::{Credentials, with_credentials};
 
-/// `http://` + `address`, unless it already names a scheme.
-pub fn url(address: &str) -> String {
+/// `http://` (or `https://` with TLS) + `address`, unless it already names a
+/// scheme.
+pub fn url(address: &str, tls: bool) -> String {
     if address.contains("://") {
         address.to_owned()
+    } else if tls {
+        format!("https://{address}")
     } else {
         format!("http://{address}")
     }
 }
 
-/// The endpoint for `address`.
-pub fn endpoint(address: &str) -> Result<Endpoint, Error> {
-    Endpoint::from_shared(url(address))
+/// The endpoint for `address`, over TLS when `credentials` say so.
+pub fn endpoint(address: &str, credentials: &Credentials) -> Result<Endpoint, Error> {
+    let endpoint = Endpoint::from_shared(url(address, credentials.tls().is_some()))?;
+    match credentials.tls() {
+        Some(tls) => endpoint.tls_config(tls.clone()),
+        None => Ok(endpoint),
+    }
 }
 
 /// Connects to `address` now, presenting `credentials` on every call.
 pub async fn connect(address: &str, credentials: Credentials) -> Result<Conn, Error> {
-    connect_endpoint(endpoint(address)?, credentials).await
+    connect_endpoint(endpoint(address, &credentials)?, credentials).await
 }
 
 /// Connects through `endpoint` (with its timeouts) now.
@@ -41,7 +48,8 @@ mod tests {
 
     #[test]
     fn addresses_get_a_scheme_once() {
-        assert_eq!(url("127.0.0.1:7102"), "http://127.0.0.1:7102");
-        assert_eq!(url("https://gw:443"), "https://gw:443");
+        assert_eq!(url("127.0.0.1:7102", false), "http://127.0.0.1:7102");
+        assert_eq!(url("127.0.0.1:7102", true), "https://127.0.0.1:7102");
+        assert_eq!(url("https://gw:443", false), "https://gw:443");
     }
 }

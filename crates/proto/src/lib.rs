@@ -8,6 +8,7 @@
 //! - [`auth`]: roles, token stores, the access check every server runs, and
 //!   the credentials every client presents.
 //! - [`client`]: addresses to channels that present credentials.
+//! - [`tls`]: TLS on every listener, mutual between members.
 //! - [`serving`]: what every dynseg gRPC server shares: health, reflection,
 //!   accepted connections.
 
@@ -16,6 +17,7 @@ pub mod client;
 pub mod convert;
 pub mod routing;
 pub mod serving;
+pub mod tls;
 
 /// Generated code for package `dynseg.v1`.
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]

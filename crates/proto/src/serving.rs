@@ -4,7 +4,10 @@
 //! friends need no .proto files), and how connections are accepted.
 
 use tokio::net::TcpListener;
+use tonic::transport::Server;
 use tonic::transport::server::{Router, TcpIncoming};
+
+use crate::auth::Access;
 pub use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -67,6 +70,30 @@ impl Health {
             self.reporter.set_service_status(service, status).await;
         }
     }
+}
+
+/// A server builder for a process with `access`: over TLS when it has TLS
+/// (`members_only`: with mutual TLS, callers need a certificate the CA
+/// signed, as on the node and control servers).
+pub fn builder(access: &Access, members_only: bool) -> std::io::Result<Server> {
+    let builder = Server::builder();
+    match access.tls() {
+        Some(tls) => builder.tls_config(tls.server(members_only)).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("TLS: {e}"))
+        }),
+        None => Ok(builder),
+    }
+}
+
+/// The TLS of a process's HTTP listeners, when it has TLS.
+pub fn http_tls(access: &Access) -> std::io::Result<Option<std::sync::Arc<rustls::ServerConfig>>> {
+    access
+        .tls()
+        .map(|tls| {
+            tls.rustls_server()
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+        })
+        .transpose()
 }
 
 /// Accepted connections with `TCP_NODELAY`: tonic sets it only on listeners it

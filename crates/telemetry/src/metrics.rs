@@ -100,17 +100,6 @@ async fn metrics() -> Response {
     }
 }
 
-/// Serves `/metrics` on `listener` until `stop` resolves (for roles with no
-/// HTTP API of their own).
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    stop: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router::<()>())
-        .with_graceful_shutdown(stop)
-        .await
-}
-
 /// A served `/metrics` endpoint, stopped on [`MetricsServer::shutdown`].
 pub struct MetricsServer {
     addr: std::net::SocketAddr,
@@ -119,11 +108,15 @@ pub struct MetricsServer {
 }
 
 impl MetricsServer {
-    /// Starts serving `/metrics` on `listener`.
-    pub fn start(listener: tokio::net::TcpListener) -> std::io::Result<MetricsServer> {
+    /// Starts serving `/metrics` on `listener` (over TLS with `tls`), for
+    /// roles with no HTTP API of their own.
+    pub fn start(
+        listener: tokio::net::TcpListener,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> std::io::Result<MetricsServer> {
         let addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, async {
+        let task = tokio::spawn(crate::http::serve(listener, router::<()>(), tls, async {
             let _ = stopped.await;
         }));
         tracing::info!(%addr, "serving /metrics");

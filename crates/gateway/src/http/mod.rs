@@ -13,7 +13,6 @@ pub mod message;
 pub mod request;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -27,7 +26,6 @@ use dynseg_proto::auth::{Access, Role, TokenStore, authorize};
 use dynseg_proto::pb;
 use serde_json::value::RawValue;
 use serde_json::{Value as Json, json};
-use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use crate::error::{GatewayError, HttpError};
@@ -123,25 +121,6 @@ pub fn router(
     routes
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .with_state(api)
-}
-
-/// Serves `router` on `listener` until `stop` resolves.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        // Small answers must not wait out delayed ACKs.
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(stop)
-    .await
 }
 
 async fn health(State(api): State<Api>) -> Response {
