@@ -1262,3 +1262,171 @@ print("sent")
             .is_err()
     );
 }
+
+/// An event as the node's wire has it, but with bytes where the real message
+/// has strings: lets the test send what no honest client can (bad UTF-8).
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawEvent {
+    #[prost(bytes = "vec", tag = "1")]
+    message_id: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    user_id: Vec<u8>,
+    #[prost(int32, tag = "4")]
+    kind: i32,
+    #[prost(bytes = "vec", tag = "5")]
+    event: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawBatch {
+    #[prost(uint32, tag = "1")]
+    shard: u32,
+    #[prost(uint64, tag = "2")]
+    epoch: u64,
+    #[prost(message, repeated, tag = "3")]
+    events: Vec<RawEvent>,
+}
+
+/// Event limits are set with `--limit NAME=VALUE`; an event over one is
+/// refused by index with the limit named while the rest of its batch is
+/// kept; a message with bad UTF-8 is refused whole and changes nothing; an
+/// unknown limit stops the node at start with the known ones listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_are_configurable_and_bad_input_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, err) = cli_with_token(
+        None,
+        &[
+            "node",
+            "--limit",
+            "max_colours=3",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("unknown limit \"max_colours\"") && err.contains("max_properties"),
+        "{err}"
+    );
+
+    let line = format!(
+        "node --shard-count 4 --clock manual={T0} --limit max_properties=2 --limit max_depth=1 --limit max_string_bytes=16 --data-dir"
+    );
+    let process = Process::start(&args(&line, dir.path()), "listening on");
+    let addr = process
+        .lines
+        .last()
+        .unwrap()
+        .strip_prefix("listening on")
+        .unwrap()
+        .trim()
+        .to_owned();
+    let mut node = pb::node_client::NodeClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let user = "limits-user";
+    let shard = dynseg_proto::shard_for(user, 4);
+    let value = |kind| pb::Value { kind: Some(kind) };
+    use pb::value::Kind;
+    let event = |id: &str, properties: Vec<(&str, pb::Value)>| pb::Event {
+        message_id: id.into(),
+        user_id: user.into(),
+        r#type: pb::EventType::Track as i32,
+        event: "order_completed".into(),
+        timestamp_ms: ms(T0) - 1_000,
+        properties: properties
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+        ..pb::Event::default()
+    };
+    let flat = value(Kind::ListValue(pb::ValueList {
+        values: vec![value(Kind::NumberValue(1.0))],
+    }));
+    let nested = value(Kind::ListValue(pb::ValueList {
+        values: vec![flat.clone()],
+    }));
+    let reply = node
+        .ingest(pb::EventBatch {
+            shard,
+            epoch: 1,
+            events: vec![
+                event(
+                    "ok-1",
+                    vec![("a", value(Kind::BoolValue(true))), ("list", flat)],
+                ),
+                event(
+                    "too-many",
+                    vec![
+                        ("a", value(Kind::BoolValue(true))),
+                        ("b", value(Kind::BoolValue(true))),
+                        ("c", value(Kind::BoolValue(true))),
+                    ],
+                ),
+                event("too-deep", vec![("n", nested)]),
+                event(
+                    "too-long",
+                    vec![("s", value(Kind::StringValue("x".repeat(17))))],
+                ),
+                event("ok-2", vec![]),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.accepted, 2);
+    let reasons: Vec<(u32, String)> = reply
+        .rejected
+        .iter()
+        .map(|r| (r.index, r.reason.clone()))
+        .collect();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    for ((index, reason), (want_index, needle)) in reasons.iter().zip([
+        (1, "3 properties, over the limit of 2"),
+        (2, "n: lists nested deeper than 1 levels"),
+        (3, "s: string of 17 bytes, over the limit of 16"),
+    ]) {
+        assert_eq!(*index, want_index, "{reason}");
+        assert!(reason.contains(needle), "{reason}");
+    }
+
+    // Bad UTF-8 in a string field: the message cannot be decoded, the call
+    // fails as gRPC says parse errors do (INTERNAL), and nothing lands.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let raw = RawBatch {
+        shard,
+        epoch: 1,
+        events: vec![RawEvent {
+            message_id: b"utf8".to_vec(),
+            user_id: b"utf8-user".to_vec(),
+            kind: pb::EventType::Track as i32,
+            event: vec![0xff, 0xfe, b'x'],
+        }],
+    };
+    let codec = tonic_prost::ProstCodec::<RawBatch, pb::IngestResponse>::default();
+    let refused = grpc
+        .unary(
+            tonic::Request::new(raw),
+            http::uri::PathAndQuery::from_static("/dynseg.v1.Node/Ingest"),
+            codec,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Internal, "{refused:?}");
+    assert!(refused.message().contains("UTF-8"), "{refused:?}");
+    let utf8_user = node
+        .get_user(pb::GetUserRequest {
+            user_id: "utf8-user".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!utf8_user.exists);
+}

@@ -7,7 +7,7 @@ use dynseg_rules::Timestamp;
 use std::path::PathBuf;
 
 /// The flags `parse` accepts.
-pub const USAGE: &str = "--data-dir DIR [--listen ADDR] [--metrics ADDR] [--node-id ID] [--shard-count N] [--shards A-B] [--clock system|manual[=RFC3339]] [--checkpoint-secs S] [--memory-mib M] [--tokens-file F] [--cluster-secret-file F] [--tls-cert F --tls-key F [--tls-ca F] [--mtls]] [--control ADDR [--advertise ADDR] [--weight N] [--move-mib-per-sec N] [--drain-timeout-secs S] [--rejoin]]";
+pub const USAGE: &str = "--data-dir DIR [--listen ADDR] [--metrics ADDR] [--node-id ID] [--shard-count N] [--shards A-B] [--clock system|manual[=RFC3339]] [--checkpoint-secs S] [--memory-mib M] [--limit NAME=VALUE]... [--tokens-file F] [--cluster-secret-file F] [--tls-cert F --tls-key F [--tls-ca F] [--mtls]] [--control ADDR [--advertise ADDR] [--weight N] [--move-mib-per-sec N] [--drain-timeout-secs S] [--rejoin]]";
 
 /// Parses the flags into the node's settings and, with `--control`, how it
 /// follows the control plane.
@@ -16,6 +16,7 @@ pub fn parse(args: &[String]) -> Result<(NodeConfig, Option<LinkConfig>), String
     let mut listen = "127.0.0.1:0".to_owned();
     let mut metrics = None;
     let mut rejoin = false;
+    let mut limits = Vec::new();
     let mut tokens_file = None;
     let mut secret_file = None;
     let (mut tls_cert, mut tls_key, mut tls_ca, mut mtls) = (None, None, None, false);
@@ -42,6 +43,7 @@ pub fn parse(args: &[String]) -> Result<(NodeConfig, Option<LinkConfig>), String
             "--listen" => listen = value()?,
             "--metrics" => metrics = Some(value()?),
             "--rejoin" => rejoin = true,
+            "--limit" => limits.push(value()?),
             "--tokens-file" => tokens_file = Some(value()?),
             "--tls-cert" => tls_cert = Some(value()?),
             "--tls-key" => tls_key = Some(value()?),
@@ -112,6 +114,9 @@ pub fn parse(args: &[String]) -> Result<(NodeConfig, Option<LinkConfig>), String
         .parse()
         .map_err(|_| format!("invalid --listen address {listen}"))?;
     let mut config = NodeConfig::new(data_dir, listen, clock);
+    for limit in &limits {
+        config.event_limits.set(limit)?;
+    }
     config.access =
         dynseg_proto::auth::access_from(tokens_file.as_deref(), secret_file.as_deref())?.with_tls(
             dynseg_proto::tls::Tls::from_flags(

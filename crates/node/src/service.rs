@@ -36,7 +36,8 @@ impl NodeService {
 
     /// Wraps the service for tonic.
     pub fn into_server(self) -> node_server::NodeServer<NodeService> {
-        node_server::NodeServer::new(self).max_decoding_message_size(64 << 20)
+        let limit = self.node.config().event_limits.max_message_bytes;
+        node_server::NodeServer::new(self).max_decoding_message_size(limit)
     }
 
     /// Validates a batch and hands it to its shard; the receiver resolves with

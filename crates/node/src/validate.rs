@@ -17,12 +17,17 @@ pub struct EventLimits {
     pub max_string_bytes: usize,
     /// Items in one list, counting nested ones.
     pub max_list_items: usize,
+    /// Levels of lists inside lists (a flat list is 1).
+    pub max_depth: usize,
     /// Largest magnitude of a number.
     pub max_number: f64,
     /// How far into the future (past `now`) an event may be stamped.
     pub max_future_skew: Span,
     /// Events in one batch.
     pub max_batch: usize,
+    /// Bytes of one gRPC message the node decodes (a shard snapshot chunk
+    /// or a batch of batches).
+    pub max_message_bytes: usize,
 }
 
 impl Default for EventLimits {
@@ -33,14 +38,73 @@ impl Default for EventLimits {
             max_key_bytes: 256,
             max_string_bytes: 8 * 1024,
             max_list_items: 1_000,
+            max_depth: 4,
             max_number: 1e300,
             max_future_skew: Span::minutes(5),
             max_batch: 10_000,
+            max_message_bytes: 64 << 20,
         }
     }
 }
 
+/// The limits `--limit NAME=VALUE` may set, as (name, what it bounds).
+pub const LIMIT_NAMES: &[(&str, &str)] = &[
+    (
+        "max_id_bytes",
+        "bytes of a message id, user id or event name",
+    ),
+    ("max_properties", "properties or traits on one event"),
+    ("max_key_bytes", "bytes of a property key"),
+    ("max_string_bytes", "bytes of one string value"),
+    ("max_list_items", "items in one list, nested ones included"),
+    ("max_depth", "levels of lists inside lists"),
+    (
+        "max_future_skew_secs",
+        "seconds an event may be stamped ahead of the node's clock",
+    ),
+    ("max_batch", "events in one batch or call"),
+    (
+        "max_message_bytes",
+        "bytes of one gRPC message the node accepts",
+    ),
+];
+
 impl EventLimits {
+    /// Sets one limit from `NAME=VALUE` (`--limit`); errors name the known ones.
+    pub fn set(&mut self, assignment: &str) -> Result<(), String> {
+        let known = || {
+            LIMIT_NAMES
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let (name, value) = assignment
+            .split_once('=')
+            .ok_or_else(|| format!("--limit takes NAME=VALUE ({})", known()))?;
+        let number: usize =
+            value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                format!("--limit {name}: {value:?} is not a positive whole number")
+            })?;
+        match name {
+            "max_id_bytes" => self.max_id_bytes = number,
+            "max_properties" => self.max_properties = number,
+            "max_key_bytes" => self.max_key_bytes = number,
+            "max_string_bytes" => self.max_string_bytes = number,
+            "max_list_items" => self.max_list_items = number,
+            "max_depth" => self.max_depth = number,
+            "max_future_skew_secs" => {
+                // At most ten years: any more is "no limit" and would overflow.
+                let seconds = number.min(10 * 365 * 24 * 3600) as i64;
+                self.max_future_skew = Span::seconds(seconds);
+            }
+            "max_message_bytes" => self.max_message_bytes = number,
+            "max_batch" => self.max_batch = number,
+            other => return Err(format!("--limit: unknown limit {other:?} ({})", known())),
+        }
+        Ok(())
+    }
+
     /// Checks one event at `now`, and that its user belongs to `shard`.
     pub fn check(
         &self,
@@ -114,12 +178,18 @@ impl EventLimits {
                 ));
             }
             let mut items = 0;
-            self.check_value(key, value, &mut items)?;
+            self.check_value(key, value, &mut items, 0)?;
         }
         Ok(())
     }
 
-    fn check_value(&self, key: &str, value: &Value, items: &mut usize) -> Result<(), String> {
+    fn check_value(
+        &self,
+        key: &str,
+        value: &Value,
+        items: &mut usize,
+        depth: usize,
+    ) -> Result<(), String> {
         match value {
             Value::String(s) if s.len() > self.max_string_bytes => Err(format!(
                 "{key}: string of {} bytes, over the limit of {}",
@@ -130,6 +200,10 @@ impl EventLimits {
                 "{key}: number {n:e} is beyond ±{:e}",
                 self.max_number
             )),
+            Value::List(_) if depth >= self.max_depth => Err(format!(
+                "{key}: lists nested deeper than {} levels",
+                self.max_depth
+            )),
             Value::List(list) => {
                 for item in list.iter() {
                     *items += 1;
@@ -139,7 +213,7 @@ impl EventLimits {
                             self.max_list_items
                         ));
                     }
-                    self.check_value(key, item, items)?;
+                    self.check_value(key, item, items, depth + 1)?;
                 }
                 Ok(())
             }
@@ -157,11 +231,32 @@ mod tests {
     }
 
     #[test]
+    fn limits_are_set_by_name() {
+        let mut limits = EventLimits::default();
+        limits.set("max_properties=512").unwrap();
+        limits.set("max_future_skew_secs=60").unwrap();
+        assert_eq!(
+            (limits.max_properties, limits.max_future_skew),
+            (512, Span::seconds(60))
+        );
+        for (bad, needle) in [
+            ("max_properties", "NAME=VALUE"),
+            ("max_properties=0", "not a positive"),
+            ("max_properties=lots", "not a positive"),
+            ("max_colours=3", "unknown limit \"max_colours\""),
+        ] {
+            let err = limits.set(bad).unwrap_err();
+            assert!(err.contains(needle), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn each_bound_has_a_clear_reason() {
         let limits = EventLimits {
             max_properties: 2,
             max_string_bytes: 4,
             max_list_items: 3,
+            max_depth: 2,
             ..EventLimits::default()
         };
         let now = Timestamp(1_000_000);
@@ -190,6 +285,13 @@ mod tests {
             (
                 with(vec![("l", Value::List(vec![Value::Null; 4].into()))]),
                 "l: list of more than 3 items",
+            ),
+            (
+                with(vec![(
+                    "d",
+                    Value::List(vec![Value::List(vec![Value::List(vec![].into())].into())].into()),
+                )]),
+                "d: lists nested deeper than 2 levels",
             ),
         ];
         for (event, reason) in cases {
