@@ -1311,7 +1311,7 @@ async fn limits_are_configurable_and_bad_input_changes_nothing() {
     );
 
     let line = format!(
-        "node --shard-count 4 --clock manual={T0} --limit max_properties=2 --limit max_depth=1 --limit max_string_bytes=16 --data-dir"
+        "node --shard-count 4 --clock manual={T0} --limit max_properties=2 --limit max_depth=1 --limit max_string_bytes=16 --limit max_message_bytes=65536 --data-dir"
     );
     let process = Process::start(&args(&line, dir.path()), "listening on");
     let addr = process
@@ -1390,6 +1390,20 @@ async fn limits_are_configurable_and_bad_input_changes_nothing() {
         assert_eq!(*index, want_index, "{reason}");
         assert!(reason.contains(needle), "{reason}");
     }
+
+    // A message over the node's size limit is refused before decoding.
+    let huge = node
+        .ingest(pb::EventBatch {
+            shard,
+            epoch: 1,
+            events: vec![event(
+                "huge",
+                vec![("s", value(Kind::StringValue("x".repeat(70_000))))],
+            )],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(huge.code(), tonic::Code::OutOfRange, "{huge:?}");
 
     // Bad UTF-8 in a string field: the message cannot be decoded, the call
     // fails as gRPC says parse errors do (INTERNAL), and nothing lands.
