@@ -41,6 +41,9 @@ pub struct ControlConfig {
     pub access: dynseg_proto::auth::Access,
     /// Where to serve `/metrics` over HTTP, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The rule limits segment writes proposed through this member must fit
+    /// (applying a write checks the ceiling, the same on every member).
+    pub rule_limits: dynseg_rules::Limits,
 }
 
 impl ControlConfig {
@@ -62,6 +65,7 @@ impl ControlConfig {
             cluster_secret: None,
             access: dynseg_proto::auth::Access::open(),
             metrics_listen: None,
+            rule_limits: dynseg_rules::Limits::default(),
         }
     }
 }
@@ -79,7 +83,7 @@ pub struct ControlArgs {
 /// The usage line of [`ControlArgs::parse`].
 pub const USAGE: &str = "--id N|from-hostname --listen ADDR --data-dir DIR [--peers ID=ADDR,...] [--join] \
      [--snapshot-interval N] [--cluster-secret-file F] (or DYNSEG_CLUSTER_SECRET) \
-     [--tokens-file F] (or DYNSEG_TOKENS) [--tls-cert F --tls-key F [--tls-ca F] [--mtls]] [--metrics ADDR]";
+     [--tokens-file F] (or DYNSEG_TOKENS) [--tls-cert F --tls-key F [--tls-ca F] [--mtls]] [--rule-limit NAME=VALUE]... [--metrics ADDR]";
 
 impl ControlArgs {
     /// Parses the flags; with no `--peers` (and no `--join`) the member founds a
@@ -91,6 +95,7 @@ impl ControlArgs {
         let mut peers = BTreeMap::new();
         let mut join = false;
         let mut metrics_listen = None;
+        let mut rule_limits = Vec::new();
         let mut snapshot_interval = None;
         let mut secret_file = None;
         let mut tokens_file = None;
@@ -143,6 +148,7 @@ impl ControlArgs {
                 "--tls-key" => tls_key = Some(value()?),
                 "--tls-ca" => tls_ca = Some(value()?),
                 "--mtls" => mtls = true,
+                "--rule-limit" => rule_limits.push(value()?),
                 "--snapshot-interval" => {
                     snapshot_interval = Some(
                         value()?
@@ -163,6 +169,9 @@ impl ControlArgs {
         config.peers = peers;
         config.join = join;
         config.metrics_listen = metrics_listen;
+        for limit in &rule_limits {
+            config.rule_limits.set(limit)?;
+        }
         if let Some(n) = snapshot_interval {
             config.snapshot_interval = n.max(1);
         }

@@ -64,6 +64,7 @@ impl ControlServer {
             replica.clone(),
             config.peers.keys().copied().collect::<BTreeSet<_>>(),
             config.cluster_secret.as_deref(),
+            config.rule_limits.clone(),
         );
         let (stop, stopped) = oneshot::channel::<()>();
         let router = serving::builder(&config.access, true)

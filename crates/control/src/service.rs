@@ -10,6 +10,7 @@ use dynseg_proto::auth::{CLUSTER_SECRET_HEADER, constant_time_eq};
 use dynseg_proto::pb;
 use dynseg_proto::pb::control_server::Control;
 use dynseg_proto::pb::raft_peer_server::RaftPeer;
+use dynseg_rules::Limits;
 use protobuf::Message as _;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -33,6 +34,8 @@ pub struct ControlService {
     initial_peers: Arc<BTreeSet<u64>>,
     /// The secret raft senders must present, when the cluster has one.
     secret: Option<Arc<str>>,
+    /// The segment writes this member proposes must fit these.
+    rule_limits: Arc<Limits>,
 }
 
 impl ControlService {
@@ -42,11 +45,13 @@ impl ControlService {
         replica: ReplicaHandle,
         initial_peers: BTreeSet<u64>,
         secret: Option<&str>,
+        rule_limits: Limits,
     ) -> ControlService {
         ControlService {
             replica,
             initial_peers: Arc::new(initial_peers),
             secret: secret.map(Arc::from),
+            rule_limits: Arc::new(rule_limits),
         }
     }
 
@@ -97,7 +102,7 @@ impl Control for ControlService {
     ) -> Result<Response<pb::ValidateSegmentsResponse>, Status> {
         let specs = specs(request.into_inner())?;
         let view = self.replica.view();
-        view.state.validate_put(&specs)?;
+        view.state.validate_put(&specs, &self.rule_limits)?;
         Ok(Response::new(pb::ValidateSegmentsResponse {
             next_rules_version: view.state.rules_version + 1,
         }))
@@ -110,7 +115,10 @@ impl Control for ControlService {
         let specs = specs(request.into_inner())?;
         // Checked here for a fast answer, and again when applied (deterministically,
         // on every member) against the state the write is ordered after.
-        self.replica.view().state.validate_put(&specs)?;
+        self.replica
+            .view()
+            .state
+            .validate_put(&specs, &self.rule_limits)?;
         self.write(Command::PutSegments(specs)).await
     }
 

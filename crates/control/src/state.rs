@@ -277,11 +277,14 @@ impl ClusterState {
     /// reach through `in_segment` are checked: a write costs what it touches,
     /// not the size of the whole rule set. (Segments that read a replaced one
     /// stay valid: `in_segment` is a boolean whatever the rule behind it.)
-    pub fn validate_put(&self, specs: &[SegmentSpec]) -> Result<Vec<Vec<String>>, ControlError> {
+    pub fn validate_put(
+        &self,
+        specs: &[SegmentSpec],
+        limits: &Limits,
+    ) -> Result<Vec<Vec<String>>, ControlError> {
         if specs.is_empty() {
             return Err(ControlError::InvalidArgument("no segments given".into()));
         }
-        let limits = Limits::default();
         let mut given: BTreeMap<&str, &SegmentSpec> = BTreeMap::new();
         for spec in specs {
             if given.insert(spec.id.as_str(), spec).is_some() {
@@ -314,8 +317,8 @@ impl ClusterState {
                     .to_string(),
                 )
             };
-            let rule = parse_rule(&spec.rule, &limits).map_err(wrap)?;
-            let refs = check_rule(&rule, &limits, &Schema::default()).map_err(wrap)?;
+            let rule = parse_rule(&spec.rule, limits).map_err(wrap)?;
+            let refs = check_rule(&rule, limits, &Schema::default()).map_err(wrap)?;
             references.push(
                 refs.into_iter()
                     .map(|(id, _)| id.as_str().to_owned())
@@ -344,7 +347,7 @@ impl ClusterState {
             description: spec.description.clone(),
             rule: spec.rule.clone(),
         }));
-        check_set(&defs, &limits, None).map_err(|e| ControlError::InvalidRule(e.to_string()))?;
+        check_set(&defs, limits, None).map_err(|e| ControlError::InvalidRule(e.to_string()))?;
         Ok(references)
     }
 
@@ -375,7 +378,9 @@ impl ClusterState {
         let mut deltas = Vec::new();
         match command {
             Command::PutSegments(specs) => {
-                let references = self.validate_put(specs)?;
+                // The ceiling, the same on every member: each member's own
+                // policy was checked when the write was proposed.
+                let references = self.validate_put(specs, &Limits::ceiling())?;
                 self.rules_version += 1;
                 for (spec, depends_on) in specs.iter().zip(references) {
                     let stored = StoredSegment {

@@ -301,3 +301,42 @@ async fn with_mutual_tls_members_replicate_over_tls_and_callers_need_a_certifica
     assert!(plaintext, "a plaintext caller got through");
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rule_limits_are_the_proposing_members_and_apply_checks_the_ceiling() {
+    let cluster = Cluster::start(1, 15, |c| {
+        c.rule_limits.set("max_nodes=8").unwrap();
+        c.rule_limits.set("max_rule_bytes=32768").unwrap();
+    })
+    .await;
+    let leader = cluster.leader().await;
+    let mut client = cluster.client(leader).await;
+    // Over this member's policy: refused, with the limit named, nothing written.
+    let wide = (0..6)
+        .map(|i| format!("exists(e{i})"))
+        .collect::<Vec<_>>()
+        .join(" or ");
+    let refused = client
+        .apply_segments(segments(vec![segment("wide", &wide)]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("limit of 8 terms"),
+        "{refused:?}"
+    );
+    let validated = client
+        .validate_segments(segments(vec![segment("wide", &wide)]))
+        .await
+        .unwrap_err();
+    assert!(validated.message().contains("limit of 8 terms"));
+    assert!(local_segments(&mut client).await.is_empty());
+    // Raised over the default (16 KiB of text): a 20 KiB rule is accepted.
+    let padded = format!("exists(login) {}", " ".repeat(20 * 1024));
+    client
+        .apply_segments(segments(vec![segment("padded", &padded)]))
+        .await
+        .unwrap();
+    assert_eq!(local_segments(&mut client).await.len(), 1);
+    cluster.shutdown().await;
+}

@@ -509,7 +509,7 @@ async fn copy_and_commit(
         .into_inner();
     let rules = started.rules.clone().unwrap_or_default();
     let defs = rule_defs(&rules)?;
-    let plan = compile(rules.version, &defs, node.config())?;
+    let plan = compile(rules.version, &defs)?;
     node.store().put_rules_version(rules.version, &defs)?;
 
     // The snapshot, into a tree marked incomplete until the end.
@@ -748,7 +748,7 @@ fn replay(node: &Node, shard: &mut Shard, records: &[Vec<u8>]) -> Result<Vec<Log
             node.store()
                 .put_rules_version(request.version, &rule_defs(request)?)?;
         }
-        changes.extend(apply_input(shard, &record, payload, node.config())?);
+        changes.extend(apply_input(shard, &record, payload)?);
     }
     Ok(changes)
 }

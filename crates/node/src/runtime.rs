@@ -19,7 +19,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use dynseg_proto::pb;
-use dynseg_rules::{Event, Plan, RuleVersion, SegmentDef, SegmentId, Timestamp, UserId};
+use dynseg_rules::{Event, Limits, Plan, RuleVersion, SegmentDef, SegmentId, Timestamp, UserId};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -186,15 +186,14 @@ pub struct NodeGuard {
     commit: Option<CommitThread>,
 }
 
-pub(crate) fn compile(
-    version: u64,
-    defs: &[SegmentDef],
-    config: &NodeConfig,
-) -> Result<Arc<Plan>, NodeError> {
+/// Compiles the control plane's rule set. Its writes were checked against
+/// the proposing member's limits; here the ceiling applies, so whatever the
+/// control plane accepted runs on every node.
+pub(crate) fn compile(version: u64, defs: &[SegmentDef]) -> Result<Arc<Plan>, NodeError> {
     Ok(Arc::new(Plan::compile(
         defs,
         RuleVersion(version),
-        &config.rule_limits,
+        &Limits::ceiling(),
     )?))
 }
 
@@ -216,7 +215,7 @@ fn open_shard(store: &Store, shard: u32, config: &NodeConfig) -> Result<Shard, N
     } else {
         store.rules_version(version)?.unwrap_or_default()
     };
-    let plan = compile(version, &defs, config)?;
+    let plan = compile(version, &defs)?;
     Ok(Shard::open(shard, shard_store, plan, config.shard.clone())?)
 }
 
@@ -226,7 +225,6 @@ pub(crate) fn apply_input(
     shard: &mut Shard,
     record: &WalRecord,
     payload: &[u8],
-    config: &NodeConfig,
 ) -> Result<Vec<Logged>, NodeError> {
     let now = Timestamp(record.now_ms);
     match &record.input {
@@ -242,7 +240,7 @@ pub(crate) fn apply_input(
         Some(Input::Tick(_)) => Ok(shard.tick(now)?),
         Some(Input::Rules(request)) => {
             let defs = rule_defs(request)?;
-            let plan = compile(request.version, &defs, config)?;
+            let plan = compile(request.version, &defs)?;
             Ok(shard.apply_rules(plan, now, |_, _| {})?)
         }
         Some(Input::MovedIn(_)) | None => Ok(Vec::new()),
@@ -274,7 +272,7 @@ impl Node {
         }
         let (version, defs) = store.rules()?.unwrap_or((0, Vec::new()));
         let mut rules = Rules {
-            plan: compile(version, &defs, &config)?,
+            plan: compile(version, &defs)?,
             defs,
         };
 
@@ -316,7 +314,7 @@ impl Node {
             if let Some(Input::Rules(request)) = &record.input
                 && request.version > rules.plan.version().0
                 && let Ok(defs) = rule_defs(request)
-                && let Ok(plan) = compile(request.version, &defs, &config)
+                && let Ok(plan) = compile(request.version, &defs)
             {
                 rules = Rules { plan, defs };
             }
@@ -325,7 +323,7 @@ impl Node {
             if let Some(shard) = shards.get_mut(&record.shard)
                 && at >= shard.replay_from()
             {
-                if let Err(e) = apply_input(shard, &record, payload, &config) {
+                if let Err(e) = apply_input(shard, &record, payload) {
                     tracing::error!(shard = record.shard, error = %e, "replaying a record failed");
                 }
                 shard.applied_record(at);
@@ -674,7 +672,7 @@ impl Node {
                 "rule version {version} is not newer than the current {current}"
             )));
         }
-        let plan = compile(version, &defs, &self.inner.config)?;
+        let plan = compile(version, &defs)?;
         self.inner.store.set_rules(version, &defs)?;
         *write(&self.inner.rules) = Rules {
             plan: plan.clone(),
@@ -724,7 +722,13 @@ impl Node {
                 None => merged.push(def.clone()),
             }
         }
-        let plan = compile(version + 1, &merged, &self.inner.config)?;
+        // Previewed rules have not been through the control plane: the
+        // node's own limits apply.
+        let plan = Arc::new(Plan::compile(
+            &merged,
+            RuleVersion(version + 1),
+            &self.inner.config.rule_limits,
+        )?);
         let segments: Vec<SegmentId> = defs.iter().map(|d| d.id.clone()).collect();
         let mut totals = vec![0u64; segments.len()];
         let mut users = 0;
