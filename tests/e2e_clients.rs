@@ -21,7 +21,7 @@ use support::clients::{
     Answer, basic_auth, grpcurl, grpcurl_with, http, promtool_problems, python, python_with_env,
     sample,
 };
-use support::{Process, args, wait_for_rules};
+use support::{DevProcess, Process, args, wait_for_rules};
 use tonic::transport::Channel;
 
 const WRITE_KEY: &str = "wk_e2e";
@@ -54,37 +54,27 @@ const T0: &str = "2026-03-01T12:00:00Z";
 
 /// `dynseg dev` on the manual clock at [`T0`], with one write key.
 struct Dev {
-    _process: Process,
+    process: DevProcess,
     control: String,
     node: String,
     gateway: String,
     http: String,
-    _dir: tempfile::TempDir,
 }
 
 impl Dev {
     fn start(extra: &str) -> Dev {
-        let dir = tempfile::tempdir().unwrap();
-        let line = format!(
-            "dev --base-port 0 --shards 8 --clock manual={T0} --write-key {WRITE_KEY} {extra} --data"
-        );
-        let process = Process::start(&args(&line, dir.path()), "ready");
-        let find = |prefix: &str| {
-            process
-                .lines
-                .iter()
-                .find_map(|l| l.strip_prefix(prefix))
-                .unwrap()
-                .trim()
-                .to_owned()
-        };
+        Dev::start_with_env(extra, &[])
+    }
+
+    fn start_with_env(extra: &str, env: &[(&str, &str)]) -> Dev {
+        let line = format!("--shards 8 --clock manual={T0} --write-key {WRITE_KEY} {extra}");
+        let process = DevProcess::start(&line, env);
         Dev {
-            control: find("control"),
-            node: find("node"),
-            gateway: find("gateway"),
-            http: find("http"),
-            _process: process,
-            _dir: dir,
+            control: process.control.clone(),
+            node: process.node.clone(),
+            gateway: process.gateway.clone(),
+            http: process.http.clone(),
+            process,
         }
     }
 
@@ -1095,27 +1085,15 @@ async fn spans_go_to_the_otlp_collector_named_by_the_environment() {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
 
-    let dir = tempfile::tempdir().unwrap();
-    let line = format!("dev --base-port 0 --shards 4 --clock manual={T0} --data");
-    let process = Process::start_with_env(
-        &args(&line, dir.path()),
-        "ready",
+    let dev = Dev::start_with_env(
+        "",
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
             // Export within 100 ms rather than the default 5 s.
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
         ],
     );
-    let gateway = process
-        .lines
-        .iter()
-        .find_map(|l| l.strip_prefix("gateway"))
-        .unwrap()
-        .trim()
-        .to_owned();
-    let mut client = GatewayClient::connect(format!("http://{gateway}"))
-        .await
-        .unwrap();
+    let mut client = dev.client().await;
     client
         .ingest(pb::IngestRequest {
             events: vec![pb::Event {
@@ -1154,7 +1132,7 @@ async fn spans_go_to_the_otlp_collector_named_by_the_environment() {
         node_span.3, gateway_span.2,
         "the node's span is the gateway span's child"
     );
-    drop(process);
+    drop(dev);
     collector.abort();
 }
 
@@ -1165,26 +1143,18 @@ async fn spans_go_to_the_otlp_collector_named_by_the_environment() {
 /// refuse a caller without a certificate the CA signed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_on_every_listener_and_mutual_between_members() {
-    let dir = tempfile::tempdir().unwrap();
-    let line = format!("dev --tls --base-port 0 --shards 4 --clock manual={T0} --data");
-    let process = Process::start(&args(&line, dir.path()), "ready");
-    let find = |prefix: &str| {
-        process
-            .lines
-            .iter()
-            .find_map(|l| l.strip_prefix(prefix))
-            .unwrap()
-            .trim()
-            .to_owned()
-    };
-    let (gateway, node, control, http_addr) =
-        (find("gateway"), find("node"), find("control"), find("http"));
-    let ca_path = dir.path().join("tls/cert.pem");
+    let dev = Dev::start("--tls");
+    let dir = dev.process.dir.path();
+    let (gateway, node, control, http_addr) = (&dev.gateway, &dev.node, &dev.control, &dev.http);
+    let ca_path = dir.join("tls/cert.pem");
     let ca = ca_path.to_str().unwrap();
-    assert!(find("tls").starts_with(ca), "the certificate is printed");
+    assert!(
+        dev.process.printed("tls").starts_with(ca),
+        "the certificate is printed"
+    );
 
     // The CLI: with the CA it works, without it fails.
-    let segments = dir.path().join("segments.yaml");
+    let segments = dir.join("segments.yaml");
     std::fs::write(
         &segments,
         "- id: buyers\n  name: Buyers\n  rule: count(order_completed) >= 1\n",
@@ -1196,11 +1166,11 @@ async fn tls_on_every_listener_and_mutual_between_members() {
         "-f",
         segments.to_str().unwrap(),
         "--addr",
-        &gateway,
+        gateway,
     ];
     let (code, err) = cli_with_token(None, &[&apply[..], &["--tls-ca", ca]].concat());
     assert_eq!(code, 0, "{err}");
-    let (code, _) = cli_with_token(None, &["segment", "list", "--addr", &gateway]);
+    let (code, _) = cli_with_token(None, &["segment", "list", "--addr", gateway]);
     assert_ne!(code, 0, "a plaintext client must not get through");
 
     // grpcurl trusts the CA: health over TLS.
@@ -1222,19 +1192,19 @@ async fn tls_on_every_listener_and_mutual_between_members() {
 import sys, datetime
 from segment.analytics import Client
 t = datetime.datetime(2026, 3, 1, 11, 0, tzinfo=datetime.timezone.utc)
-Client("any", host=sys.argv[1], sync_mode=True, max_retries=0).track("tls-user", "order_completed", timestamp=t)
+Client(sys.argv[2], host=sys.argv[1], sync_mode=True, max_retries=0).track("tls-user", "order_completed", timestamp=t)
 print("sent")
 "#;
     let out = python_with_env(
         script,
-        &[&format!("https://{http_addr}")],
+        &[&format!("https://{http_addr}"), WRITE_KEY],
         &[("REQUESTS_CA_BUNDLE", ca)],
     );
     assert!(out.contains("sent"), "{out}");
 
     // A member's certificate opens the node; trusting the CA alone does not.
     let pem = std::fs::read(&ca_path).unwrap();
-    let key = std::fs::read(dir.path().join("tls/key.pem")).unwrap();
+    let key = std::fs::read(dir.join("tls/key.pem")).unwrap();
     let member = dynseg_proto::tls::Tls::from_pem(pem.clone(), key, None, true);
     let get_user = |tls: tonic::transport::ClientTlsConfig| {
         let node = node.clone();

@@ -20,40 +20,14 @@ use dynseg_proto::pb::control_client::ControlClient;
 use dynseg_proto::pb::gateway_client::GatewayClient;
 use dynseg_rules::{Event, Timestamp};
 use support::{
-    Process, apply_spec_segments, args, assert_memberships, env_number, fold_change, listed,
-    reference_members, wait_for_rules,
+    DevProcess, Process, apply_spec_segments, args, assert_memberships, env_number, fold_change,
+    listed, reference_members, wait_for_rules,
 };
 use tokio::sync::mpsc;
 
-/// `dynseg dev` in a temp dir: the process and the addresses it printed.
-struct Dev {
-    _process: Process,
-    control: String,
-    gateway: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Dev {
-    fn start(clock: &str) -> Dev {
-        let dir = tempfile::tempdir().unwrap();
-        let line = format!("dev --base-port 0 --shards 16 --clock {clock} --data");
-        let process = Process::start(&args(&line, dir.path()), "ready");
-        let find = |prefix: &str| {
-            process
-                .lines
-                .iter()
-                .find_map(|l| l.strip_prefix(prefix))
-                .unwrap()
-                .trim()
-                .to_owned()
-        };
-        Dev {
-            control: find("control"),
-            gateway: find("gateway"),
-            _process: process,
-            _dir: dir,
-        }
-    }
+/// `dynseg dev` in a temp dir with 16 shards on `clock`.
+fn start_dev(clock: &str) -> DevProcess {
+    DevProcess::start(&format!("--shards 16 --clock {clock}"), &[])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,7 +37,7 @@ async fn the_dev_cluster_matches_the_reference_through_ingest_and_clock_moves() 
     let total_events = env_number("DYNSEG_E2E_EVENTS", 200_000);
     eprintln!("e2e scenario: seed {seed}, {users} users, {total_events} events");
     let start = Timestamp::parse_rfc3339("2026-01-01T00:00:00Z").unwrap();
-    let dev = Dev::start("manual=2026-01-01T00:00:00Z");
+    let dev = start_dev("manual=2026-01-01T00:00:00Z");
     let mut control = ControlClient::connect(format!("http://{}", dev.control))
         .await
         .unwrap();

@@ -184,6 +184,50 @@ impl Drop for Process {
     }
 }
 
+/// `dynseg dev --base-port 0 ARGS --data TEMP`: the process, its data
+/// directory, and the addresses it printed.
+pub struct DevProcess {
+    pub process: Process,
+    pub dir: tempfile::TempDir,
+    pub control: String,
+    pub node: String,
+    pub gateway: String,
+    pub http: String,
+}
+
+impl DevProcess {
+    /// Starts it with `line` (flags) and extra environment, and waits for `ready`.
+    pub fn start(line: &str, env: &[(&str, &str)]) -> DevProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let line = format!("dev --base-port 0 {line} --data");
+        let process = Process::start_with_env(&args(&line, dir.path()), "ready", env);
+        let printed = |prefix: &str| printed(&process, prefix);
+        DevProcess {
+            control: printed("control"),
+            node: printed("node"),
+            gateway: printed("gateway"),
+            http: printed("http"),
+            process,
+            dir,
+        }
+    }
+
+    /// What it printed after `prefix` on a line of its own.
+    pub fn printed(&self, prefix: &str) -> String {
+        printed(&self.process, prefix)
+    }
+}
+
+fn printed(process: &Process, prefix: &str) -> String {
+    process
+        .lines
+        .iter()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("nothing printed after {prefix:?}: {:?}", process.lines))
+        .trim()
+        .to_owned()
+}
+
 /// Runs `dynseg ARGS` to completion: its exit code and stdout.
 pub fn run_cli(args: &[&str]) -> (i32, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_dynseg"))

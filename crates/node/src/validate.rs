@@ -72,20 +72,7 @@ pub const LIMIT_NAMES: &[(&str, &str)] = &[
 impl EventLimits {
     /// Sets one limit from `NAME=VALUE` (`--limit`); errors name the known ones.
     pub fn set(&mut self, assignment: &str) -> Result<(), String> {
-        let known = || {
-            LIMIT_NAMES
-                .iter()
-                .map(|(n, _)| *n)
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let (name, value) = assignment
-            .split_once('=')
-            .ok_or_else(|| format!("--limit takes NAME=VALUE ({})", known()))?;
-        let number: usize =
-            value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
-                format!("--limit {name}: {value:?} is not a positive whole number")
-            })?;
+        let (name, number) = dynseg_rules::limits::parse_setting(assignment, LIMIT_NAMES)?;
         match name {
             "max_id_bytes" => self.max_id_bytes = number,
             "max_properties" => self.max_properties = number,
@@ -100,7 +87,7 @@ impl EventLimits {
             }
             "max_message_bytes" => self.max_message_bytes = number,
             "max_batch" => self.max_batch = number,
-            other => return Err(format!("--limit: unknown limit {other:?} ({})", known())),
+            other => return Err(format!("unknown limit {other:?}")),
         }
         Ok(())
     }

@@ -53,6 +53,27 @@ pub const LIMIT_NAMES: &[(&str, &str)] = &[
     ("max_segments", "segments in one rule set"),
 ];
 
+/// Reads a `NAME=VALUE` limit setting: the name, and the value as a positive
+/// whole number; errors list the `known` names.
+pub fn parse_setting<'a>(
+    assignment: &'a str,
+    known: &[(&str, &str)],
+) -> Result<(&'a str, usize), String> {
+    let names = || known.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ");
+    let (name, value) = assignment
+        .split_once('=')
+        .ok_or_else(|| format!("a limit is NAME=VALUE ({})", names()))?;
+    if !known.iter().any(|(n, _)| *n == name) {
+        return Err(format!("unknown limit {name:?} ({})", names()));
+    }
+    let number = value
+        .parse()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("limit {name}: {value:?} is not a positive whole number"))?;
+    Ok((name, number))
+}
+
 impl Limits {
     /// The most any setting may allow: what every node compiles rules the
     /// control plane accepted with, and what the control plane's replicated
@@ -74,19 +95,7 @@ impl Limits {
 
     /// Sets one limit from `NAME=VALUE`, at most its [`Limits::ceiling`].
     pub fn set(&mut self, assignment: &str) -> Result<(), String> {
-        let known = || {
-            LIMIT_NAMES
-                .iter()
-                .map(|(n, _)| *n)
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let (name, value) = assignment
-            .split_once('=')
-            .ok_or_else(|| format!("a rule limit is NAME=VALUE ({})", known()))?;
-        let number: usize = value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
-            format!("rule limit {name}: {value:?} is not a positive whole number")
-        })?;
+        let (name, number) = parse_setting(assignment, LIMIT_NAMES)?;
         let ceiling = Limits::ceiling();
         let bounded = |most: usize| {
             if number > most {
@@ -109,7 +118,7 @@ impl Limits {
                 self.max_window_threshold = small(ceiling.max_window_threshold)?
             }
             "max_segments" => self.max_segments = bounded(ceiling.max_segments)?,
-            other => return Err(format!("unknown rule limit {other:?} ({})", known())),
+            other => return Err(format!("unknown limit {other:?}")),
         }
         Ok(())
     }
@@ -130,7 +139,7 @@ mod tests {
             ("max_nodes", "NAME=VALUE"),
             ("max_nodes=0", "not a positive"),
             ("max_nodes=100000", "over the ceiling of 16384"),
-            ("max_colours=1", "unknown rule limit"),
+            ("max_colours=1", "unknown limit"),
         ] {
             let err = limits.set(bad).unwrap_err();
             assert!(err.contains(needle), "{bad}: {err}");
