@@ -1375,6 +1375,29 @@ async fn limits_are_configurable_and_bad_input_changes_nothing() {
         .unwrap_err();
     assert_eq!(huge.code(), tonic::Code::OutOfRange, "{huge:?}");
 
+    // So is one over the gateway's (`--max-grpc-message-bytes`).
+    let line = "gateway --control 127.0.0.1:9 --listen 127.0.0.1:0 --max-grpc-message-bytes 1024";
+    let argv: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+    let gateway = Process::start(&argv, "listening on");
+    let gateway_addr = gateway
+        .lines
+        .last()
+        .unwrap()
+        .strip_prefix("listening on")
+        .unwrap()
+        .trim()
+        .to_owned();
+    let too_big = GatewayClient::connect(format!("http://{gateway_addr}"))
+        .await
+        .unwrap()
+        .track(event(
+            "big",
+            vec![("s", value(Kind::StringValue("x".repeat(2_000))))],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(too_big.code(), tonic::Code::OutOfRange, "{too_big:?}");
+
     // Bad UTF-8 in a string field: the message cannot be decoded, the call
     // fails as gRPC says parse errors do (INTERNAL), and nothing lands.
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))

@@ -379,7 +379,7 @@ fn http_config(args: &Args) -> Result<dynseg_gateway::HttpConfig, CliError> {
 }
 
 async fn run_gateway(argv: &[String]) -> Result<ExitCode, CliError> {
-    const USAGE: &str = "usage: dynseg gateway --control ADDR [--listen ADDR] [--http ADDR] [--tokens-file F] [--cluster-secret-file F] [--tls-cert F --tls-key F [--tls-ca F] [--mtls]] [--write-key KEY]... [--max-body-bytes N] [--max-message-bytes N] [--max-depth N] [--http-max-inflight N]";
+    const USAGE: &str = "usage: dynseg gateway --control ADDR [--listen ADDR] [--http ADDR] [--tokens-file F] [--cluster-secret-file F] [--tls-cert F --tls-key F [--tls-ca F] [--mtls]] [--max-grpc-message-bytes N] [--write-key KEY]... [--max-body-bytes N] [--max-message-bytes N] [--max-depth N] [--http-max-inflight N]";
     let args = Args::parse(argv, &["mtls"])?;
     args.only(
         &[
@@ -393,6 +393,7 @@ async fn run_gateway(argv: &[String]) -> Result<ExitCode, CliError> {
                 "tls-key",
                 "tls-ca",
                 "mtls",
+                "max-grpc-message-bytes",
             ][..],
             HTTP_FLAGS,
         ]
@@ -417,6 +418,7 @@ async fn run_gateway(argv: &[String]) -> Result<ExitCode, CliError> {
     };
     let mut config = dynseg_gateway::GatewayConfig::new(control);
     config.http = http_config(&args)?;
+    config.max_message_bytes = args.number("max-grpc-message-bytes", config.max_message_bytes)?;
     config.access =
         dynseg_proto::auth::access_from(args.get("tokens-file"), args.get("cluster-secret-file"))
             .map_err(CliError::User)?

@@ -44,6 +44,8 @@ pub struct ControlConfig {
     /// The rule limits segment writes proposed through this member must fit
     /// (applying a write checks the ceiling, the same on every member).
     pub rule_limits: dynseg_rules::Limits,
+    /// Bytes of one Control API message a caller may send.
+    pub max_message_bytes: usize,
 }
 
 impl ControlConfig {
@@ -66,6 +68,7 @@ impl ControlConfig {
             access: dynseg_proto::auth::Access::open(),
             metrics_listen: None,
             rule_limits: dynseg_rules::Limits::default(),
+            max_message_bytes: 64 << 20,
         }
     }
 }
@@ -83,7 +86,7 @@ pub struct ControlArgs {
 /// The usage line of [`ControlArgs::parse`].
 pub const USAGE: &str = "--id N|from-hostname --listen ADDR --data-dir DIR [--peers ID=ADDR,...] [--join] \
      [--snapshot-interval N] [--cluster-secret-file F] (or DYNSEG_CLUSTER_SECRET) \
-     [--tokens-file F] (or DYNSEG_TOKENS) [--tls-cert F --tls-key F [--tls-ca F] [--mtls]] [--rule-limit NAME=VALUE]... [--metrics ADDR]";
+     [--tokens-file F] (or DYNSEG_TOKENS) [--tls-cert F --tls-key F [--tls-ca F] [--mtls]] [--rule-limit NAME=VALUE]... [--max-message-bytes N] [--metrics ADDR]";
 
 impl ControlArgs {
     /// Parses the flags; with no `--peers` (and no `--join`) the member founds a
@@ -96,6 +99,7 @@ impl ControlArgs {
         let mut join = false;
         let mut metrics_listen = None;
         let mut rule_limits = Vec::new();
+        let mut max_message_bytes = None;
         let mut snapshot_interval = None;
         let mut secret_file = None;
         let mut tokens_file = None;
@@ -149,6 +153,15 @@ impl ControlArgs {
                 "--tls-ca" => tls_ca = Some(value()?),
                 "--mtls" => mtls = true,
                 "--rule-limit" => rule_limits.push(value()?),
+                "--max-message-bytes" => {
+                    max_message_bytes = Some(
+                        value()?
+                            .parse::<usize>()
+                            .ok()
+                            .filter(|n| *n > 0)
+                            .ok_or("--max-message-bytes takes a positive number")?,
+                    )
+                }
                 "--snapshot-interval" => {
                     snapshot_interval = Some(
                         value()?
@@ -171,6 +184,9 @@ impl ControlArgs {
         config.metrics_listen = metrics_listen;
         for limit in &rule_limits {
             config.rule_limits.set(limit)?;
+        }
+        if let Some(bytes) = max_message_bytes {
+            config.max_message_bytes = bytes;
         }
         if let Some(n) = snapshot_interval {
             config.snapshot_interval = n.max(1);

@@ -19,8 +19,8 @@ use crate::metrics;
 use crate::replica::{self, ReplicaHandle, ReplicaTask};
 use crate::service::ControlService;
 
-/// Largest gRPC message accepted: raft snapshots of the state machine travel in
-/// one message.
+/// Largest raft message accepted from a member: snapshots of the state
+/// machine travel in one message. (The Control API's bound is configurable.)
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 /// A running control member.
@@ -72,7 +72,8 @@ impl ControlServer {
             .layer(dynseg_telemetry::traces::TraceLayer)
             .layer(AccessLayer::new(config.access.clone()))
             .add_service(
-                ControlGrpc::new(service.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+                ControlGrpc::new(service.clone())
+                    .max_decoding_message_size(config.max_message_bytes),
             )
             .add_service(RaftPeerServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES));
         let (router, _health) = serving::add_standard_services(

@@ -40,6 +40,9 @@ pub struct GatewayConfig {
     /// Who may call the gateway (open by default), and the cluster secret it
     /// presents to nodes and the control plane.
     pub access: Access,
+    /// Bytes of one gRPC message a client may send (a larger one is refused
+    /// with OUT_OF_RANGE before it is decoded).
+    pub max_message_bytes: usize,
 }
 
 impl GatewayConfig {
@@ -53,6 +56,7 @@ impl GatewayConfig {
             retry_for: Duration::from_secs(10),
             http: HttpConfig::default(),
             access: Access::open(),
+            max_message_bytes: 64 << 20,
         }
     }
 }
@@ -108,8 +112,12 @@ impl GatewayServer {
         let router = serving::builder(&config.access, false)?
             .layer(dynseg_telemetry::traces::TraceLayer)
             .layer(AccessLayer::new(config.access.clone()))
-            .add_service(GatewayGrpc::new(service).max_decoding_message_size(64 << 20))
-            .add_service(ControlGrpc::new(admin).max_decoding_message_size(64 << 20));
+            .add_service(
+                GatewayGrpc::new(service).max_decoding_message_size(config.max_message_bytes),
+            )
+            .add_service(
+                ControlGrpc::new(admin).max_decoding_message_size(config.max_message_bytes),
+            );
         let (router, health) = serving::add_standard_services(
             router,
             &[
