@@ -1437,3 +1437,83 @@ async fn limits_are_configurable_and_bad_input_changes_nothing() {
         .into_inner();
     assert!(!utf8_user.exists);
 }
+
+/// `dynseg segment overlap`: the pairwise matrix and the all-of-them count,
+/// exact, over users spread across shards; bad requests name the problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segment_overlap_counts_every_pair_exactly() {
+    let dev = Dev::start("");
+    dev.apply(&[("a", "exists(a)"), ("b", "exists(b)"), ("c", "exists(c)")])
+        .await;
+    // u1 {a}, u2 {a, b}, u3 {a, b, c}, u4 {b, c}, u5 {c}: on 8 shards.
+    let mut events = Vec::new();
+    for (user, names) in [
+        ("u1", &["a"][..]),
+        ("u2", &["a", "b"]),
+        ("u3", &["a", "b", "c"]),
+        ("u4", &["b", "c"]),
+        ("u5", &["c"]),
+    ] {
+        for name in names {
+            events.push(pb::Event {
+                message_id: format!("{user}-{name}"),
+                user_id: user.into(),
+                r#type: pb::EventType::Track as i32,
+                event: (*name).into(),
+                timestamp_ms: ms(T0) - 1_000,
+                ..pb::Event::default()
+            });
+        }
+    }
+    let reply = dev
+        .client()
+        .await
+        .ingest(pb::IngestRequest { events })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.accepted, 9);
+
+    let (code, out) = support::run_cli(&[
+        "segment",
+        "overlap",
+        "a",
+        "b",
+        "c",
+        "--addr",
+        &dev.gateway,
+        "--output",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["sizes"], serde_json::json!([3, 3, 3]));
+    assert_eq!(
+        json["pairwise"],
+        serde_json::json!([[3, 2, 1], [2, 3, 2], [1, 2, 3]])
+    );
+    assert_eq!(json["all"], 1);
+    let (code, table) = support::run_cli(&["segment", "overlap", "b", "c", "--addr", &dev.gateway]);
+    assert_eq!(code, 0);
+    assert!(table.contains("in all 2: 2"), "{table}");
+
+    let mut client = dev.client().await;
+    for (segments, code, needle) in [
+        (vec!["a"], tonic::Code::InvalidArgument, "2 to 16 segments"),
+        (
+            vec!["a", "nope"],
+            tonic::Code::NotFound,
+            "no segment \"nope\"",
+        ),
+        (vec!["a", "a"], tonic::Code::InvalidArgument, "given twice"),
+    ] {
+        let err = client
+            .segment_overlap(pb::SegmentOverlapRequest {
+                segments: segments.into_iter().map(str::to_owned).collect(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), code, "{err:?}");
+        assert!(err.message().contains(needle), "{err:?}");
+    }
+}

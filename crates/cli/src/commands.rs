@@ -77,7 +77,7 @@ pub(crate) async fn control(args: &Args) -> Result<ControlClient<Conn>, CliError
     Ok(ControlClient::new(channel).max_decoding_message_size(64 << 20))
 }
 
-async fn gateway(args: &Args) -> Result<GatewayClient<Conn>, CliError> {
+pub(crate) async fn gateway(args: &Args) -> Result<GatewayClient<Conn>, CliError> {
     let addr = &addr(args);
     let channel = client::connect(addr, credentials(args)?)
         .await
@@ -90,7 +90,7 @@ fn record_json(record: &pb::SegmentRecord) -> serde_json::Value {
     json!({"id": def.id, "name": def.name, "description": def.description, "rule": def.rule, "version": record.version})
 }
 
-/// `dynseg segment validate|apply|list|get|delete`.
+/// `dynseg segment validate|apply|preview|list|get|delete|overlap`.
 pub async fn segment(args: &Args, out: Output) -> Result<(), CliError> {
     let action = args.positional.get(1).map(String::as_str).unwrap_or("");
     match action {
@@ -183,6 +183,7 @@ pub async fn segment(args: &Args, out: Output) -> Result<(), CliError> {
                 }
             }
         }
+        "overlap" => crate::insight::overlap(args, out).await?,
         "list" => {
             let list = control(args)
                 .await?
@@ -257,7 +258,7 @@ pub async fn segment(args: &Args, out: Output) -> Result<(), CliError> {
         }
         other => {
             return Err(CliError::User(format!(
-                "unknown segment command {other:?} (validate, apply, preview, list, get, delete)"
+                "unknown segment command {other:?} (validate, apply, preview, list, get, delete, overlap)"
             )));
         }
     }

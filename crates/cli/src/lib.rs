@@ -10,6 +10,7 @@
 //! | [`demo`] | the demo: segments, generated traffic, the live view |
 //! | [`commands`] | segment, ingest, tail, user, members, clock |
 //! | [`cluster`] | cluster status, add-node, drain, remove, rebalance |
+//! | [`insight`] | segment overlap |
 //! | [`bench`] | the load generator |
 //! | [`event_json`], [`segments_file`] | input files: Segment-shaped events, segment lists |
 //! | [`args`], [`output`], [`error`] | flags, tables and JSON, exit codes |
@@ -22,5 +23,6 @@ pub mod demo;
 pub mod dev;
 pub mod error;
 pub mod event_json;
+pub mod insight;
 pub mod output;
 pub mod segments_file;

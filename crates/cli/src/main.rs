@@ -33,6 +33,7 @@ Run:
 Segments (a gateway or a control member, --addr default 127.0.0.1:7102):
   dynseg segment validate|apply|preview -f FILE.yaml|json
   dynseg segment list | get ID | delete ID
+  dynseg segment overlap A B [C...]   members of each pair of segments, and of all of them
   dynseg cluster status            nodes (liveness, shards, epochs), moves in flight with progress
   dynseg cluster add-node NODE [--weight W] [--wait]    a registered node (id or address) takes shards
   dynseg cluster drain NODE [--wait]                    move every shard off a node

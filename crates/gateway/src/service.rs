@@ -221,6 +221,30 @@ impl Gateway for GatewayService {
         }))
     }
 
+    async fn segment_overlap(
+        &self,
+        request: Request<pb::SegmentOverlapRequest>,
+    ) -> Result<Response<pb::SegmentOverlapResponse>, Status> {
+        let request = request.into_inner();
+        let n = request.segments.len();
+        let mut pairwise = vec![0u64; n * n];
+        let mut all = 0;
+        // Each node checks the segments and counts its own users; a user is
+        // on exactly one node, so the sums are exact.
+        for mut client in self.all_nodes()? {
+            let part = client.segment_overlap(request.clone()).await?.into_inner();
+            for (total, count) in pairwise.iter_mut().zip(part.pairwise) {
+                *total += count;
+            }
+            all += part.all;
+        }
+        Ok(Response::new(pb::SegmentOverlapResponse {
+            segments: request.segments,
+            pairwise,
+            all,
+        }))
+    }
+
     async fn preview_segments(
         &self,
         request: Request<pb::PreviewSegmentsRequest>,

@@ -68,6 +68,10 @@ pub(crate) enum Command {
     Counts {
         reply: Reply<(BTreeMap<SegmentId, u64>, u64)>,
     },
+    Overlap {
+        segments: Vec<SegmentId>,
+        reply: Reply<(Vec<u64>, u64)>,
+    },
     Preview {
         plan: Arc<Plan>,
         segments: Vec<SegmentId>,
@@ -1229,6 +1233,9 @@ impl ShardTask {
             }
             Command::Counts { reply } => {
                 let _ = reply.send(Ok((self.shard.counts(), self.shard.user_count())));
+            }
+            Command::Overlap { segments, reply } => {
+                let _ = reply.send(Ok(self.shard.overlap(&segments)));
             }
             Command::Preview {
                 plan,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use dynseg_proto::pb::{self, node_server};
-use dynseg_rules::{Event, Plan, RuleVersion, SegmentDef, Span, Timestamp, UserId};
+use dynseg_rules::{Event, Plan, RuleVersion, SegmentDef, SegmentId, Span, Timestamp, UserId};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -106,6 +106,34 @@ impl NodeService {
 async fn answer<T>(rx: oneshot::Receiver<Result<T, NodeError>>) -> Result<T, NodeError> {
     rx.await
         .map_err(|_| NodeError::Unavailable("the shard stopped".into()))?
+}
+
+/// Segments an overlap may ask about at most (the answer is n × n).
+pub const MAX_OVERLAP_SEGMENTS: usize = 16;
+
+/// The segments of an overlap request: two to [`MAX_OVERLAP_SEGMENTS`],
+/// distinct, each defined.
+fn overlap_segments(plan: &Plan, segments: &[String]) -> Result<Vec<SegmentId>, NodeError> {
+    if segments.len() < 2 || segments.len() > MAX_OVERLAP_SEGMENTS {
+        return Err(NodeError::Invalid(format!(
+            "an overlap takes 2 to {MAX_OVERLAP_SEGMENTS} segments, not {}",
+            segments.len()
+        )));
+    }
+    let mut seen = BTreeSet::new();
+    segments
+        .iter()
+        .map(|s| {
+            let id = SegmentId::from(s.as_str());
+            if !plan.segment_ids().any(|known| *known == id) {
+                return Err(NodeError::NotFound(format!("no segment {s:?}")));
+            }
+            if !seen.insert(s.as_str()) {
+                return Err(NodeError::Invalid(format!("segment {s:?} is given twice")));
+            }
+            Ok(id)
+        })
+        .collect()
 }
 
 #[tonic::async_trait]
@@ -338,6 +366,35 @@ impl node_server::Node for NodeService {
             }
         }
         Ok(Response::new(pb::SegmentCountsResponse { counts, users }))
+    }
+
+    async fn segment_overlap(
+        &self,
+        request: Request<pb::SegmentOverlapRequest>,
+    ) -> Result<Response<pb::SegmentOverlapResponse>, Status> {
+        let segments = request.into_inner().segments;
+        let ids = overlap_segments(&self.plan(), &segments)?;
+        let n = ids.len();
+        let mut pairwise = vec![0u64; n * n];
+        let mut all = 0;
+        for (_, handle) in self.node.handles() {
+            let (shard_pairs, shard_all) = self
+                .node
+                .ask(&handle, |reply| Command::Overlap {
+                    segments: ids.clone(),
+                    reply,
+                })
+                .await?;
+            for (total, part) in pairwise.iter_mut().zip(shard_pairs) {
+                *total += part;
+            }
+            all += shard_all;
+        }
+        Ok(Response::new(pb::SegmentOverlapResponse {
+            segments,
+            pairwise,
+            all,
+        }))
     }
 
     async fn preview_segments(

@@ -521,6 +521,39 @@ impl Shard {
             .collect()
     }
 
+    /// For `segments` (n of them): row-major n × n counts of users in both
+    /// segments of each pair (the diagonal is each size), and the count of
+    /// users in all of them. Each intersection walks the smaller set.
+    pub fn overlap(&self, segments: &[SegmentId]) -> (Vec<u64>, u64) {
+        let empty = BTreeSet::new();
+        let sets: Vec<&BTreeSet<UserId>> = segments
+            .iter()
+            .map(|s| self.members.get(s).unwrap_or(&empty))
+            .collect();
+        let n = sets.len();
+        let mut pairwise = vec![0u64; n * n];
+        for i in 0..n {
+            for j in i..n {
+                let (small, large) = if sets[i].len() <= sets[j].len() {
+                    (sets[i], sets[j])
+                } else {
+                    (sets[j], sets[i])
+                };
+                let both = small.iter().filter(|u| large.contains(*u)).count() as u64;
+                pairwise[i * n + j] = both;
+                pairwise[j * n + i] = both;
+            }
+        }
+        let all = match sets.iter().min_by_key(|s| s.len()) {
+            Some(smallest) => smallest
+                .iter()
+                .filter(|u| sets.iter().all(|s| s.contains(*u)))
+                .count() as u64,
+            None => 0,
+        };
+        (pairwise, all)
+    }
+
     /// Members per segment.
     pub fn counts(&self) -> BTreeMap<SegmentId, u64> {
         self.plan
@@ -697,6 +730,40 @@ mod tests {
         let store = crate::store::Store::open(dir, 1 << 20).unwrap();
         let shard = Shard::open(3, store.shard(3).unwrap(), p, ShardConfig::default()).unwrap();
         (store, shard)
+    }
+
+    #[test]
+    fn overlap_counts_each_pair_and_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, mut shard) = open(
+            dir.path(),
+            plan(
+                &[("a", "exists(a)"), ("b", "exists(b)"), ("c", "exists(c)")],
+                1,
+            ),
+        );
+        let now = t("2026-01-01T00:00:00Z");
+        let event =
+            |id: &str, user: &str, name: &str| Event::track(id, user, name, now, Properties::new());
+        // u1 {a}, u2 {a, b}, u3 {a, b, c}, u4 {b, c}, u5 {c}.
+        let events = [
+            event("1", "u1", "a"),
+            event("2", "u2", "a"),
+            event("3", "u2", "b"),
+            event("4", "u3", "a"),
+            event("5", "u3", "b"),
+            event("6", "u3", "c"),
+            event("7", "u4", "b"),
+            event("8", "u4", "c"),
+            event("9", "u5", "c"),
+        ];
+        apply(&mut shard, now, &events).unwrap();
+        let ids: Vec<SegmentId> = ["a", "b", "c"].map(SegmentId::from).to_vec();
+        let (pairwise, all) = shard.overlap(&ids);
+        assert_eq!(pairwise, vec![3, 2, 1, 2, 3, 2, 1, 2, 3]);
+        assert_eq!(all, 1);
+        let (pairwise, all) = shard.overlap(&ids[..2]);
+        assert_eq!((pairwise, all), (vec![3, 2, 2, 3], 2));
     }
 
     #[test]
