@@ -143,6 +143,28 @@ impl Dev {
     }
 }
 
+/// A gateway whose control plane never answers (so it has no placement),
+/// with `flags`; the process and what it printed after `ready_prefix`.
+fn lone_gateway(flags: &str, ready_prefix: &str) -> (Process, String) {
+    let line = format!("gateway --control 127.0.0.1:9 --listen 127.0.0.1:0 {flags}");
+    let argv: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+    let process = Process::start(&argv, ready_prefix);
+    let addr = after(&process, ready_prefix);
+    (process, addr)
+}
+
+/// What `process` printed after `prefix` on its last line with it.
+fn after(process: &Process, prefix: &str) -> String {
+    process
+        .lines
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
 fn expect(pairs: &[(&str, &[&str])]) -> BTreeMap<String, BTreeSet<String>> {
     pairs
         .iter()
@@ -486,16 +508,7 @@ async fn the_http_api_keeps_good_events_dedupes_and_refuses_bad_requests_cleanly
 fn an_overloaded_gateway_answers_429_with_retry_after() {
     // A gateway whose control plane never answers has no placement, so an
     // ingest request waits (up to its retry deadline) holding the only slot.
-    let line = "gateway --control 127.0.0.1:9 --listen 127.0.0.1:0 --http 127.0.0.1:0 --http-max-inflight 1";
-    let argv: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
-    let process = Process::start(&argv, "http on");
-    let http_addr = process
-        .lines
-        .iter()
-        .find_map(|l| l.strip_prefix("http on"))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let (_gateway, http_addr) = lone_gateway("--http 127.0.0.1:0 --http-max-inflight 1", "http on");
     let health = http(&http_addr, "GET", "/healthz", &[], b"");
     assert_eq!(health.status, 503, "{health:?}");
 
@@ -584,17 +597,7 @@ fn every_server_answers_grpc_health_and_reflection() {
 
     // A gateway without a control plane has no placement: NOT_SERVING, so a
     // Kubernetes readiness probe keeps traffic away.
-    let line = "gateway --control 127.0.0.1:9 --listen 127.0.0.1:0";
-    let argv: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
-    let lonely = Process::start(&argv, "listening on");
-    let addr = lonely
-        .lines
-        .last()
-        .unwrap()
-        .strip_prefix("listening on")
-        .unwrap()
-        .trim()
-        .to_owned();
+    let (_lonely, addr) = lone_gateway("", "listening on");
     let health = grpcurl(&addr, &["", "grpc.health.v1.Health/Check"]).unwrap();
     assert!(health.contains(r#""status": "NOT_SERVING""#), "{health}");
 }
@@ -1284,14 +1287,7 @@ async fn limits_are_configurable_and_bad_input_changes_nothing() {
         "node --shard-count 4 --clock manual={T0} --limit max_properties=2 --limit max_depth=1 --limit max_string_bytes=16 --limit max_message_bytes=65536 --data-dir"
     );
     let process = Process::start(&args(&line, dir.path()), "listening on");
-    let addr = process
-        .lines
-        .last()
-        .unwrap()
-        .strip_prefix("listening on")
-        .unwrap()
-        .trim()
-        .to_owned();
+    let addr = after(&process, "listening on");
     let mut node = pb::node_client::NodeClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
@@ -1376,17 +1372,7 @@ async fn limits_are_configurable_and_bad_input_changes_nothing() {
     assert_eq!(huge.code(), tonic::Code::OutOfRange, "{huge:?}");
 
     // So is one over the gateway's (`--max-grpc-message-bytes`).
-    let line = "gateway --control 127.0.0.1:9 --listen 127.0.0.1:0 --max-grpc-message-bytes 1024";
-    let argv: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
-    let gateway = Process::start(&argv, "listening on");
-    let gateway_addr = gateway
-        .lines
-        .last()
-        .unwrap()
-        .strip_prefix("listening on")
-        .unwrap()
-        .trim()
-        .to_owned();
+    let (_gateway, gateway_addr) = lone_gateway("--max-grpc-message-bytes 1024", "listening on");
     let too_big = GatewayClient::connect(format!("http://{gateway_addr}"))
         .await
         .unwrap()
