@@ -466,7 +466,7 @@ impl Plan {
 
 /// Evaluates conditions over one state (or, for filters, one event's properties)
 /// at `now`, and collects the earliest future instant the result could change.
-struct Evaluator<'a> {
+pub(crate) struct Evaluator<'a> {
     plan: &'a Plan,
     state: &'a UserState,
     props: Option<&'a Properties>,
@@ -477,6 +477,17 @@ struct Evaluator<'a> {
 const NULL: &Value = &Value::Null;
 
 impl<'a> Evaluator<'a> {
+    /// An evaluator of `state`'s conditions at `now`.
+    pub(crate) fn new(plan: &'a Plan, state: &'a UserState, now: Timestamp) -> Self {
+        Evaluator {
+            plan,
+            state,
+            props: None,
+            now,
+            wake: Timestamp::MAX,
+        }
+    }
+
     fn wake_at(&mut self, t: Timestamp) {
         if t > self.now && t < self.wake {
             self.wake = t;
@@ -491,7 +502,7 @@ impl<'a> Evaluator<'a> {
     /// until both can. A side that is false (in `and`; true in `or`) and can never
     /// turn without a new event settles the result, and the other side is not
     /// evaluated at all.
-    fn cond(&mut self, cond: &'a Cond) -> (bool, Timestamp) {
+    pub(crate) fn cond(&mut self, cond: &'a Cond) -> (bool, Timestamp) {
         match cond {
             Cond::And(a, b) => {
                 let (x, wx) = self.cond(a);
@@ -673,7 +684,7 @@ impl<'a> Evaluator<'a> {
 
     /// A reader's value at `now`; for sliding windows also the instant its oldest
     /// event inside the window leaves it.
-    fn read(&mut self, r: u32) -> Value {
+    pub(crate) fn read(&mut self, r: u32) -> Value {
         let reader = &self.plan.readers[r as usize];
         let spec = &self.plan.cells[reader.cell as usize];
         let lower = match reader.window {

@@ -23,6 +23,7 @@
 //! | `cell`, `state` | compact per-user state: [`UserState`] |
 //! | `eval` | `apply`, `advance`, `next_wakeup`, `rebuild` on a [`Plan`] |
 //! | `migrate` | moving states to a new rule set: [`Migration`] |
+//! | [`explain`](mod@explain) | a rule's tree evaluated for one user, and its next change |
 //! | [`reference`](mod@reference) | the brute-force evaluator the tests hold the engine to |
 //! | [`exact_sum`] | order-independent exact sums for `sum` and `avg` |
 //! | [`change`], [`error`] | what the engine emits, and what can go wrong |
@@ -57,6 +58,7 @@ mod eval;
 pub mod event;
 pub mod exact_sum;
 pub mod examples;
+pub mod explain;
 mod id;
 pub mod limits;
 mod migrate;
@@ -73,6 +75,7 @@ pub use arena::prefetch_line;
 pub use change::{Cause, Change, ChangeKind};
 pub use error::{Error, RuleError, RuleErrorKind};
 pub use event::{Event, EventBody, EventName, MessageId, Properties, SegmentId, UserId};
+pub use explain::{Clause, Explanation, NextChange, OperandValue};
 pub use id::IdStr;
 pub use limits::Limits;
 pub use migrate::Migration;

@@ -64,6 +64,9 @@ pub(crate) struct SegmentPlan {
     pub(crate) canonical: String,
     /// Segments this one reads through `in_segment`.
     pub(crate) depends_on: Vec<u32>,
+    /// The checked rule: what `explain` walks beside `cond` (its `and`, `or` and
+    /// `not` nodes are `cond`'s, one for one).
+    pub(crate) expr: crate::syntax::Expr,
 }
 
 /// Events of one name that pass one filter.
@@ -302,6 +305,7 @@ impl<'a> Compiler<'a> {
                 cond,
                 canonical: seg.rule.expr.to_string(),
                 depends_on: seg.depends_on.iter().map(|&d| d as u32).collect(),
+                expr: seg.rule.expr.clone(),
             });
         }
         let dependents = dependents_of(&segments);

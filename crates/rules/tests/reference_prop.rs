@@ -435,6 +435,7 @@ impl Sim {
             Timestamp(self.now)
         );
         self.check_members(step)?;
+        self.check_explain(step)?;
         if let Some(wake) = self.plan.next_wakeup(&self.state) {
             prop_assert!(
                 wake.millis() > self.now,
@@ -468,6 +469,77 @@ impl Sim {
         let end_a: BTreeSet<SegmentId> = self.plan.members(&state).cloned().collect();
         let end_b: BTreeSet<SegmentId> = self.plan.members(&rebuilt).cloned().collect();
         prop_assert_eq!(end_a, end_b, "rebuilt state diverges a minute later");
+        Ok(())
+    }
+
+    /// Every segment's explanation agrees with the membership, and its next
+    /// change is the reference's: nothing changes before it, and at it the
+    /// membership turns as announced (with no next change, nothing changes in
+    /// the next 400 days).
+    fn check_explain(&self, step: usize) -> Result<(), TestCaseError> {
+        // Every third step: the check walks the reference through every
+        // candidate instant ahead, several times the cost of the step itself.
+        if self.events.is_empty() || step % 3 != 0 {
+            return Ok(());
+        }
+        let horizon = self.now + 400 * 24 * 3600 * SECOND;
+        let mut explained = Vec::new();
+        for segment in self.plan.segment_ids() {
+            let e = self
+                .plan
+                .explain(&self.state, segment.as_str(), Timestamp(self.now))
+                .expect("a segment of the plan");
+            let member = self.members.contains(segment);
+            prop_assert_eq!(
+                e.member,
+                member,
+                "step {}: explain {} member",
+                step,
+                segment
+            );
+            prop_assert_eq!(
+                e.clause.truth,
+                member,
+                "step {}: explain {} tree",
+                step,
+                segment
+            );
+            if let Some(next) = &e.next_change {
+                // Only a future-dated event falling due has no clause to name.
+                prop_assert!(
+                    next.clause.is_some() || self.events.iter().any(|ev| ev.timestamp == next.at),
+                    "step {}: {} next change {:?} names no clause",
+                    step,
+                    segment,
+                    next
+                );
+                let at_t = self.reference.members(&self.events, next.at);
+                prop_assert_eq!(
+                    at_t.contains(segment),
+                    next.kind == ChangeKind::Enter,
+                    "step {}: {} does not turn at the explained next change {:?}",
+                    step,
+                    segment,
+                    next
+                );
+            }
+            let until = e.next_change.as_ref().map_or(horizon, |n| n.at.millis());
+            explained.push((segment, member, until, e.next_change));
+        }
+        let last = explained.iter().map(|e| e.2).max().unwrap_or(self.now);
+        for t in candidate_instants(&self.events, &self.rules, self.now, last - 1) {
+            let at_t = self.reference.members(&self.events, Timestamp(t));
+            for (segment, member, until, next) in &explained {
+                prop_assert!(
+                    t >= *until || at_t.contains(*segment) == *member,
+                    "step {}: {} changes at {} before the explained next change {:?}",
+                    step,
+                    segment,
+                    Timestamp(t),
+                    next
+                );
+            }
+        }
         Ok(())
     }
 
