@@ -16,15 +16,12 @@ use std::time::Duration;
 use dynseg_proto::pb;
 use dynseg_proto::pb::control_client::ControlClient;
 use dynseg_proto::pb::gateway_client::GatewayClient;
-use dynseg_rules::Timestamp;
 use support::clients::{
     Answer, basic_auth, grpcurl, grpcurl_with, http, promtool_problems, python, python_with_env,
     sample,
 };
-use support::{DevProcess, Process, args, wait_for_rules};
-use tonic::transport::Channel;
-
-const WRITE_KEY: &str = "wk_e2e";
+use support::dev::{Dev, T0, WRITE_KEY, ms};
+use support::{Process, args};
 
 /// Every dynseg metric (histograms by their buckets): the metrics test finds
 /// each in a dev cluster's /metrics, the deploy test lets the dashboard and
@@ -38,6 +35,9 @@ const EXPORTED: &[&str] = &[
     "dynseg_node_ingest_duration_seconds_bucket",
     "dynseg_segment_members",
     "dynseg_segment_changes_total",
+    "dynseg_segment_churn_last_hour",
+    "dynseg_segment_volatility",
+    "dynseg_segment_volatile",
     "dynseg_node_users",
     "dynseg_node_shards",
     "dynseg_node_storage_bytes",
@@ -50,99 +50,6 @@ const EXPORTED: &[&str] = &[
     "dynseg_placement_shards",
     "dynseg_placement_moves_in_flight",
 ];
-const T0: &str = "2026-03-01T12:00:00Z";
-
-/// `dynseg dev` on the manual clock at [`T0`], with one write key.
-struct Dev {
-    process: DevProcess,
-    control: String,
-    node: String,
-    gateway: String,
-    http: String,
-}
-
-impl Dev {
-    fn start(extra: &str) -> Dev {
-        Dev::start_with_env(extra, &[])
-    }
-
-    fn start_with_env(extra: &str, env: &[(&str, &str)]) -> Dev {
-        let line = format!("--shards 8 --clock manual={T0} --write-key {WRITE_KEY} {extra}");
-        let process = DevProcess::start(&line, env);
-        Dev {
-            control: process.control.clone(),
-            node: process.node.clone(),
-            gateway: process.gateway.clone(),
-            http: process.http.clone(),
-            process,
-        }
-    }
-
-    async fn client(&self) -> GatewayClient<Channel> {
-        GatewayClient::connect(format!("http://{}", self.gateway))
-            .await
-            .unwrap()
-    }
-
-    /// Applies `segments` (id, rule) and waits until the node has them.
-    async fn apply(&self, segments: &[(&str, &str)]) {
-        let mut control = ControlClient::connect(format!("http://{}", self.gateway))
-            .await
-            .unwrap();
-        control
-            .apply_segments(pb::SegmentsRequest {
-                segments: segments
-                    .iter()
-                    .map(|(id, rule)| pb::SegmentDef {
-                        id: (*id).into(),
-                        name: (*id).into(),
-                        rule: (*rule).into(),
-                        ..pb::SegmentDef::default()
-                    })
-                    .collect(),
-            })
-            .await
-            .unwrap();
-        let mut client = self.client().await;
-        for (id, _) in segments {
-            wait_for_rules(&mut client, id).await;
-        }
-    }
-
-    /// The segments of each user, as the gateway answers.
-    async fn memberships(&self, users: &[&str]) -> BTreeMap<String, BTreeSet<String>> {
-        let mut client = self.client().await;
-        let mut out = BTreeMap::new();
-        for user in users {
-            let reply = client
-                .get_user(pb::GetUserRequest {
-                    user_id: (*user).into(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            out.insert((*user).to_owned(), reply.segments.into_iter().collect());
-        }
-        out
-    }
-
-    async fn advance(&self, by: Duration) {
-        self.client()
-            .await
-            .advance_clock(pb::AdvanceClockRequest {
-                target: Some(pb::advance_clock_request::Target::ByMs(
-                    by.as_millis() as i64
-                )),
-            })
-            .await
-            .unwrap();
-    }
-
-    fn post(&self, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Answer {
-        http(&self.http, "POST", path, headers, body)
-    }
-}
-
 /// A gateway whose control plane never answers (so it has no placement),
 /// with `flags`; the process and what it printed after `ready_prefix`.
 fn lone_gateway(flags: &str, ready_prefix: &str) -> (Process, String) {
@@ -304,10 +211,6 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
     let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     encoder.write_all(bytes).unwrap();
     encoder.finish().unwrap()
-}
-
-fn ms(text: &str) -> i64 {
-    Timestamp::parse_rfc3339(text).unwrap().millis()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1422,84 +1325,4 @@ async fn limits_are_configurable_and_bad_input_changes_nothing() {
         .unwrap()
         .into_inner();
     assert!(!utf8_user.exists);
-}
-
-/// `dynseg segment overlap`: the pairwise matrix and the all-of-them count,
-/// exact, over users spread across shards; bad requests name the problem.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn segment_overlap_counts_every_pair_exactly() {
-    let dev = Dev::start("");
-    dev.apply(&[("a", "exists(a)"), ("b", "exists(b)"), ("c", "exists(c)")])
-        .await;
-    // u1 {a}, u2 {a, b}, u3 {a, b, c}, u4 {b, c}, u5 {c}: on 8 shards.
-    let mut events = Vec::new();
-    for (user, names) in [
-        ("u1", &["a"][..]),
-        ("u2", &["a", "b"]),
-        ("u3", &["a", "b", "c"]),
-        ("u4", &["b", "c"]),
-        ("u5", &["c"]),
-    ] {
-        for name in names {
-            events.push(pb::Event {
-                message_id: format!("{user}-{name}"),
-                user_id: user.into(),
-                r#type: pb::EventType::Track as i32,
-                event: (*name).into(),
-                timestamp_ms: ms(T0) - 1_000,
-                ..pb::Event::default()
-            });
-        }
-    }
-    let reply = dev
-        .client()
-        .await
-        .ingest(pb::IngestRequest { events })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(reply.accepted, 9);
-
-    let (code, out) = support::run_cli(&[
-        "segment",
-        "overlap",
-        "a",
-        "b",
-        "c",
-        "--addr",
-        &dev.gateway,
-        "--output",
-        "json",
-    ]);
-    assert_eq!(code, 0, "{out}");
-    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(json["sizes"], serde_json::json!([3, 3, 3]));
-    assert_eq!(
-        json["pairwise"],
-        serde_json::json!([[3, 2, 1], [2, 3, 2], [1, 2, 3]])
-    );
-    assert_eq!(json["all"], 1);
-    let (code, table) = support::run_cli(&["segment", "overlap", "b", "c", "--addr", &dev.gateway]);
-    assert_eq!(code, 0);
-    assert!(table.contains("in all 2: 2"), "{table}");
-
-    let mut client = dev.client().await;
-    for (segments, code, needle) in [
-        (vec!["a"], tonic::Code::InvalidArgument, "2 to 16 segments"),
-        (
-            vec!["a", "nope"],
-            tonic::Code::NotFound,
-            "no segment \"nope\"",
-        ),
-        (vec!["a", "a"], tonic::Code::InvalidArgument, "given twice"),
-    ] {
-        let err = client
-            .segment_overlap(pb::SegmentOverlapRequest {
-                segments: segments.into_iter().map(str::to_owned).collect(),
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(err.code(), code, "{err:?}");
-        assert!(err.message().contains(needle), "{err:?}");
-    }
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 pub mod clients;
+pub mod dev;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};

@@ -90,7 +90,7 @@ fn record_json(record: &pb::SegmentRecord) -> serde_json::Value {
     json!({"id": def.id, "name": def.name, "description": def.description, "rule": def.rule, "version": record.version})
 }
 
-/// `dynseg segment validate|apply|preview|list|get|delete|overlap`.
+/// `dynseg segment validate|apply|preview|list|get|delete|overlap|stats|explain`.
 pub async fn segment(args: &Args, out: Output) -> Result<(), CliError> {
     let action = args.positional.get(1).map(String::as_str).unwrap_or("");
     match action {
@@ -184,6 +184,15 @@ pub async fn segment(args: &Args, out: Output) -> Result<(), CliError> {
             }
         }
         "overlap" => crate::insight::overlap(args, out).await?,
+        "stats" => crate::insight::stats(args, out).await?,
+        "explain" => match args.positional.as_slice() {
+            [_, _, user, segment] => crate::insight::explain(args, user, segment, out).await?,
+            _ => {
+                return Err(CliError::User(
+                    "usage: dynseg segment explain USER SEGMENT".into(),
+                ));
+            }
+        },
         "list" => {
             let list = control(args)
                 .await?
@@ -258,7 +267,7 @@ pub async fn segment(args: &Args, out: Output) -> Result<(), CliError> {
         }
         other => {
             return Err(CliError::User(format!(
-                "unknown segment command {other:?} (validate, apply, preview, list, get, delete, overlap)"
+                "unknown segment command {other:?} (validate, apply, preview, list, get, delete, overlap, stats, explain)"
             )));
         }
     }

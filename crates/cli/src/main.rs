@@ -34,6 +34,8 @@ Segments (a gateway or a control member, --addr default 127.0.0.1:7102):
   dynseg segment validate|apply|preview -f FILE.yaml|json
   dynseg segment list | get ID | delete ID
   dynseg segment overlap A B [C...]   members of each pair of segments, and of all of them
+  dynseg segment stats ID [--interval minute|hour|day] [--since 24h|RFC3339] [--threshold X]
+                                   size, enters, exits and volatility per interval, with a chart
   dynseg cluster status            nodes (liveness, shards, epochs), moves in flight with progress
   dynseg cluster add-node NODE [--weight W] [--wait]    a registered node (id or address) takes shards
   dynseg cluster drain NODE [--wait]                    move every shard off a node
@@ -44,6 +46,7 @@ Data (gateway, --addr default 127.0.0.1:7102):
   dynseg ingest FILE.ndjson [--batch N]
   dynseg tail [--segment S]... [--from TOKEN] [--from-now] [--limit N]
   dynseg user ID
+  dynseg explain USER SEGMENT       the rule's tree with every value for the user, and its next change
   dynseg members SEGMENT [--limit N]
   dynseg clock advance DURATION | --to RFC3339     (manual clock)
   dynseg bench [--users N] [--rate EVENTS_PER_S|0=max] [--duration SECS] [--batch N] [--connections N]
@@ -230,6 +233,13 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
             commands::tail(&args, out).await?;
         }
         "user" => commands::user(&args, out).await?,
+        "explain" => {
+            known(&[])?;
+            let [_, user, segment] = args.positional.as_slice() else {
+                return Err(CliError::User("usage: dynseg explain USER SEGMENT".into()));
+            };
+            dynseg_cli::insight::explain(&args, user, segment, out).await?;
+        }
         "members" => {
             known(&["limit"])?;
             commands::members(&args, out).await?;

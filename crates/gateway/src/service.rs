@@ -4,6 +4,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use dynseg_proto::history;
 use dynseg_proto::pb;
 use dynseg_proto::pb::gateway_server::Gateway;
 use dynseg_proto::shard_for;
@@ -243,6 +244,46 @@ impl Gateway for GatewayService {
             pairwise,
             all,
         }))
+    }
+
+    async fn segment_history(
+        &self,
+        request: Request<pb::SegmentHistoryRequest>,
+    ) -> Result<Response<pb::SegmentHistoryResponse>, Status> {
+        let mut request = request.into_inner();
+        let mut parts = Vec::new();
+        let mut answer = pb::SegmentHistoryResponse::default();
+        for mut client in self.all_nodes()? {
+            let part = client.segment_history(request.clone()).await?.into_inner();
+            // Every node counts from the same first interval: the first
+            // node's, when the request leaves it to the retention.
+            if let Some(first) = part.points.first() {
+                request.since_ms = first.start_ms;
+                request.last_ms = 0;
+            }
+            answer.retained_from_ms = answer.retained_from_ms.max(part.retained_from_ms);
+            answer.now_ms = answer.now_ms.max(part.now_ms);
+            answer.segment = part.segment;
+            answer.interval = part.interval;
+            answer.volatility_threshold = part.volatility_threshold;
+            parts.push(part.points);
+        }
+        answer.points = history::sum(parts);
+        history::flag(&mut answer.points, answer.volatility_threshold);
+        Ok(Response::new(answer))
+    }
+
+    async fn explain(
+        &self,
+        request: Request<pb::ExplainRequest>,
+    ) -> Result<Response<pb::ExplainResponse>, Status> {
+        let request = request.into_inner();
+        let table = self.table()?;
+        let shard = shard_for(&request.user_id, table.shard_count);
+        let (_, mut client) = table
+            .owner(shard)
+            .ok_or_else(|| GatewayError::Unavailable(format!("shard {shard} has no owner yet")))?;
+        client.explain(request).await
     }
 
     async fn preview_segments(

@@ -134,6 +134,31 @@ impl ChangeLog {
         self.recent().last
     }
 
+    /// Visits the published changes with `at_ms >= since_ms` and a sequence
+    /// of at most `through`, in sequence order (what history is read from).
+    pub fn visit_since(
+        &self,
+        since_ms: i64,
+        through: u64,
+        mut visit: impl FnMut(&pb::MembershipChange),
+    ) -> Result<(), StoreError> {
+        // Recent first: a checkpoint taken meanwhile moves changes from memory
+        // to the store, never the other way, so store + snapshot covers all.
+        let snapshot: Vec<_> = self.recent().changes.iter().cloned().collect();
+        let first_recent = snapshot.first().map_or(u64::MAX, |c| sequence(c));
+        self.store.visit_changes_since(
+            since_ms,
+            first_recent.min(through.saturating_add(1)),
+            &mut visit,
+        )?;
+        for change in snapshot {
+            if sequence(&change) <= through && change.at_ms >= since_ms {
+                visit(&change);
+            }
+        }
+        Ok(())
+    }
+
     /// Follows the log after sequence `after`, sending `wrap(change)` to `out` for
     /// each change `keep` accepts, until `out` is closed.
     pub async fn follow<T>(

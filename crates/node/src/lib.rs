@@ -14,6 +14,7 @@
 //! | [`shard`] | the deterministic per-shard state machine |
 //! | [`changelog`] | published changes and how subscribers follow them |
 //! | [`runtime`] | shard tasks, recovery, checkpoints, the [`Node`] handle |
+//! | `insight` | segment size history from the change logs; explanations of one user |
 //! | [`service`], [`transfer`], [`server`] | gRPC service, shard export/import, serving |
 //! | [`moves`] | live shard moves: both ends of the protocol |
 //! | [`metrics`] | Prometheus metrics: ingest, changes, segment sizes, actors, storage |
@@ -27,6 +28,7 @@ pub mod commit;
 pub mod config;
 pub mod control_link;
 pub mod error;
+mod insight;
 pub mod metrics;
 pub mod moves;
 pub mod record;

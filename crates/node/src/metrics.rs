@@ -2,15 +2,18 @@
 //! Counters and the ack-latency histogram are updated as events and changes
 //! go by; the gauges are read from the shard tasks when Prometheus scrapes.
 
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
-use std::sync::LazyLock;
+use std::sync::{LazyLock, Mutex};
 use std::time::Instant;
 
+use dynseg_proto::history::DEFAULT_VOLATILITY_THRESHOLD;
 use dynseg_proto::pb;
 use dynseg_telemetry::metrics::{ScrapeHook, on_scrape};
 use prometheus::{
-    Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, register_histogram,
-    register_int_counter_vec, register_int_gauge, register_int_gauge_vec,
+    GaugeVec, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    register_gauge_vec, register_histogram, register_int_counter_vec, register_int_gauge,
+    register_int_gauge_vec,
 };
 
 use crate::error::NodeError;
@@ -63,6 +66,48 @@ static MEMBERS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     .expect(DEFINED)
 });
 
+static CHURN_LAST_HOUR: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        Opts::new(
+            "dynseg_segment_churn_last_hour",
+            "Enters plus exits of each segment on this node's shards in the last 60 minutes of the node's clock."
+        ),
+        &["segment"]
+    )
+    .expect(DEFINED)
+});
+
+static VOLATILITY: LazyLock<GaugeVec> = LazyLock::new(|| {
+    register_gauge_vec!(
+        Opts::new(
+            "dynseg_segment_volatility",
+            "Churn of the last hour over the segment's size on this node (at least 1): rules that flap score high."
+        ),
+        &["segment"]
+    )
+    .expect(DEFINED)
+});
+
+static VOLATILE: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        Opts::new(
+            "dynseg_segment_volatile",
+            "1 when the segment's volatility on this node is above the threshold (0.5), else 0."
+        ),
+        &["segment"]
+    )
+    .expect(DEFINED)
+});
+
+/// Enters plus exits per segment per minute (of change time), for the last
+/// hour: what the volatility gauges are computed from at scrape time.
+static CHURN: LazyLock<Mutex<HashMap<String, ChurnMinutes>>> = LazyLock::new(Default::default);
+
+/// (minute since the epoch, enters plus exits), oldest first.
+type ChurnMinutes = VecDeque<(i64, u64)>;
+
+const MINUTE_MS: i64 = 60_000;
+
 static USERS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     register_int_gauge_vec!(
         Opts::new("dynseg_node_users", "Users of this node's shards: active (an in-memory actor) or passivated (state on disk only)."),
@@ -107,16 +152,69 @@ pub(crate) fn record_ingest(started: Instant, outcome: &Result<pb::IngestRespons
     }
 }
 
-/// Records durable changes as they are published.
+/// Records durable changes as they are published: counted per (segment,
+/// kind, minute) first, so a batch costs one label lookup per group, not per
+/// change.
 pub(crate) fn record_changes<'a>(changes: impl IntoIterator<Item = &'a pb::MembershipChange>) {
+    let enter = pb::ChangeKind::Enter as i32;
+    // A batch touches few segments: a vector beats a map.
+    let mut groups: Vec<(&str, bool, i64, u64)> = Vec::new();
     for change in changes {
-        let kind = if change.kind == pb::ChangeKind::Enter as i32 {
-            "enter"
-        } else {
-            "exit"
-        };
-        CHANGES.with_label_values(&[&change.segment, kind]).inc();
+        let key = (
+            change.segment.as_str(),
+            change.kind == enter,
+            change.at_ms.div_euclid(MINUTE_MS),
+        );
+        match groups.iter_mut().find(|g| (g.0, g.1, g.2) == key) {
+            Some(group) => group.3 += 1,
+            None => groups.push((key.0, key.1, key.2, 1)),
+        }
     }
+    if groups.is_empty() {
+        return;
+    }
+    let mut churn = CHURN
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    for (segment, entered, minute, n) in groups {
+        let kind = if entered { "enter" } else { "exit" };
+        CHANGES.with_label_values(&[segment, kind]).inc_by(n);
+        let minutes = match churn.get_mut(segment) {
+            Some(minutes) => minutes,
+            None => churn.entry(segment.to_owned()).or_default(),
+        };
+        match minutes.iter_mut().rev().find(|(m, _)| *m == minute) {
+            Some((_, count)) => *count += n,
+            None => {
+                // Changes come in time order but for a handful at a minute's edge.
+                let at = minutes.partition_point(|(m, _)| *m < minute);
+                minutes.insert(at, (minute, n));
+            }
+        }
+        let newest = minutes.back().map_or(minute, |(m, _)| *m);
+        while minutes.front().is_some_and(|(m, _)| *m <= newest - 60) {
+            minutes.pop_front();
+        }
+    }
+}
+
+/// Enters plus exits of each segment in the 60 minutes up to `now_ms`.
+fn churn_last_hour(now_ms: i64) -> HashMap<String, u64> {
+    let now = now_ms.div_euclid(MINUTE_MS);
+    let churn = CHURN
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    churn
+        .iter()
+        .map(|(segment, minutes)| {
+            let sum = minutes
+                .iter()
+                .filter(|(m, _)| *m > now - 60 && *m <= now)
+                .map(|(_, n)| n)
+                .sum();
+            (segment.clone(), sum)
+        })
+        .collect()
 }
 
 /// Refreshes the node's gauges at every scrape, until the hook is dropped.
@@ -155,9 +253,22 @@ async fn refresh(node: &Node) {
             *members.entry(segment.to_string()).or_default() += count as i64;
         }
     }
+    let churn = churn_last_hour(node.now().millis());
     MEMBERS.reset();
+    CHURN_LAST_HOUR.reset();
+    VOLATILITY.reset();
+    VOLATILE.reset();
     for (segment, count) in members {
         MEMBERS.with_label_values(&[&segment]).set(count);
+        let changes = churn.get(&segment).copied().unwrap_or(0);
+        let volatility = changes as f64 / count.max(1) as f64;
+        CHURN_LAST_HOUR
+            .with_label_values(&[&segment])
+            .set(changes as i64);
+        VOLATILITY.with_label_values(&[&segment]).set(volatility);
+        VOLATILE
+            .with_label_values(&[&segment])
+            .set(i64::from(volatility > DEFAULT_VOLATILITY_THRESHOLD));
     }
     USERS.with_label_values(&["active"]).set(active as i64);
     USERS

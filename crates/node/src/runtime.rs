@@ -19,7 +19,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use dynseg_proto::pb;
-use dynseg_rules::{Event, Limits, Plan, RuleVersion, SegmentDef, SegmentId, Timestamp, UserId};
+use dynseg_rules::{
+    Event, Explanation, Limits, Plan, RuleVersion, SegmentDef, SegmentId, Timestamp, UserId,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -71,6 +73,17 @@ pub(crate) enum Command {
     Overlap {
         segments: Vec<SegmentId>,
         reply: Reply<(Vec<u64>, u64)>,
+    },
+    /// A segment's size as of the last published change, and that change's
+    /// sequence: where history is derived from.
+    HistoryBase {
+        segment: SegmentId,
+        reply: Reply<(u64, u64)>,
+    },
+    Explain {
+        user: UserId,
+        segment: SegmentId,
+        reply: Reply<Option<Explanation>>,
     },
     Preview {
         plan: Arc<Plan>,
@@ -919,6 +932,21 @@ impl ShardTask {
         }
     }
 
+    /// The size of `segment` as of the last published change (the size now,
+    /// less what changes still in flight did), and that change's sequence.
+    fn history_base(&self, segment: &SegmentId) -> (u64, u64) {
+        let size = self.shard.counts().get(segment).copied().unwrap_or(0) as i64;
+        let enter = pb::ChangeKind::Enter as i32;
+        let in_flight: i64 = self
+            .inflight
+            .iter()
+            .flat_map(|item| &item.changes)
+            .filter(|l| l.change.segment == segment.as_str())
+            .map(|l| if l.change.kind == enter { 1 } else { -1 })
+            .sum();
+        ((size - in_flight).max(0) as u64, self.log.last())
+    }
+
     /// Waits for everything in flight, publishing as it becomes durable.
     async fn drain(&mut self) {
         loop {
@@ -1236,6 +1264,18 @@ impl ShardTask {
             }
             Command::Overlap { segments, reply } => {
                 let _ = reply.send(Ok(self.shard.overlap(&segments)));
+            }
+            Command::HistoryBase { segment, reply } => {
+                let _ = reply.send(Ok(self.history_base(&segment)));
+            }
+            Command::Explain {
+                user,
+                segment,
+                reply,
+            } => {
+                let now = self.clock.now();
+                let explained = self.shard.explain(&user, &segment, now);
+                let _ = reply.send(explained.map_err(Into::into));
             }
             Command::Preview {
                 plan,

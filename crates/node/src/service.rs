@@ -397,6 +397,22 @@ impl node_server::Node for NodeService {
         }))
     }
 
+    async fn segment_history(
+        &self,
+        request: Request<pb::SegmentHistoryRequest>,
+    ) -> Result<Response<pb::SegmentHistoryResponse>, Status> {
+        let response = crate::insight::history(&self.node, request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn explain(
+        &self,
+        request: Request<pb::ExplainRequest>,
+    ) -> Result<Response<pb::ExplainResponse>, Status> {
+        let response = crate::insight::explain(&self.node, request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
+
     async fn preview_segments(
         &self,
         request: Request<pb::PreviewSegmentsRequest>,

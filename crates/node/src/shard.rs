@@ -12,7 +12,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use dynseg_proto::{convert::change_to_wire, pb};
-use dynseg_rules::{Change, Event, Plan, SegmentId, Span, Timestamp, UserId, UserState};
+use dynseg_rules::{
+    Change, Event, Explanation, Plan, SegmentId, Span, Timestamp, UserId, UserState,
+};
 use prost::Message;
 
 use crate::store::{Checkpoint, ShardMeta, ShardStore, StoreError, UserRecord};
@@ -507,6 +509,28 @@ impl Shard {
             .store
             .load_user(user.as_str())?
             .map(|r| self.plan.members(&r.state).cloned().collect()))
+    }
+
+    /// Segment `segment`'s rule evaluated for `user` at `now`, or `None` when
+    /// the shard has never seen the user (or the plan has no such segment).
+    pub fn explain(
+        &self,
+        user: &UserId,
+        segment: &SegmentId,
+        now: Timestamp,
+    ) -> Result<Option<Explanation>, StoreError> {
+        let stored;
+        let state = match self.users.get(user) {
+            Some(entry) => &entry.state,
+            None => match self.store.load_user(user.as_str())? {
+                Some(record) => {
+                    stored = record.state;
+                    &stored
+                }
+                None => return Ok(None),
+            },
+        };
+        Ok(self.plan.explain(state, segment.as_str(), now))
     }
 
     /// Up to `limit` members of `segment` after `after`, in user-id order.

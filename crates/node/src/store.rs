@@ -607,6 +607,31 @@ impl ShardStore {
         Ok(out)
     }
 
+    /// Visits the stored changes with `at_ms >= since_ms` and a sequence
+    /// below `before`, in sequence order. Blocks whose latest change is older
+    /// than `since_ms` are skipped without being decoded.
+    pub fn visit_changes_since(
+        &self,
+        since_ms: i64,
+        before: u64,
+        mut visit: impl FnMut(&pb::MembershipChange),
+    ) -> Result<(), StoreError> {
+        for entry in self.tree.range(changes_key(0)..changes_key(before)) {
+            let (_, bytes) = entry?;
+            if block::header(&bytes)? < since_ms {
+                continue;
+            }
+            for record in block::records(&bytes) {
+                let change = pb::MembershipChange::decode(record?)?;
+                let sequence = change.cursor.as_ref().map_or(0, |c| c.sequence);
+                if change.at_ms >= since_ms && sequence < before {
+                    visit(&change);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The first stored change sequence (what a subscriber without a cursor
     /// starts from), if any.
     pub fn first_change(&self) -> Result<Option<u64>, StoreError> {

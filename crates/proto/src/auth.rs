@@ -208,9 +208,8 @@ pub fn required_role(path: &str) -> Option<Role> {
         | "grpc.reflection.v1alpha.ServerReflection" => None,
         "dynseg.v1.Gateway" => Some(match method {
             "Ingest" | "IngestStream" | "Track" | "Identify" => Role::Ingest,
-            "Subscribe" | "GetUser" | "ListMembers" | "SegmentCounts" | "SegmentOverlap" => {
-                Role::Read
-            }
+            "Subscribe" | "GetUser" | "ListMembers" | "SegmentCounts" | "SegmentOverlap"
+            | "SegmentHistory" | "Explain" => Role::Read,
             "PreviewSegments" | "AdvanceClock" => Role::Admin,
             _ => Role::Cluster,
         }),

@@ -5,7 +5,8 @@
 //! The node applies the content limits of SPEC.md section 6 on top.
 
 use dynseg_rules::{
-    Change, ChangeKind, Event, EventBody, Properties, SegmentDef, Timestamp, UserId, Value,
+    Change, ChangeKind, Clause, Event, EventBody, Explanation, Properties, SegmentDef, Timestamp,
+    UserId, Value,
 };
 
 use crate::pb;
@@ -223,6 +224,48 @@ pub fn change_to_wire(change: &Change, cursor: pb::Cursor) -> pb::MembershipChan
         .into(),
         rule_version: change.version.0,
         cursor: Some(cursor),
+    }
+}
+
+impl From<&Clause> for pb::ExplainClause {
+    fn from(clause: &Clause) -> Self {
+        pb::ExplainClause {
+            text: clause.text.clone(),
+            truth: clause.truth,
+            turns_at_ms: clause.turns_at.map_or(0, Timestamp::millis),
+            values: clause
+                .values
+                .iter()
+                .map(|v| pb::ExplainValue {
+                    operand: v.text.clone(),
+                    value: Some((&v.value).into()),
+                    at_least: v.at_least,
+                })
+                .collect(),
+            children: clause.children.iter().map(Into::into).collect(),
+        }
+    }
+}
+
+/// An explanation as the wire carries it (user, rule version and shard are the
+/// caller's to fill in).
+impl From<&Explanation> for pb::ExplainResponse {
+    fn from(e: &Explanation) -> Self {
+        let next = e.next_change.as_ref();
+        pb::ExplainResponse {
+            segment: e.segment.to_string(),
+            member: e.member,
+            now_ms: e.now.millis(),
+            clause: Some((&e.clause).into()),
+            next_change_ms: next.map_or(0, |n| n.at.millis()),
+            next_change_kind: next.map_or(pb::ChangeKind::Unspecified, |n| match n.kind {
+                ChangeKind::Enter => pb::ChangeKind::Enter,
+                ChangeKind::Exit => pb::ChangeKind::Exit,
+            }) as i32,
+            next_change_clause: next.and_then(|n| n.clause.clone()).unwrap_or_default(),
+            next_wakeup_ms: e.next_wakeup.map_or(0, Timestamp::millis),
+            ..Default::default()
+        }
     }
 }
 

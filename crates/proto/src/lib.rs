@@ -5,6 +5,7 @@
 //! - [`convert`]: the one place wire types become domain types (`TryFrom`, which
 //!   rejects malformed input with a reason) and domain types become wire types.
 //! - [`routing`]: which shard a user belongs to.
+//! - [`history`]: segment size history: intervals, per-shard points, sums.
 //! - [`auth`]: roles, token stores, the access check every server runs, and
 //!   the credentials every client presents.
 //! - [`client`]: addresses to channels that present credentials.
@@ -15,6 +16,7 @@
 pub mod auth;
 pub mod client;
 pub mod convert;
+pub mod history;
 pub mod routing;
 pub mod serving;
 pub mod tls;
