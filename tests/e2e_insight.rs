@@ -425,3 +425,212 @@ async fn explain_shows_the_rule_tree_values_and_the_next_change() {
         assert!(err.message().contains(needle), "{err:?}");
     }
 }
+
+/// Webhooks: a segment's enters and exits reach two endpoints as signed JSON,
+/// in order per user, exactly the changes that happened; one endpoint fails
+/// its first three requests and gets every batch once it recovers (each
+/// failed batch resent as it was); delivery status shows in `segment stats`;
+/// after a restart deliveries resume from the stored cursor, with nothing
+/// resent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_deliver_signed_changes_in_order_through_failures_and_restarts() {
+    use hmac::{Hmac, Mac};
+    use support::receiver::Receiver;
+
+    let good = Receiver::start(0).await;
+    let flaky = Receiver::start(3).await;
+    let mut dev = Dev::start_with_env("", &[("HOOK_SECRET", "s3cret")]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("segments.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "- id: buyers\n  rule: exists(order_completed) in last 1d\n  webhooks:\n    - url: {}\n      secret_env: HOOK_SECRET\n    - url: {}\n      secret_env: HOOK_SECRET\n",
+            good.url("/hooks/buyers"),
+            flaky.url("/flaky")
+        ),
+    )
+    .unwrap();
+    let (code, out) = support::run_cli(&[
+        "segment",
+        "apply",
+        "-f",
+        file.to_str().unwrap(),
+        "--addr",
+        &dev.gateway,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let mut client = dev.client().await;
+    support::wait_for_rules(&mut client, "buyers").await;
+    // Deliveries start from the changes after each shard's delivery starts:
+    // wait for all 8 shards of both endpoints.
+    let stats = |dev: &Dev| {
+        cli_json(&[
+            "segment",
+            "stats",
+            "buyers",
+            "--addr",
+            &dev.gateway,
+            "--output",
+            "json",
+        ])
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while stats(&dev)["webhooks"]
+        .as_array()
+        .is_none_or(|w| w.len() != 2 || w.iter().any(|w| w["shards"] != 8))
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", stats(&dev));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let t0 = ms(T0);
+    let orders: Vec<pb::Event> = ["u1", "u2", "u3", "u4"]
+        .iter()
+        .map(|u| track(&format!("{u}-o1"), u, "order_completed", t0))
+        .collect();
+    ingest(&dev, orders).await;
+    dev.advance(Duration::from_secs(3600)).await;
+    ingest(
+        &dev,
+        vec![track("u1-o2", "u1", "order_completed", t0 + HOUR)],
+    )
+    .await;
+    dev.advance(Duration::from_secs(24 * 3600)).await;
+
+    // What happened, per user: in at T0 (an order), out a day after the last.
+    let day = "2026-03-02T12:00:00Z";
+    let mut expected: Vec<(String, String, String, String)> = Vec::new();
+    for (user, exit) in [
+        ("u1", "2026-03-02T13:00:00Z"),
+        ("u2", day),
+        ("u3", day),
+        ("u4", day),
+    ] {
+        expected.push((user.into(), "enter".into(), T0.into(), "event".into()));
+        expected.push((user.into(), "exit".into(), exit.into(), "time".into()));
+    }
+    expected.sort();
+    let summary = |changes: &[serde_json::Value]| {
+        let mut got: Vec<(String, String, String, String)> = changes
+            .iter()
+            .map(|c| {
+                let s = |k: &str| c[k].as_str().unwrap().to_owned();
+                (s("user_id"), s("kind"), s("at"), s("cause"))
+            })
+            .collect();
+        got.sort();
+        got
+    };
+    for receiver in [&good, &flaky] {
+        let changes = receiver.wait_for_changes(8).await;
+        assert_eq!(summary(&changes), expected, "{:?}", receiver.requests());
+        // In order per user: each enter comes before that user's exit.
+        for user in ["u1", "u2", "u3", "u4"] {
+            let kinds: Vec<&str> = changes
+                .iter()
+                .filter(|c| c["user_id"] == user)
+                .map(|c| c["kind"].as_str().unwrap())
+                .collect();
+            assert_eq!(kinds, vec!["enter", "exit"], "{user}");
+        }
+        for c in &changes {
+            assert_eq!(c["segment"], "buyers");
+            assert_eq!(c["id"], format!("{}-{}", c["shard"], c["sequence"]));
+        }
+        // Every request is signed: HMAC-SHA256 of "timestamp.body".
+        for r in receiver.requests() {
+            let mut mac = Hmac::<sha2::Sha256>::new_from_slice(b"s3cret").unwrap();
+            mac.update(format!("{}.{}", r.headers["x-dynseg-timestamp"], r.body).as_bytes());
+            let hex: String = mac
+                .finalize()
+                .into_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(r.headers["x-dynseg-signature"], format!("sha256={hex}"));
+            assert_eq!(r.headers["content-type"], "application/json");
+        }
+    }
+    assert!(
+        good.requests()
+            .iter()
+            .all(|r| r.status == 200 && r.path == "/hooks/buyers")
+    );
+    // Each failed request was resent as it was, and then accepted.
+    let flaky_requests = flaky.requests();
+    let failed: Vec<_> = flaky_requests.iter().filter(|r| r.status == 500).collect();
+    assert_eq!(failed.len(), 3);
+    for f in failed {
+        let id = &f.headers["x-dynseg-delivery"];
+        assert!(
+            flaky_requests.iter().any(|r| r.status == 200
+                && &r.headers["x-dynseg-delivery"] == id
+                && r.body == f.body),
+            "{id} never accepted"
+        );
+    }
+
+    // Delivery status, once everything is acknowledged.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let webhooks = loop {
+        let s = stats(&dev);
+        let webhooks = s["webhooks"].as_array().unwrap().clone();
+        if webhooks
+            .iter()
+            .all(|w| w["delivered"] == 8 && w["behind"] == 0)
+        {
+            break webhooks;
+        }
+        assert!(std::time::Instant::now() < deadline, "{s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let by_url = |url: &str| webhooks.iter().find(|w| w["url"] == url).unwrap().clone();
+    let g = by_url(&good.url("/hooks/buyers"));
+    let f = by_url(&flaky.url("/flaky"));
+    assert_eq!(
+        (g["failed_attempts"].as_u64(), g["last_error"].is_null()),
+        (Some(0), true)
+    );
+    assert_eq!(
+        (f["failed_attempts"].as_u64(), f["last_error"].is_null()),
+        (Some(3), true),
+        "{f}"
+    );
+
+    // A clean restart: deliveries resume after the stored cursors.
+    dev.restart();
+    ingest(
+        &dev,
+        vec![track("u5-o1", "u5", "order_completed", t0 + 25 * HOUR)],
+    )
+    .await;
+    for receiver in [&good, &flaky] {
+        let changes = receiver.wait_for_changes(9).await;
+        let last = changes.last().unwrap();
+        assert_eq!(
+            (last["user_id"].as_str(), last["kind"].as_str()),
+            (Some("u5"), Some("enter"))
+        );
+        assert_eq!(summary(&changes[..8]), expected, "nothing resent");
+    }
+    // Settled: since the restart each endpoint took exactly the one new
+    // change, and nothing is behind (so nothing is left to resend).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = stats(&dev);
+        let webhooks = s["webhooks"].as_array().unwrap();
+        if webhooks.len() == 2
+            && webhooks
+                .iter()
+                .all(|w| w["behind"] == 0 && w["shards"] == 8)
+        {
+            assert!(webhooks.iter().all(|w| w["delivered"] == 1), "{s}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(good.accepted_changes().len(), 9);
+    assert_eq!(flaky.accepted_changes().len(), 9);
+}

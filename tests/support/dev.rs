@@ -45,6 +45,15 @@ impl Dev {
         }
     }
 
+    /// Stops it cleanly and starts it again on the same data.
+    pub fn restart(&mut self) {
+        self.process.restart();
+        self.control = self.process.control.clone();
+        self.node = self.process.node.clone();
+        self.gateway = self.process.gateway.clone();
+        self.http = self.process.http.clone();
+    }
+
     pub async fn client(&self) -> GatewayClient<Channel> {
         GatewayClient::connect(format!("http://{}", self.gateway))
             .await

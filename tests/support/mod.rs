@@ -5,6 +5,7 @@
 
 pub mod clients;
 pub mod dev;
+pub mod receiver;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
@@ -170,6 +171,14 @@ impl Process {
         }
     }
 
+    /// Starts it again, stopped, with the same arguments and environment; what
+    /// it prints from then on replaces [`Process::lines`].
+    pub fn respawn(&mut self, ready_prefix: &str) {
+        assert!(self.child.is_none());
+        self.lines.clear();
+        self.spawn(ready_prefix);
+    }
+
     /// Starts it again with `args` (for example a new clock), same readiness line.
     pub fn restart_with(&mut self, args: &[String], ready_prefix: &str) {
         assert!(self.child.is_none());
@@ -216,6 +225,17 @@ impl DevProcess {
     /// What it printed after `prefix` on a line of its own.
     pub fn printed(&self, prefix: &str) -> String {
         printed(&self.process, prefix)
+    }
+
+    /// Stops it with SIGTERM (a clean shutdown) and starts it again on the
+    /// same data; the addresses are the new ones it printed.
+    pub fn restart(&mut self) {
+        assert!(self.process.terminate(), "dev did not stop cleanly");
+        self.process.respawn("ready");
+        self.control = self.printed("control");
+        self.node = self.printed("node");
+        self.gateway = self.printed("gateway");
+        self.http = self.printed("http");
     }
 }
 

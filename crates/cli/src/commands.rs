@@ -87,7 +87,12 @@ pub(crate) async fn gateway(args: &Args) -> Result<GatewayClient<Conn>, CliError
 
 fn record_json(record: &pb::SegmentRecord) -> serde_json::Value {
     let def = record.def.clone().unwrap_or_default();
-    json!({"id": def.id, "name": def.name, "description": def.description, "rule": def.rule, "version": record.version})
+    let webhooks: Vec<serde_json::Value> = def
+        .webhooks
+        .iter()
+        .map(|w| json!({"url": w.url, "secret_env": w.secret_env}))
+        .collect();
+    json!({"id": def.id, "name": def.name, "description": def.description, "rule": def.rule, "webhooks": webhooks, "version": record.version})
 }
 
 /// `dynseg segment validate|apply|preview|list|get|delete|overlap|stats|explain`.

@@ -105,6 +105,15 @@ pub async fn stats(args: &Args, out: Output) -> Result<(), CliError> {
                 "volatility": p.volatility,
                 "volatile": p.volatile,
             })).collect::<Vec<_>>(),
+            "webhooks": reply.webhooks.iter().map(|w| json!({
+                "url": w.url,
+                "shards": w.shards,
+                "delivered": w.delivered,
+                "failed_attempts": w.failed_attempts,
+                "behind": w.behind,
+                "last_delivered": (w.last_delivered_ms != 0).then(|| time_text(w.last_delivered_ms)),
+                "last_error": (!w.last_error.is_empty()).then_some(&w.last_error),
+            })).collect::<Vec<_>>(),
         })),
         Output::Table => {
             let widest = reply.points.iter().map(|p| p.size).max().unwrap_or(0);
@@ -137,6 +146,20 @@ pub async fn stats(args: &Args, out: Output) -> Result<(), CliError> {
                     "review the rule for flapping"
                 }
             );
+            for w in &reply.webhooks {
+                let mut line = format!(
+                    "webhook {}: {} delivered, {} failed attempts, {} behind",
+                    w.url, w.delivered, w.failed_attempts, w.behind
+                );
+                if !w.last_error.is_empty() {
+                    line.push_str(&format!(
+                        "; retrying after: {} (at {})",
+                        w.last_error,
+                        time_text(w.last_error_ms)
+                    ));
+                }
+                say!("{line}");
+            }
         }
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! Segment files for `dynseg segment validate|apply -f`: a JSON list, or a YAML
 //! list of maps with `id`, `name`, `description` and `rule` (plain, quoted, or
-//! `|`/`>` block values). Rule errors are shown under the rule text with a caret.
+//! `|`/`>` block values), and optionally `webhooks`, a list of `url` and
+//! `secret_env`. Rule errors are shown under the rule text with a caret.
 
 use dynseg_proto::pb;
 use serde_json::Value as Json;
@@ -32,11 +33,36 @@ fn parse_json(text: &str) -> Result<Vec<pb::SegmentDef>, CliError> {
                     .unwrap_or_default()
                     .to_owned()
             };
+            let webhooks = match item.get("webhooks") {
+                None | Some(Json::Null) => Vec::new(),
+                Some(Json::Array(hooks)) => hooks
+                    .iter()
+                    .map(|h| pb::Webhook {
+                        url: h
+                            .get("url")
+                            .and_then(Json::as_str)
+                            .unwrap_or_default()
+                            .to_owned(),
+                        secret_env: h
+                            .get("secret_env")
+                            .and_then(Json::as_str)
+                            .unwrap_or_default()
+                            .to_owned(),
+                    })
+                    .collect(),
+                Some(_) => {
+                    return Err(CliError::User(format!(
+                        "segment {}: webhooks must be a list of {{url, secret_env}}",
+                        i + 1
+                    )));
+                }
+            };
             let def = pb::SegmentDef {
                 id: field("id"),
                 name: field("name"),
                 description: field("description"),
                 rule: field("rule"),
+                webhooks,
             };
             check_required(&def, &format!("segment {}", i + 1))?;
             Ok(def)
@@ -93,6 +119,50 @@ fn parse_yaml(text: &str) -> Result<Vec<pb::SegmentDef>, CliError> {
             .split_once(':')
             .ok_or_else(|| CliError::User(format!("line {number}: expected key: value")))?;
         let value = value.trim();
+        if key.trim() == "webhooks" && value.is_empty() {
+            // A nested list: `- url: ...` items with `secret_env: ...`, indented
+            // deeper than `webhooks:`.
+            let indent = raw.len() - raw.trim_start().len()
+                + usize::from(raw.trim_start().starts_with("- ")) * 2;
+            while i < lines.len() {
+                let next = lines[i];
+                let trimmed = next.trim();
+                if trimmed.is_empty() || trimmed.starts_with('#') {
+                    i += 1;
+                    continue;
+                }
+                if next.len() - next.trim_start().len() <= indent {
+                    break;
+                }
+                let line = i + 1;
+                i += 1;
+                let field = if let Some(rest) = trimmed.strip_prefix("- ") {
+                    current.webhooks.push(pb::Webhook::default());
+                    rest
+                } else {
+                    trimmed
+                };
+                let Some(hook) = current.webhooks.last_mut() else {
+                    return Err(CliError::User(format!(
+                        "line {line}: expected a webhook (- url: ...)"
+                    )));
+                };
+                let (k, v) = field
+                    .split_once(':')
+                    .ok_or_else(|| CliError::User(format!("line {line}: expected key: value")))?;
+                let v = unquote(v, line)?;
+                match k.trim() {
+                    "url" => hook.url = v,
+                    "secret_env" => hook.secret_env = v,
+                    other => {
+                        return Err(CliError::User(format!(
+                            "line {line}: unknown webhook key {other:?} (url, secret_env)"
+                        )));
+                    }
+                }
+            }
+            continue;
+        }
         let value = if value == "|" || value == ">" {
             // A block scalar: the following lines indented deeper than the key.
             let indent = raw.len() - raw.trim_start().len();
@@ -182,6 +252,29 @@ mod tests {
                 .starts_with("count(product_viewed where category == \"shoes\")")
         );
         assert!(from_yaml[1].rule.ends_with("in last 7d"));
+        let with_hooks = parse(
+            "- id: vip\n  webhooks:\n    - url: http://crm.local/hook\n      secret_env: CRM_SECRET\n    - url: 'https://b.example/x'\n      secret_env: B\n  rule: exists(order)\n",
+        )
+        .unwrap();
+        let hooks: Vec<(&str, &str)> = with_hooks[0]
+            .webhooks
+            .iter()
+            .map(|w| (w.url.as_str(), w.secret_env.as_str()))
+            .collect();
+        assert_eq!(
+            hooks,
+            vec![
+                ("http://crm.local/hook", "CRM_SECRET"),
+                ("https://b.example/x", "B")
+            ]
+        );
+        assert_eq!(with_hooks[0].rule, "exists(order)");
+        let as_json = parse(
+            r#"[{"id":"vip","rule":"exists(order)","webhooks":[{"url":"http://crm.local/hook","secret_env":"CRM_SECRET"},{"url":"https://b.example/x","secret_env":"B"}]}]"#,
+        )
+        .unwrap();
+        assert_eq!(as_json, with_hooks);
+        assert!(parse("- id: x\n  rule: exists(a)\n  webhooks:\n    - colour: red\n").is_err());
         let json = r#"[{"id":"repeat_buyers","name":"Repeat buyers","rule":"count(order_completed) in last 90d >= 2"}]"#;
         assert_eq!(parse(json).unwrap()[0], from_yaml[0]);
         assert!(parse("- id: x\n").is_err());

@@ -35,6 +35,18 @@ pub struct StoredSegment {
     /// The segments its rule reads with `in_segment`.
     #[serde(default)]
     pub depends_on: Vec<String>,
+    /// Where its changes are delivered.
+    #[serde(default)]
+    pub webhooks: Vec<WebhookSpec>,
+}
+
+/// An HTTP endpoint receiving a segment's changes (docs/webhooks.md).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookSpec {
+    /// `http://` or `https://` URL.
+    pub url: String,
+    /// The environment variable on the nodes holding the signing secret.
+    pub secret_env: String,
 }
 
 impl StoredSegment {
@@ -60,6 +72,9 @@ pub struct SegmentSpec {
     pub description: String,
     /// Rule text.
     pub rule: String,
+    /// Where its changes are delivered.
+    #[serde(default)]
+    pub webhooks: Vec<WebhookSpec>,
 }
 
 /// Which kind of cluster member a registration is for.
@@ -390,6 +405,7 @@ impl ClusterState {
                         rule: spec.rule.clone(),
                         version: self.rules_version,
                         depends_on,
+                        webhooks: spec.webhooks.clone(),
                     };
                     self.segments.insert(spec.id.clone(), stored.clone());
                     deltas.push(Delta::SegmentPut(stored));
@@ -660,6 +676,7 @@ mod tests {
             name: id.into(),
             description: String::new(),
             rule: rule.into(),
+            webhooks: Vec::new(),
         }
     }
 

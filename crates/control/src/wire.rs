@@ -9,7 +9,7 @@ use crate::moves;
 use crate::replica::View;
 use crate::state::{
     ClusterState, Delta, Endpoint, MemberKind, MoveProgress, Revised, SegmentSpec, StoredSegment,
-    Topology,
+    Topology, WebhookSpec,
 };
 
 impl TryFrom<pb::SegmentDef> for SegmentSpec {
@@ -27,13 +27,66 @@ impl TryFrom<pb::SegmentDef> for SegmentSpec {
         } else {
             def.name
         };
+        if def.webhooks.len() > MAX_WEBHOOKS {
+            return Err(ControlError::InvalidArgument(format!(
+                "segment {}: {} webhooks, at most {MAX_WEBHOOKS}",
+                def.id,
+                def.webhooks.len()
+            )));
+        }
+        let webhooks = def
+            .webhooks
+            .into_iter()
+            .map(|w| webhook(&def.id, w))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(SegmentSpec {
             id: def.id,
             name,
             description: def.description,
             rule: def.rule,
+            webhooks,
         })
     }
+}
+
+/// Webhooks a segment may have.
+pub const MAX_WEBHOOKS: usize = 8;
+
+/// A webhook, checked: an `http://` or `https://` URL with a host, at most
+/// 2048 bytes, and the name of an environment variable for its secret.
+fn webhook(segment: &str, w: pb::Webhook) -> Result<WebhookSpec, ControlError> {
+    let invalid = |why: String| {
+        ControlError::InvalidArgument(format!("segment {segment}: webhook {:?}: {why}", w.url))
+    };
+    let rest = w
+        .url
+        .strip_prefix("http://")
+        .or_else(|| w.url.strip_prefix("https://"))
+        .ok_or_else(|| invalid("the URL must start with http:// or https://".into()))?;
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if host.is_empty() || w.url.len() > 2048 || w.url.chars().any(char::is_whitespace) {
+        return Err(invalid(
+            "the URL needs a host, no spaces, and at most 2048 bytes".into(),
+        ));
+    }
+    let env_ok = w.secret_env.len() <= 128
+        && w.secret_env
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && w.secret_env
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !env_ok {
+        return Err(invalid(format!(
+            "secret_env {:?} must name an environment variable ([A-Za-z_][A-Za-z0-9_]*) holding the signing secret",
+            w.secret_env
+        )));
+    }
+    Ok(WebhookSpec {
+        url: w.url,
+        secret_env: w.secret_env,
+    })
 }
 
 impl TryFrom<i32> for MemberKind {
@@ -58,6 +111,14 @@ impl From<&StoredSegment> for pb::SegmentRecord {
                 name: s.name.clone(),
                 description: s.description.clone(),
                 rule: s.rule.clone(),
+                webhooks: s
+                    .webhooks
+                    .iter()
+                    .map(|w| pb::Webhook {
+                        url: w.url.clone(),
+                        secret_env: w.secret_env.clone(),
+                    })
+                    .collect(),
             }),
             version: s.version,
         }
@@ -190,5 +251,52 @@ pub fn status(view: &View) -> pb::ControlStatus {
         members: control_members(&view.state.control_members).members,
         snapshot_index: view.raft.snapshot_index,
         snapshots_installed: view.raft.snapshots_installed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn def(webhooks: &[(&str, &str)]) -> pb::SegmentDef {
+        pb::SegmentDef {
+            id: "vip".into(),
+            rule: "exists(order)".into(),
+            webhooks: webhooks
+                .iter()
+                .map(|(url, env)| pb::Webhook {
+                    url: (*url).into(),
+                    secret_env: (*env).into(),
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn webhooks_need_an_http_url_and_a_secret_variable() {
+        let spec =
+            SegmentSpec::try_from(def(&[("https://crm.example/hook", "CRM_SECRET")])).unwrap();
+        assert_eq!(
+            spec.webhooks,
+            vec![WebhookSpec {
+                url: "https://crm.example/hook".into(),
+                secret_env: "CRM_SECRET".into()
+            }]
+        );
+        for (url, env, needle) in [
+            ("ftp://x/", "S", "must start with http:// or https://"),
+            ("http:///path", "S", "needs a host"),
+            ("http://a b/", "S", "no spaces"),
+            ("http://ok/", "", "must name an environment variable"),
+            ("http://ok/", "1ABC", "must name an environment variable"),
+            ("http://ok/", "A-B", "must name an environment variable"),
+        ] {
+            let err = SegmentSpec::try_from(def(&[(url, env)])).unwrap_err();
+            assert!(err.to_string().contains(needle), "{url} {env}: {err}");
+        }
+        let many = vec![("http://ok/", "S"); MAX_WEBHOOKS + 1];
+        let err = SegmentSpec::try_from(def(&many)).unwrap_err();
+        assert!(err.to_string().contains("at most 8"), "{err}");
     }
 }

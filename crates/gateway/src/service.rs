@@ -251,7 +251,7 @@ impl Gateway for GatewayService {
         request: Request<pb::SegmentHistoryRequest>,
     ) -> Result<Response<pb::SegmentHistoryResponse>, Status> {
         let mut request = request.into_inner();
-        let mut parts = Vec::new();
+        let (mut parts, mut webhooks) = (Vec::new(), Vec::new());
         let mut answer = pb::SegmentHistoryResponse::default();
         for mut client in self.all_nodes()? {
             let part = client.segment_history(request.clone()).await?.into_inner();
@@ -267,8 +267,10 @@ impl Gateway for GatewayService {
             answer.interval = part.interval;
             answer.volatility_threshold = part.volatility_threshold;
             parts.push(part.points);
+            webhooks.push(part.webhooks);
         }
         answer.points = history::sum(parts);
+        answer.webhooks = history::sum_webhooks(webhooks);
         history::flag(&mut answer.points, answer.volatility_threshold);
         Ok(Response::new(answer))
     }

@@ -7,7 +7,7 @@ use dynseg_rules::Timestamp;
 use std::path::PathBuf;
 
 /// The flags `parse` accepts.
-pub const USAGE: &str = "--data-dir DIR [--listen ADDR] [--metrics ADDR] [--node-id ID] [--shard-count N] [--shards A-B] [--clock system|manual[=RFC3339]] [--checkpoint-secs S] [--memory-mib M] [--limit NAME=VALUE]... [--tokens-file F] [--cluster-secret-file F] [--tls-cert F --tls-key F [--tls-ca F] [--mtls]] [--control ADDR [--advertise ADDR] [--weight N] [--move-mib-per-sec N] [--drain-timeout-secs S] [--rejoin]]";
+pub const USAGE: &str = "--data-dir DIR [--listen ADDR] [--metrics ADDR] [--node-id ID] [--shard-count N] [--shards A-B] [--clock system|manual[=RFC3339]] [--checkpoint-secs S] [--memory-mib M] [--limit NAME=VALUE]... [--tokens-file F] [--cluster-secret-file F] [--tls-cert F --tls-key F [--tls-ca F] [--mtls]] [--webhook-ca F] [--control ADDR [--advertise ADDR] [--weight N] [--move-mib-per-sec N] [--drain-timeout-secs S] [--rejoin]]";
 
 /// Parses the flags into the node's settings and, with `--control`, how it
 /// follows the control plane.
@@ -15,6 +15,7 @@ pub fn parse(args: &[String]) -> Result<(NodeConfig, Option<LinkConfig>), String
     let mut data_dir = None;
     let mut listen = "127.0.0.1:0".to_owned();
     let mut metrics = None;
+    let mut webhook_ca = None;
     let mut rejoin = false;
     let mut limits = Vec::new();
     let mut tokens_file = None;
@@ -42,6 +43,7 @@ pub fn parse(args: &[String]) -> Result<(NodeConfig, Option<LinkConfig>), String
             "--data-dir" => data_dir = Some(PathBuf::from(value()?)),
             "--listen" => listen = value()?,
             "--metrics" => metrics = Some(value()?),
+            "--webhook-ca" => webhook_ca = Some(PathBuf::from(value()?)),
             "--rejoin" => rejoin = true,
             "--limit" => limits.push(value()?),
             "--tokens-file" => tokens_file = Some(value()?),
@@ -133,6 +135,7 @@ pub fn parse(args: &[String]) -> Result<(NodeConfig, Option<LinkConfig>), String
         ),
         None => None,
     };
+    config.webhook_ca = webhook_ca;
     config.node_id = node_id;
     config.shard_count = shard_count;
     if control.is_some() && shards.is_some() {

@@ -49,6 +49,9 @@ pub struct NodeConfig {
     pub wal_segment_bytes: u64,
     /// With the system clock: the longest a due wake-up waits to be processed.
     pub tick_every: std::time::Duration,
+    /// PEM certificates https webhook endpoints may chain to, besides the
+    /// system's roots.
+    pub webhook_ca: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -72,6 +75,7 @@ impl NodeConfig {
             checkpoint_every: std::time::Duration::from_secs(10),
             wal_segment_bytes: 64 << 20,
             tick_every: std::time::Duration::from_millis(250),
+            webhook_ca: None,
         }
     }
 

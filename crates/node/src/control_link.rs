@@ -366,6 +366,10 @@ async fn follow(
             }
         }
         sync_rules(node, &known).await?;
+        // Webhooks follow the definitions whatever the rule version (a node
+        // restarting on the current version still needs them).
+        let defs: Vec<pb::SegmentDef> = known.segments.values().cloned().collect();
+        crate::webhooks::configure(node, crate::webhooks::WebhookConfig::from_defs(&defs));
         if known.revision < current {
             continue;
         }

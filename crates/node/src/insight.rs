@@ -66,6 +66,7 @@ pub(crate) async fn history(
         now_ms: now,
         volatility_threshold: threshold,
         retained_from_ms: retained_from,
+        webhooks: crate::webhooks::status(node, segment.as_str()),
     })
 }
 

@@ -18,6 +18,7 @@
 //! | [`service`], [`transfer`], [`server`] | gRPC service, shard export/import, serving |
 //! | [`moves`] | live shard moves: both ends of the protocol |
 //! | [`metrics`] | Prometheus metrics: ingest, changes, segment sizes, actors, storage |
+//! | [`webhooks`] | delivering each segment's changes to its HTTP endpoints, signed, at least once, in order |
 //! | [`control_link`] | following the control plane: rule versions, placement, moves in, heartbeats |
 //! | [`error`] | errors and their gRPC codes |
 
@@ -40,6 +41,7 @@ pub mod store;
 pub mod transfer;
 pub mod validate;
 pub mod wal;
+pub mod webhooks;
 
 pub use clock::Clock;
 pub use config::NodeConfig;

@@ -188,6 +188,10 @@ pub(crate) struct Inner {
     /// Progress of the shards being copied here.
     pub(crate) moves_in: MovesIn,
     pub(crate) tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// The segments' webhooks, which the webhook dispatcher follows.
+    pub(crate) webhooks: watch::Sender<crate::webhooks::WebhookConfig>,
+    /// How each webhook delivery is doing.
+    pub(crate) webhook_status: crate::webhooks::StatusBoard,
     shutdown: watch::Sender<bool>,
 }
 
@@ -364,6 +368,7 @@ impl Node {
 
         let (committer, commit_thread) = Committer::start(wal);
         let (shutdown, _) = watch::channel(false);
+        let webhooks = crate::webhooks::WebhookConfig::from_defs(&store.webhooks()?);
         let inner = Arc::new(Inner {
             clock: config.clock.clone(),
             committer,
@@ -374,6 +379,8 @@ impl Node {
             move_outs: MoveOutSessions::default(),
             moves_in: MovesIn::default(),
             tasks: std::sync::Mutex::new(Vec::new()),
+            webhooks: crate::webhooks::channel(webhooks),
+            webhook_status: Default::default(),
             shutdown,
             config,
         });

@@ -13,6 +13,7 @@ use crate::error::NodeError;
 use crate::metrics;
 use crate::runtime::{Node, NodeGuard};
 use crate::service::NodeService;
+use crate::webhooks::{self, Dispatcher};
 
 /// A node serving gRPC.
 pub struct Server {
@@ -25,6 +26,7 @@ pub struct Server {
     serving: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     metrics_hook: ScrapeHook,
     metrics_server: Option<MetricsServer>,
+    webhooks: Dispatcher,
 }
 
 impl Server {
@@ -42,7 +44,16 @@ impl Server {
             })?),
             None => None,
         };
+        let webhook_ca = match &config.webhook_ca {
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                NodeError::Invalid(format!("--webhook-ca {}: {e}", path.display()))
+            })?),
+            None => None,
+        };
+        let webhook_tls =
+            webhooks::client_tls(webhook_ca.as_deref()).map_err(NodeError::Invalid)?;
         let (node, guard) = Node::start(config).await?;
+        let webhooks = Dispatcher::spawn(node.clone(), webhook_tls);
         let metrics_hook = metrics::hook(node.clone());
         let metrics_server = match metrics_listener {
             Some(listener) => Some(
@@ -78,6 +89,7 @@ impl Server {
             serving,
             metrics_hook,
             metrics_server,
+            webhooks,
         })
     }
 
@@ -87,6 +99,7 @@ impl Server {
             metrics.shutdown().await;
         }
         drop(self.metrics_hook);
+        self.webhooks.shutdown().await;
         self.node.close_subscriptions().await;
         let _ = self.stop.send(());
         let _ = self.serving.await;

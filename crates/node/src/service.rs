@@ -447,6 +447,7 @@ impl node_server::Node for NodeService {
         request: Request<pb::ApplyRulesRequest>,
     ) -> Result<Response<Self::ApplyRulesStream>, Status> {
         let request = request.into_inner();
+        let webhooks = crate::webhooks::WebhookConfig::from_defs(&request.segments);
         let defs = request
             .segments
             .into_iter()
@@ -468,6 +469,7 @@ impl node_server::Node for NodeService {
             ))
             .into());
         }
+        crate::webhooks::configure(&self.node, webhooks);
         let (progress_tx, mut progress_rx) = mpsc::channel(256);
         let (out_tx, out_rx) = mpsc::channel(256);
         let node = self.node.clone();

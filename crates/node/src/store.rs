@@ -294,6 +294,26 @@ impl Store {
         Ok(Some(defs))
     }
 
+    /// The webhooks last configured (segments with only their ids and
+    /// webhooks), so deliveries resume after a restart before the control plane
+    /// is reached.
+    pub fn webhooks(&self) -> Result<Vec<pb::SegmentDef>, StoreError> {
+        match self.db.get("webhooks")? {
+            None => Ok(Vec::new()),
+            Some(bytes) => Ok(pb::ApplyRulesRequest::decode(bytes.as_ref())?.segments),
+        }
+    }
+
+    /// Records the webhooks configured.
+    pub fn set_webhooks(&self, segments: &[pb::SegmentDef]) -> Result<(), StoreError> {
+        let request = pb::ApplyRulesRequest {
+            version: 0,
+            segments: segments.to_vec(),
+        };
+        self.db.insert("webhooks", request.encode_to_vec())?;
+        Ok(())
+    }
+
     /// The manual clock's last recorded time (milliseconds).
     pub fn clock(&self) -> Result<Option<i64>, StoreError> {
         Ok(self
@@ -436,6 +456,29 @@ impl ShardStore {
     pub fn set_fenced(&self, attempt: u64) -> Result<(), StoreError> {
         self.tree
             .insert(meta_key("fenced"), &attempt.to_le_bytes())?;
+        Ok(())
+    }
+
+    /// The last change sequence webhook `endpoint` acknowledged on this
+    /// shard, if it ever started here (kept with the shard, so it moves with it).
+    pub fn webhook_cursor(&self, endpoint: &str) -> Result<Option<u64>, StoreError> {
+        let key = meta_key(&format!("webhook/{endpoint}"));
+        match self.tree.get(key)? {
+            None => Ok(None),
+            Some(bytes) => {
+                let bytes: [u8; 8] = bytes.as_ref().try_into().map_err(|_| {
+                    corrupt("webhook cursor", format!("{} bytes, not 8", bytes.len()))
+                })?;
+                Ok(Some(u64::from_le_bytes(bytes)))
+            }
+        }
+    }
+
+    /// Records webhook `endpoint`'s cursor (durable with the store's next sync:
+    /// a crash before it redelivers, never skips).
+    pub fn set_webhook_cursor(&self, endpoint: &str, sequence: u64) -> Result<(), StoreError> {
+        let key = meta_key(&format!("webhook/{endpoint}"));
+        self.tree.insert(key, &sequence.to_le_bytes())?;
         Ok(())
     }
 

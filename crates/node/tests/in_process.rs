@@ -93,6 +93,7 @@ async fn apply_rules(
             name: String::new(),
             description: String::new(),
             rule: (*rule).into(),
+            webhooks: Vec::new(),
         })
         .collect();
     let mut stream = client

@@ -201,6 +201,7 @@ impl From<&SegmentDef> for pb::SegmentDef {
             name: def.name.clone(),
             description: def.description.clone(),
             rule: def.rule.clone(),
+            webhooks: Vec::new(),
         }
     }
 }

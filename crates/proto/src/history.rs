@@ -137,6 +137,30 @@ pub fn sum(parts: Vec<Vec<pb::HistoryPoint>>) -> Vec<pb::HistoryPoint> {
     by_start.into_values().collect()
 }
 
+/// Sums several nodes' webhook delivery statuses, per URL.
+pub fn sum_webhooks(parts: Vec<Vec<pb::WebhookStatus>>) -> Vec<pb::WebhookStatus> {
+    let mut by_url: std::collections::BTreeMap<String, pb::WebhookStatus> =
+        std::collections::BTreeMap::new();
+    for s in parts.into_iter().flatten() {
+        let total = by_url
+            .entry(s.url.clone())
+            .or_insert_with(|| pb::WebhookStatus {
+                url: s.url.clone(),
+                ..Default::default()
+            });
+        total.shards += s.shards;
+        total.delivered += s.delivered;
+        total.failed_attempts += s.failed_attempts;
+        total.behind += s.behind;
+        total.last_delivered_ms = total.last_delivered_ms.max(s.last_delivered_ms);
+        if s.last_error_ms > total.last_error_ms {
+            total.last_error_ms = s.last_error_ms;
+            total.last_error = s.last_error;
+        }
+    }
+    by_url.into_values().collect()
+}
+
 /// Sets each point's volatility, (enters + exits) / max(size at the start,
 /// size at the end, 1), and whether it exceeds `threshold`.
 pub fn flag(points: &mut [pb::HistoryPoint], threshold: f64) {
