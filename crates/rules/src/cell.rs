@@ -177,6 +177,12 @@ pub(crate) mod counter {
     pub(crate) fn get(words: &[u64]) -> u64 {
         words.first().copied().unwrap_or(0)
     }
+
+    /// Adds `n`.
+    pub(crate) fn add(arena: &mut Arena, cell: u32, n: u64) {
+        let total = get(arena.get(cell)).saturating_add(n);
+        arena.set(cell, &[total]);
+    }
 }
 
 /// Exact lifetime sum and count.
@@ -200,6 +206,19 @@ pub(crate) mod sum_total {
             words.extend(partials.iter().map(|p| p.to_bits()));
             arena.set(cell, &words);
         }
+    }
+
+    /// Adds another sum cell's count and sum (its partials are exact parts
+    /// of its total, so adding them keeps the sum exact).
+    pub(crate) fn merge(arena: &mut Arena, cell: u32, other: &[u64]) {
+        let (count, mut sum) = get(arena.get(cell));
+        let (other_count, other_sum) = get(other);
+        for p in other_sum.partials() {
+            sum.add(*p);
+        }
+        let mut words = vec![count + other_count];
+        words.extend(sum.partials().iter().map(|p| p.to_bits()));
+        arena.set(cell, &words);
     }
 
     /// The count and the exact sum.
@@ -361,7 +380,7 @@ pub(crate) mod distinct {
     use crate::codec;
 
     /// Iterates `(last seen, encoded value)` over a distinct cell's payload.
-    fn entries(words: &[u64]) -> impl Iterator<Item = (Timestamp, &[u64])> {
+    pub(crate) fn entries(words: &[u64]) -> impl Iterator<Item = (Timestamp, &[u64])> {
         let mut rest = words;
         std::iter::from_fn(move || {
             let (&t, tail) = rest.split_first()?;

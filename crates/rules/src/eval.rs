@@ -387,7 +387,7 @@ impl Plan {
         }
     }
 
-    fn prune_cell(&self, state: &mut UserState, c: u32, now: Timestamp) {
+    pub(crate) fn prune_cell(&self, state: &mut UserState, c: u32, now: Timestamp) {
         let bound = self.prune_bound(state, c, now);
         self.prune_to(state, c, bound);
     }

@@ -23,6 +23,7 @@
 //! | `cell`, `state` | compact per-user state: [`UserState`] |
 //! | `eval` | `apply`, `advance`, `next_wakeup`, `rebuild` on a [`Plan`] |
 //! | `migrate` | moving states to a new rule set: [`Migration`] |
+//! | `merge` | identity merge: one user's state folded into another's ([`Plan::merge`]) |
 //! | [`explain`](mod@explain) | a rule's tree evaluated for one user, and its next change |
 //! | [`reference`](mod@reference) | the brute-force evaluator the tests hold the engine to |
 //! | [`exact_sum`] | order-independent exact sums for `sum` and `avg` |
@@ -61,6 +62,7 @@ pub mod examples;
 pub mod explain;
 mod id;
 pub mod limits;
+mod merge;
 mod migrate;
 mod plan;
 pub mod reference;

@@ -314,6 +314,19 @@ impl UserState {
         due
     }
 
+    /// The held events, in (timestamp, arrival) order, without removing them.
+    pub(crate) fn pendings(&self) -> Vec<Pending> {
+        pending_entries(self.arena.get(PENDING))
+            .filter_map(|e| {
+                Some(Pending {
+                    timestamp: e.timestamp,
+                    arrival: e.arrival,
+                    body: codec::decode_body(e.body)?,
+                })
+            })
+            .collect()
+    }
+
     /// The raw held events, for migration.
     pub(crate) fn pending_record(&self) -> &[u64] {
         self.arena.get(PENDING)

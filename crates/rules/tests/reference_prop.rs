@@ -679,6 +679,81 @@ fn incremental_engine_matches_reference_timeline() {
     }
 }
 
+/// Identity merge: two profiles live on one clock (events go to either,
+/// clock moves to both), then the second is folded into the first. The merged
+/// memberships and the changes the merge emits are the reference's over both
+/// event lists as one user's (the second's first: on equal timestamps the
+/// first profile's identify wins), and a minute later they still agree.
+#[test]
+fn merging_profiles_matches_the_reference_over_both_event_lists() {
+    let (seed, mut runner) = runner(300);
+    let strategy = (
+        rule_set(),
+        prop::collection::vec((any::<bool>(), op()), 1..60),
+    );
+    let result = runner.run(&strategy, |(rules, ops)| {
+        let mut known = Sim::new(rules.clone())?;
+        let mut anon = Sim::new(rules)?;
+        anon.user = UserId::from("anon");
+        for (step, (to_anon, op)) in ops.iter().enumerate() {
+            match op {
+                Op::Advance { .. } => {
+                    known.step(step, op)?;
+                    anon.step(step, op)?;
+                }
+                _ if *to_anon => anon.step(step, op)?,
+                _ => known.step(step, op)?,
+            }
+        }
+        let now = Timestamp(known.now);
+        let mut merged = known.state.clone();
+        let mut changes = Vec::new();
+        known
+            .plan
+            .merge(&mut merged, &anon.state, &known.user, now, &mut changes);
+        let mut events: Vec<Event> = anon
+            .events
+            .iter()
+            .map(|e| Event {
+                message_id: format!("anon-{}", e.message_id).as_str().into(),
+                user: known.user.clone(),
+                ..e.clone()
+            })
+            .collect();
+        events.extend(known.events.iter().cloned());
+        let members_at = |t: i64| {
+            if events.is_empty() {
+                BTreeSet::new()
+            } else {
+                known.reference.members(&events, Timestamp(t))
+            }
+        };
+        let expected = members_at(known.now);
+        let got: BTreeSet<SegmentId> = known.plan.members(&merged).cloned().collect();
+        prop_assert_eq!(&got, &expected, "merged memberships differ");
+        prop_assert_eq!(
+            simplify(&changes),
+            known.diff(&known.members, &expected, known.now, Cause::Event),
+            "the merge's changes differ"
+        );
+        let later = known.now + 60 * SECOND;
+        let mut ignored = Vec::new();
+        known
+            .plan
+            .advance(&mut merged, &known.user, Timestamp(later), &mut ignored);
+        let got: BTreeSet<SegmentId> = known.plan.members(&merged).cloned().collect();
+        prop_assert_eq!(
+            got,
+            members_at(later),
+            "merged state diverges a minute later"
+        );
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("seed {seed} (rerun with DYNSEG_SEED={seed}): {e}");
+    }
+}
+
 /// The same rule with its windows, thresholds and ordinals changed: the same
 /// aggregates over the same events, so the edit keeps cells whose caps or windows
 /// grow or shrink (what decides between carrying a cell over and backfilling it).
