@@ -634,3 +634,226 @@ async fn webhooks_deliver_signed_changes_in_order_through_failures_and_restarts(
     assert_eq!(good.accepted_changes().len(), 9);
     assert_eq!(flaky.accepted_changes().len(), 9);
 }
+
+/// Identity merge: an alias (over the Segment HTTP API) folds an anonymous
+/// profile on another shard into the known user; both memberships are
+/// re-evaluated and the changes emitted once; a retry changes nothing; a merge
+/// interrupted after its first step completes on the retry without repeating
+/// it; an identify with both ids merges too, the later trait winning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_merge_folds_anonymous_profiles_into_users_exactly_once() {
+    use support::clients::basic_auth;
+
+    let dev = Dev::start("");
+    dev.apply(&[
+        ("browsers", "exists(page_viewed)"),
+        ("two_views", "count(page_viewed) in last 7d >= 2"),
+        ("buyer", "exists(order_completed)"),
+        ("pro", "plan == \"pro\""),
+    ])
+    .await;
+    let t0 = ms(T0);
+    // Anonymous ids on shards other than ann's (8 shards).
+    let shard = |user: &str| dynseg_proto::shard_for(user, 8);
+    let mut anonymous = (0..)
+        .map(|i| format!("anon-{i}"))
+        .filter(|a| shard(a) != shard("ann"));
+    let (anon1, anon2, anon3) = (
+        anonymous.next().unwrap(),
+        anonymous.next().unwrap(),
+        anonymous.next().unwrap(),
+    );
+    let identify = |id: &str, anon: &str, user: &str, plan: &str, at: i64| {
+        let mut e = track(id, user, "", at);
+        e.r#type = pb::EventType::Identify as i32;
+        e.anonymous_id = anon.into();
+        e.traits.insert(
+            "plan".into(),
+            pb::Value {
+                kind: Some(pb::value::Kind::StringValue(plan.into())),
+            },
+        );
+        e
+    };
+    let mut anon_view = track("v1", "", "page_viewed", t0 - HOUR);
+    anon_view.anonymous_id = anon1.clone();
+    ingest(
+        &dev,
+        vec![
+            anon_view,
+            identify("i1", &anon1, "", "pro", t0 - 2 * HOUR),
+            track("v2", "ann", "page_viewed", t0 - 3 * HOUR),
+            track("o1", "ann", "order_completed", t0 - 3 * HOUR),
+        ],
+    )
+    .await;
+    let users = [anon1.as_str(), "ann"];
+    let segments = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect();
+    assert_eq!(
+        dev.memberships(&users).await,
+        [
+            (anon1.clone(), segments(&["browsers", "pro"])),
+            ("ann".into(), segments(&["browsers", "buyer"]))
+        ]
+        .into()
+    );
+
+    let mut stream = dev
+        .client()
+        .await
+        .subscribe(pb::GatewaySubscribeRequest {
+            from_now: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let alias = format!(
+        r#"{{"type":"alias","userId":"ann","previousId":"{anon1}","messageId":"a1","timestamp":"{T0}"}}"#
+    );
+    let auth = basic_auth(support::dev::WRITE_KEY);
+    let headers = [
+        ("content-type", "application/json"),
+        ("authorization", auth.as_str()),
+    ];
+    let answer = dev.post("/v1/alias", &headers, alias.as_bytes());
+    assert_eq!(answer.status, 200, "{answer:?}");
+
+    // The anonymous profile leaves what it was in; ann gains the second view
+    // and the trait.
+    let mut changes = Vec::new();
+    while changes.len() < 4 {
+        let next = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .expect("a merge change is missing")
+            .unwrap()
+            .unwrap();
+        let c = next.change.unwrap();
+        changes.push((
+            c.user_id.clone(),
+            c.segment.clone(),
+            c.kind,
+            c.at_ms,
+            c.cause,
+        ));
+    }
+    changes.sort();
+    let (enter, exit, event) = (
+        pb::ChangeKind::Enter as i32,
+        pb::ChangeKind::Exit as i32,
+        pb::ChangeCause::Event as i32,
+    );
+    let mut expected = vec![
+        (anon1.clone(), "browsers".to_owned(), exit, t0, event),
+        (anon1.clone(), "pro".to_owned(), exit, t0, event),
+        ("ann".to_owned(), "two_views".to_owned(), enter, t0, event),
+        ("ann".to_owned(), "pro".to_owned(), enter, t0, event),
+    ];
+    expected.sort();
+    assert_eq!(changes, expected);
+    let merged = [(
+        "ann".to_owned(),
+        segments(&["browsers", "two_views", "buyer", "pro"]),
+    )];
+    assert_eq!(dev.memberships(&["ann"]).await, merged.clone().into());
+    let mut client = dev.client().await;
+    let gone = client
+        .get_user(pb::GetUserRequest {
+            user_id: anon1.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!gone.exists, "{gone:?}");
+
+    // The same alias again (a client retry): a duplicate, and no change.
+    let again = dev.post("/v1/alias", &headers, alias.as_bytes());
+    assert_eq!(again.status, 200, "{again:?}");
+    let history = |segment: &str| {
+        let out = cli_json(&[
+            "segment",
+            "stats",
+            segment,
+            "--since",
+            T0,
+            "--addr",
+            &dev.gateway,
+            "--output",
+            "json",
+        ]);
+        let p = &out["points"][0];
+        (p["enters"].as_u64().unwrap(), p["exits"].as_u64().unwrap())
+    };
+    // In the hour from T0 (the first events were processed at T0 too): pro
+    // had anon's enter and exit and ann's enter, nothing more.
+    assert_eq!(history("pro"), (2, 1));
+    assert_eq!(history("two_views"), (1, 0));
+
+    // A merge interrupted after its first step (the anonymous profile taken
+    // out on its node, then the gateway lost): the client's retry of the alias
+    // completes it, and the first step is not repeated.
+    let mut view = track("v3", "", "page_viewed", t0);
+    view.anonymous_id = anon2.clone();
+    ingest(&dev, vec![view, identify("i3", &anon3, "", "team", t0 - 1)]).await;
+    let mut node = pb::node_client::NodeClient::connect(format!("http://{}", dev.node))
+        .await
+        .unwrap();
+    let status = node
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let epoch = status
+        .shards
+        .iter()
+        .find(|s| s.shard == shard(&anon2))
+        .unwrap()
+        .epoch;
+    let first = node
+        .merge_out(pb::MergeOutRequest {
+            shard: shard(&anon2),
+            epoch,
+            user_id: anon2.clone(),
+            into: "ann".into(),
+            merge_id: format!("a2\u{1f}{anon2}\u{1f}ann"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.found);
+    assert_eq!(first.exits, 1, "anon-2 was in browsers");
+    let alias2 = format!(
+        r#"{{"type":"alias","userId":"ann","previousId":"{anon2}","messageId":"a2","timestamp":"{T0}"}}"#
+    );
+    assert_eq!(
+        dev.post("/v1/alias", &headers, alias2.as_bytes()).status,
+        200
+    );
+    // ann: 3 views now, the same segments; browsers saw anon-2 enter and
+    // leave once (3 enters, 2 exits in all).
+    assert_eq!(dev.memberships(&["ann"]).await, merged.clone().into());
+    assert_eq!(history("browsers"), (3, 2));
+
+    // An identify with both ids merges too; the later plan wins (team, set a
+    // millisecond before T0, over pro, set two hours before).
+    let both = format!(
+        r#"{{"type":"identify","userId":"ann","anonymousId":"{anon3}","messageId":"i4","timestamp":"{T0}","traits":{{"name":"Ann"}}}}"#
+    );
+    assert_eq!(
+        dev.post("/v1/identify", &headers, both.as_bytes()).status,
+        200
+    );
+    assert_eq!(
+        dev.memberships(&["ann"]).await,
+        [(
+            "ann".to_owned(),
+            segments(&["browsers", "two_views", "buyer"])
+        )]
+        .into()
+    );
+    assert_eq!(
+        history("pro"),
+        (2, 2),
+        "ann left pro; anon-3 was never in it"
+    );
+}

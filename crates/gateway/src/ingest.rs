@@ -4,6 +4,7 @@
 //! acknowledged only when every part is durable on its shard.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,11 @@ use tokio::task::JoinSet;
 use tonic::Code;
 use tracing::Instrument;
 
+use dynseg_proto::client::Conn;
+use dynseg_proto::pb::node_client::NodeClient;
+
 use crate::error::GatewayError;
+use crate::merge::{Merge, merge_of};
 use crate::routing::Routing;
 
 /// The events of one request bound for one shard, with their request indexes.
@@ -96,6 +101,11 @@ impl Ingestor {
 
     async fn route(&self, events: Vec<pb::Event>) -> Result<pb::IngestReply, GatewayError> {
         let shard_count = self.shard_count().await?;
+        let merges: Vec<Merge> = events
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| merge_of(i as u32, e))
+            .collect();
         let (parts, mut rejected) = split(events, shard_count);
         let mut reply = pb::IngestReply::default();
         // One call per owning node carries all its shards' parts; shards with
@@ -147,6 +157,13 @@ impl Ingestor {
             }
         }
         rejected.sort_by_key(|r| r.index);
+        // Merges run once their events are durable (a refused event merges
+        // nothing), in request order, before the client is acknowledged.
+        for merge in &merges {
+            if rejected.iter().all(|r| r.index != merge.index) {
+                self.merge(merge).await?;
+            }
+        }
         reply.rejected = rejected;
         Ok(reply)
     }
@@ -203,7 +220,7 @@ impl Ingestor {
         Ok(answered)
     }
 
-    async fn shard_count(&self) -> Result<u32, GatewayError> {
+    pub(crate) async fn shard_count(&self) -> Result<u32, GatewayError> {
         let mut routing = self.routing.clone();
         let wait = routing.wait_for(|r| r.shard_count > 0);
         match tokio::time::timeout(self.retry_for, wait).await {
@@ -220,6 +237,34 @@ impl Ingestor {
         shard: u32,
         events: &[pb::Event],
     ) -> Result<pb::IngestResponse, GatewayError> {
+        self.call_owner(shard, |epoch, mut client| {
+            let batch = pb::EventBatch {
+                shard,
+                epoch,
+                events: events.to_vec(),
+            };
+            async move { client.ingest(batch).await }
+        })
+        .await
+    }
+
+    /// Calls shard `shard`'s owner with `call(epoch, client)` until it answers,
+    /// or fails with a code not worth retrying, or `retry_for` passes.
+    ///
+    /// Retried: a stale epoch, a moved shard, a restarting node, a connection
+    /// cut mid-call (tonic reports UNKNOWN or CANCELLED; the call may or may
+    /// not have landed, so only idempotent calls go through here: ingest drops
+    /// repeated message ids, merges repeated merge ids). Between attempts it
+    /// waits for placement to change, or a moment.
+    pub(crate) async fn call_owner<T, F, Fut>(
+        &self,
+        shard: u32,
+        mut call: F,
+    ) -> Result<T, GatewayError>
+    where
+        F: FnMut(u64, NodeClient<Conn>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let deadline = Instant::now() + self.retry_for;
         let mut routing = self.routing.clone();
         loop {
@@ -231,31 +276,18 @@ impl Ingestor {
             };
             let problem = match target {
                 None => format!("shard {shard} has no owner yet"),
-                Some((epoch, node, mut client)) => {
-                    let batch = pb::EventBatch {
-                        shard,
-                        epoch,
-                        events: events.to_vec(),
-                    };
-                    match client.ingest(batch).await {
-                        Ok(response) => return Ok(response.into_inner()),
-                        // A stale epoch, a moved shard, a restarting node, a
-                        // connection cut mid-call (tonic reports UNKNOWN or
-                        // CANCELLED; the batch may or may not have landed, and
-                        // resending it is safe: the node drops repeated message
-                        // ids): wait for placement to change (or a moment) and
-                        // try again.
-                        Err(status) if retryable(status.code()) => {
-                            format!("node {node}: {}", status.message())
-                        }
-                        Err(status) => return Err(GatewayError::Node(status)),
+                Some((epoch, node, client)) => match call(epoch, client).await {
+                    Ok(response) => return Ok(response.into_inner()),
+                    Err(status) if retryable(status.code()) => {
+                        format!("node {node}: {}", status.message())
                     }
-                }
+                    Err(status) => return Err(GatewayError::Node(status)),
+                },
             };
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(GatewayError::Unavailable(format!(
-                    "shard {shard} did not take the batch in {:?}: {problem}",
+                    "shard {shard} did not answer in {:?}: {problem}",
                     self.retry_for
                 )));
             }

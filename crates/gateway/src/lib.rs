@@ -11,6 +11,7 @@
 //! |---|---|
 //! | [`routing`] | the routing table and the task that follows the control plane |
 //! | [`ingest`] | splitting, sending with retries, merging replies |
+//! | [`merge`] | identity merge: alias and identify fold one profile into another, exactly once |
 //! | [`subscribe`] | resume tokens and the merged change stream |
 //! | [`service`], [`server`] | the gRPC service and serving |
 //! | [`http`] | the Segment-compatible HTTP API, `/healthz` and `/metrics` |
@@ -22,6 +23,7 @@ pub mod admin;
 pub mod error;
 pub mod http;
 pub mod ingest;
+pub mod merge;
 pub mod metrics;
 pub mod routing;
 pub mod server;

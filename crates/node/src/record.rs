@@ -14,7 +14,7 @@ pub struct WalRecord {
     #[prost(int64, tag = "2")]
     pub now_ms: i64,
     /// The input.
-    #[prost(oneof = "Input", tags = "3, 4, 5, 6")]
+    #[prost(oneof = "Input", tags = "3, 4, 5, 6, 7, 8")]
     pub input: Option<Input>,
 }
 
@@ -34,6 +34,12 @@ pub enum Input {
     /// in its checkpoint: replay starts after it.
     #[prost(message, tag = "6")]
     MovedIn(Tick),
+    /// Identity merge: a profile's state taken out.
+    #[prost(message, tag = "7")]
+    MergeOut(pb::MergeOutRequest),
+    /// Identity merge: a state folded into a profile.
+    #[prost(message, tag = "8")]
+    MergeIn(pb::MergeInRequest),
 }
 
 /// A clock tick (no fields: the record's `now_ms` is the time).

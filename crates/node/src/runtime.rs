@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use dynseg_proto::pb;
 use dynseg_rules::{
     Event, Explanation, Limits, Plan, RuleVersion, SegmentDef, SegmentId, Timestamp, UserId,
+    UserState,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -73,6 +74,18 @@ pub(crate) enum Command {
     Overlap {
         segments: Vec<SegmentId>,
         reply: Reply<(Vec<u64>, u64)>,
+    },
+    /// Identity merge, step 1 (see [`Shard::merge_out`]).
+    MergeOut {
+        request: pb::MergeOutRequest,
+        reply: Reply<pb::MergeOutResponse>,
+    },
+    /// Identity merge, step 2 (see [`Shard::merge_in`]); `state` is the
+    /// request's, decoded.
+    MergeIn {
+        request: pb::MergeInRequest,
+        state: UserState,
+        reply: Reply<pb::MergeInResponse>,
     },
     /// A segment's size as of the last published change, and that change's
     /// sequence: where history is derived from.
@@ -263,6 +276,16 @@ pub(crate) fn apply_input(
             let defs = rule_defs(request)?;
             let plan = compile(request.version, &defs)?;
             Ok(shard.apply_rules(plan, now, |_, _| {})?)
+        }
+        Some(Input::MergeOut(request)) => {
+            let user = UserId::new(request.user_id.clone());
+            Ok(shard.merge_out(now, &user, &request.merge_id)?.changes)
+        }
+        Some(Input::MergeIn(request)) => {
+            let state = UserState::decode(&request.state)
+                .map_err(|e| NodeError::Invalid(format!("merged state: {e}")))?;
+            let user = UserId::new(request.user_id.clone());
+            Ok(shard.merge_in(now, &user, &request.merge_id, &state)?.1)
         }
         Some(Input::MovedIn(_)) | None => Ok(Vec::new()),
     }
@@ -871,6 +894,17 @@ struct Inflight {
 enum Done {
     Ingest(Reply<pb::IngestResponse>, pb::IngestResponse),
     Unit(Option<Reply<()>>),
+    /// Called with the outcome once the record is durable (or failed).
+    Answer(Box<dyn FnOnce(Result<(), NodeError>) + Send>),
+}
+
+impl Done {
+    /// An answer of `response` on `reply` once durable.
+    fn answer<T: Send + 'static>(reply: Reply<T>, response: T) -> Done {
+        Done::Answer(Box::new(move |outcome| {
+            let _ = reply.send(outcome.map(|()| response));
+        }))
+    }
 }
 
 struct ShardTask {
@@ -1005,6 +1039,7 @@ impl ShardTask {
                         let _ = reply.send(Ok(()));
                     }
                     Done::Unit(None) => {}
+                    Done::Answer(answer) => answer(Ok(())),
                 }
             }
             Ok(Err(e)) => {
@@ -1031,6 +1066,7 @@ impl ShardTask {
                 let _ = reply.send(Err(error));
             }
             Done::Unit(None) => {}
+            Done::Answer(answer) => answer(Err(error)),
         }
     }
 
@@ -1040,6 +1076,26 @@ impl ShardTask {
     }
 
     /// Logs an encoded record (already applied) and queues its completion.
+    /// Whether the shard takes writes at `epoch`: not after a log failure,
+    /// not while fenced for a move, and only at its current epoch.
+    fn writable(&self, epoch: u64) -> Result<(), NodeError> {
+        if let Some(reason) = &self.failed {
+            return Err(NodeError::Unavailable(reason.clone()));
+        }
+        if self.move_out.as_ref().is_some_and(|m| m.fenced) {
+            return Err(NodeError::Moving(self.shard.id()));
+        }
+        let current = self.shard.epoch();
+        if epoch != current {
+            return Err(NodeError::WrongEpoch {
+                shard: self.shard.id(),
+                sent: epoch,
+                current,
+            });
+        }
+        Ok(())
+    }
+
     async fn log_bytes(&mut self, record: Vec<u8>, changes: Vec<Logged>, done: Done) {
         let kept = self.move_out.as_ref().map(|_| record.clone());
         let durable = self.committer.append(record).await;
@@ -1192,6 +1248,74 @@ impl ShardTask {
                 };
                 self.log_bytes(record, outcome.changes, Done::Ingest(reply, response))
                     .await;
+            }
+            Command::MergeOut { request, reply } => {
+                if let Err(e) = self.writable(request.epoch) {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+                let now = self.clock.now();
+                let user = UserId::new(request.user_id.clone());
+                let merge_id = request.merge_id.clone();
+                let record = WalRecord {
+                    shard: self.shard.id(),
+                    now_ms: now.millis(),
+                    input: Some(Input::MergeOut(request)),
+                }
+                .to_bytes();
+                match self.shard.merge_out(now, &user, &merge_id) {
+                    Ok(outcome) => {
+                        let response = pb::MergeOutResponse {
+                            found: outcome.merged.found,
+                            state: outcome.merged.state,
+                            rule_version: outcome.merged.rule_version,
+                            exits: outcome.changes.len() as u32,
+                        };
+                        self.log_bytes(record, outcome.changes, Done::answer(reply, response))
+                            .await;
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                }
+            }
+            Command::MergeIn {
+                request,
+                state,
+                reply,
+            } => {
+                if let Err(e) = self.writable(request.epoch) {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+                let version = self.shard.plan().version().0;
+                if request.rule_version != version {
+                    let _ = reply.send(Err(NodeError::Unavailable(format!(
+                        "shard {} runs rule version {version}, the merged state is of version {}: retry once they agree",
+                        self.shard.id(),
+                        request.rule_version
+                    ))));
+                    return;
+                }
+                let now = self.clock.now();
+                let user = UserId::new(request.user_id.clone());
+                let merge_id = request.merge_id.clone();
+                let record = WalRecord {
+                    shard: self.shard.id(),
+                    now_ms: now.millis(),
+                    input: Some(Input::MergeIn(request)),
+                }
+                .to_bytes();
+                match self.shard.merge_in(now, &user, &merge_id, &state) {
+                    Ok((applied, changes)) => {
+                        let response = pb::MergeInResponse { applied };
+                        self.log_bytes(record, changes, Done::answer(reply, response))
+                            .await;
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                }
             }
             // A fenced shard's time stands still: the destination ticks it
             // once it serves it.

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use dynseg_proto::pb::{self, node_server};
-use dynseg_rules::{Event, Plan, RuleVersion, SegmentDef, SegmentId, Span, Timestamp, UserId};
+use dynseg_rules::{
+    Event, Plan, RuleVersion, SegmentDef, SegmentId, Span, Timestamp, UserId, UserState,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -100,6 +102,34 @@ impl NodeService {
 
     fn plan(&self) -> Arc<Plan> {
         self.node.plan()
+    }
+
+    /// A merge request names two different profiles and a merge id, and the
+    /// shard of the profile it is sent for.
+    fn check_merge(
+        &self,
+        shard: u32,
+        user: &str,
+        other: &str,
+        merge_id: &str,
+    ) -> Result<(), NodeError> {
+        if user.is_empty() || other.is_empty() || merge_id.is_empty() {
+            return Err(NodeError::Invalid(
+                "a merge needs both profiles' ids and a merge_id".into(),
+            ));
+        }
+        if user == other {
+            return Err(NodeError::Invalid(
+                "a profile cannot merge with itself".into(),
+            ));
+        }
+        let expected = dynseg_proto::shard_for(user, self.node.config().shard_count);
+        if shard != expected {
+            return Err(NodeError::Invalid(format!(
+                "{user:?} is on shard {expected}, not {shard}"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -395,6 +425,50 @@ impl node_server::Node for NodeService {
             pairwise,
             all,
         }))
+    }
+
+    async fn merge_out(
+        &self,
+        request: Request<pb::MergeOutRequest>,
+    ) -> Result<Response<pb::MergeOutResponse>, Status> {
+        let request = request.into_inner();
+        self.check_merge(
+            request.shard,
+            &request.user_id,
+            &request.into,
+            &request.merge_id,
+        )?;
+        let handle = self.node.handle(request.shard)?;
+        let response = self
+            .node
+            .ask(&handle, |reply| Command::MergeOut { request, reply })
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn merge_in(
+        &self,
+        request: Request<pb::MergeInRequest>,
+    ) -> Result<Response<pb::MergeInResponse>, Status> {
+        let request = request.into_inner();
+        self.check_merge(
+            request.shard,
+            &request.user_id,
+            &request.from,
+            &request.merge_id,
+        )?;
+        let state = UserState::decode(&request.state)
+            .map_err(|e| NodeError::Invalid(format!("the merged state does not decode: {e}")))?;
+        let handle = self.node.handle(request.shard)?;
+        let response = self
+            .node
+            .ask(&handle, |reply| Command::MergeIn {
+                request,
+                state,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(response))
     }
 
     async fn segment_history(

@@ -17,7 +17,7 @@ use dynseg_rules::{
 };
 use prost::Message;
 
-use crate::store::{Checkpoint, ShardMeta, ShardStore, StoreError, UserRecord};
+use crate::store::{Checkpoint, MergedOut, ShardMeta, ShardStore, StoreError, UserRecord};
 use crate::wal::Lsn;
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -116,6 +116,19 @@ pub struct Shard {
     /// Users the shard has ever seen (stored or new).
     user_count: u64,
     scratch: Vec<Change>,
+    /// Identity merges taken out since the last checkpoint.
+    merged_out: BTreeMap<String, MergedOut>,
+    /// The day merges taken out were last pruned.
+    merged_pruned_day: u32,
+}
+
+/// What [`Shard::merge_out`] answers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MergeOutcome {
+    /// What the profile was, for the other side of the merge.
+    pub merged: MergedOut,
+    /// The exits it caused (empty for a repeat).
+    pub changes: Vec<Logged>,
 }
 
 impl Shard {
@@ -147,6 +160,8 @@ impl Shard {
             accesses: 0,
             user_count: 0,
             scratch: Vec::new(),
+            merged_out: BTreeMap::new(),
+            merged_pruned_day: 0,
         };
         let (mut timers, mut members, mut count) = (Vec::new(), BTreeMap::new(), 0);
         shard.store.visit_users(|user, record| {
@@ -328,6 +343,103 @@ impl Shard {
         Ok(outcome)
     }
 
+    /// Identity merge, step 1: takes `user`'s profile out of the shard at
+    /// `now` for merging into another. Its memberships exit (cause: event), its
+    /// state is returned and the profile starts again empty, keeping its
+    /// message ids (a late repeat of one of its events stays a repeat). A
+    /// repeat of `merge_id` answers what the first one did and changes nothing.
+    pub fn merge_out(
+        &mut self,
+        now: Timestamp,
+        user: &UserId,
+        merge_id: &str,
+    ) -> Result<MergeOutcome, StoreError> {
+        if let Some(merged) = self.merged_out.get(merge_id) {
+            return Ok(MergeOutcome {
+                merged: merged.clone(),
+                changes: Vec::new(),
+            });
+        }
+        if let Some(merged) = self.store.merged_out(merge_id)? {
+            return Ok(MergeOutcome {
+                merged,
+                changes: Vec::new(),
+            });
+        }
+        let plan = self.plan.clone();
+        let known = self.users.contains_key(user) || self.store.load_user(user.as_str())?.is_some();
+        let mut merged = MergedOut {
+            at_ms: now.millis(),
+            found: false,
+            state: Vec::new(),
+            rule_version: plan.version().0,
+        };
+        let mut out = Vec::new();
+        if known {
+            let mut changes = std::mem::take(&mut self.scratch);
+            let entry = self.activate(user)?;
+            let before = entry.state.next_wakeup();
+            plan.advance(&mut entry.state, user, now, &mut changes);
+            if !entry.state.is_new() {
+                merged.found = true;
+                entry.state.encode(&mut merged.state);
+                for segment in plan.members(&entry.state) {
+                    changes.push(Change {
+                        user: user.clone(),
+                        segment: segment.clone(),
+                        kind: dynseg_rules::ChangeKind::Exit,
+                        at: now,
+                        cause: dynseg_rules::Cause::Event,
+                        version: plan.version(),
+                    });
+                }
+                entry.state = plan.new_state();
+            }
+            self.retime(user, before, None);
+            self.dirty.insert(user.clone());
+            self.log(&mut changes, &mut out);
+            self.scratch = changes;
+        }
+        self.merged_out.insert(merge_id.to_owned(), merged.clone());
+        Ok(MergeOutcome {
+            merged,
+            changes: out,
+        })
+    }
+
+    /// Identity merge, step 2: folds `state` (taken out of another profile by
+    /// [`Shard::merge_out`], under this shard's rule version) into `user`'s
+    /// profile at `now`. Once per `merge_id`: a repeat is ignored (false).
+    pub fn merge_in(
+        &mut self,
+        now: Timestamp,
+        user: &UserId,
+        merge_id: &str,
+        state: &UserState,
+    ) -> Result<(bool, Vec<Logged>), StoreError> {
+        let plan = self.plan.clone();
+        let day = day_of(now);
+        let oldest_day = day_of(now.minus(self.config.dedupe_horizon));
+        let hash = message_hash(merge_id);
+        let mut changes = std::mem::take(&mut self.scratch);
+        let entry = self.activate(user)?;
+        entry.seen.retain(|s| (*s as u32) >= oldest_day);
+        if entry.seen.iter().any(|s| (s >> 32) == hash) {
+            self.scratch = changes;
+            return Ok((false, Vec::new()));
+        }
+        entry.seen.push((hash << 32) | u128::from(day));
+        let before = entry.state.next_wakeup();
+        plan.merge(&mut entry.state, state, user, now, &mut changes);
+        let after = entry.state.next_wakeup();
+        self.retime(user, before, after);
+        self.dirty.insert(user.clone());
+        let mut out = Vec::new();
+        self.log(&mut changes, &mut out);
+        self.scratch = changes;
+        Ok((true, out))
+    }
+
     /// Every retained event by user, in arrival order, with repeats of a
     /// message id left out exactly as ingest left them out (same horizon, same
     /// arrival days).
@@ -502,12 +614,16 @@ impl Shard {
 
     /// The segments `user` is in, or `None` when the shard has never seen them.
     pub fn user_segments(&self, user: &UserId) -> Result<Option<Vec<SegmentId>>, StoreError> {
+        // A profile merged away (its state emptied) does not exist.
         if let Some(entry) = self.users.get(user) {
-            return Ok(Some(self.plan.members(&entry.state).cloned().collect()));
+            return Ok(
+                (!entry.state.is_new()).then(|| self.plan.members(&entry.state).cloned().collect())
+            );
         }
         Ok(self
             .store
             .load_user(user.as_str())?
+            .filter(|r| !r.state.is_new())
             .map(|r| self.plan.members(&r.state).cloned().collect()))
     }
 
@@ -596,6 +712,12 @@ impl Shard {
     /// only when every applied input is durable, so the checkpoint matches
     /// `replay_from`; write checkpoints in the order they were taken.
     pub fn take_checkpoint(&mut self, now: Timestamp) -> Checkpoint {
+        // Merges taken out are kept for the dedupe horizon; pruning scans them
+        // all, so it runs once a day.
+        let prune_merged = day_of(now) != self.merged_pruned_day;
+        if prune_merged {
+            self.merged_pruned_day = day_of(now);
+        }
         let mut users = Vec::with_capacity(self.dirty.len());
         let mut state = Vec::new();
         for user in self.dirty.drain() {
@@ -621,6 +743,9 @@ impl Shard {
             },
             expire_events_before_day: day_of(now.minus(self.event_retention())),
             expire_changes_before_ms: now.minus(self.config.change_retention).millis(),
+            merged_out: std::mem::take(&mut self.merged_out).into_iter().collect(),
+            expire_merged_before_ms: prune_merged
+                .then(|| now.minus(self.config.dedupe_horizon).millis()),
         }
     }
 
@@ -638,6 +763,9 @@ impl Shard {
         let mut changes = checkpoint.changes;
         changes.append(&mut self.unsaved_changes);
         self.unsaved_changes = changes;
+        for (merge_id, merged) in checkpoint.merged_out {
+            self.merged_out.entry(merge_id).or_insert(merged);
+        }
     }
 
     /// How long events are kept: the configured retention, and at least the
@@ -754,6 +882,63 @@ mod tests {
         let store = crate::store::Store::open(dir, 1 << 20).unwrap();
         let shard = Shard::open(3, store.shard(3).unwrap(), p, ShardConfig::default()).unwrap();
         (store, shard)
+    }
+
+    #[test]
+    fn merges_answer_repeats_the_same_across_checkpoints_and_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = plan(&[("buyers", "exists(order_completed)")], 1);
+        let now = t("2026-01-01T00:00:00Z");
+        let (merged, first_exits) = {
+            let (_store, mut shard) = open(dir.path(), p.clone());
+            apply(&mut shard, now, &[order("o1", "anon", now)]).unwrap();
+            let first = shard.merge_out(now, &UserId::from("anon"), "m1").unwrap();
+            assert!(first.merged.found);
+            // A repeat before the checkpoint: the same answer, no change.
+            let repeat = shard.merge_out(now, &UserId::from("anon"), "m1").unwrap();
+            assert_eq!(
+                (repeat.merged.clone(), repeat.changes.len()),
+                (first.merged.clone(), 0)
+            );
+            assert_eq!(shard.user_segments(&UserId::from("anon")).unwrap(), None);
+            // Into ann, once.
+            let state = UserState::decode(&first.merged.state).unwrap();
+            let (applied, changes) = shard
+                .merge_in(now, &UserId::from("ann"), "m1", &state)
+                .unwrap();
+            assert!(applied);
+            assert_eq!(summary(&changes)[0].1, "ann");
+            let (again, none) = shard
+                .merge_in(now, &UserId::from("ann"), "m1", &state)
+                .unwrap();
+            assert!(!again && none.is_empty());
+            shard.checkpoint(now).unwrap();
+            (first.merged, summary(&first.changes))
+        };
+        assert_eq!(first_exits.len(), 1);
+        // Reopened from the checkpoint: the repeat reads the stored answer.
+        let (_store, mut shard) = open(dir.path(), p);
+        let repeat = shard.merge_out(now, &UserId::from("anon"), "m1").unwrap();
+        assert_eq!((repeat.merged, repeat.changes.len()), (merged.clone(), 0));
+        let state = UserState::decode(&merged.state).unwrap();
+        let (again, _) = shard
+            .merge_in(now, &UserId::from("ann"), "m1", &state)
+            .unwrap();
+        assert!(!again, "the merge id is kept with ann's message ids");
+        assert_eq!(
+            shard.user_segments(&UserId::from("ann")).unwrap(),
+            Some(vec![SegmentId::from("buyers")])
+        );
+        // A profile that never existed merges out as not found, and its next
+        // event starts it afresh.
+        let none = shard.merge_out(now, &UserId::from("ghost"), "m2").unwrap();
+        assert!(!none.merged.found && none.changes.is_empty());
+        let later = apply(&mut shard, now, &[order("o2", "anon", now)]).unwrap();
+        assert_eq!(
+            summary(&later.changes).len(),
+            1,
+            "anon starts again and enters"
+        );
     }
 
     #[test]

@@ -167,6 +167,52 @@ pub struct Checkpoint {
     /// Changes before this time (milliseconds) are deleted, a whole block at a
     /// time: a block goes once its latest change is older.
     pub expire_changes_before_ms: i64,
+    /// Identity merges taken out since the last checkpoint: (merge id, what
+    /// the repeat of that merge answers).
+    pub merged_out: Vec<(String, MergedOut)>,
+    /// When set, merges taken out before this time (milliseconds) are deleted
+    /// (a scan of all of them: the shard asks once a day).
+    pub expire_merged_before_ms: Option<i64>,
+}
+
+/// What an identity merge took out of a shard, kept so that a repeat of the
+/// merge gets the same answer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MergedOut {
+    /// When (milliseconds).
+    pub at_ms: i64,
+    /// The profile existed.
+    pub found: bool,
+    /// Its state, under `rule_version`.
+    pub state: Vec<u8>,
+    /// The rule-set version the state is encoded under.
+    pub rule_version: u64,
+}
+
+impl MergedOut {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(17 + self.state.len());
+        out.push(u8::from(self.found));
+        out.extend_from_slice(&self.at_ms.to_le_bytes());
+        out.extend_from_slice(&self.rule_version.to_le_bytes());
+        out.extend_from_slice(&self.state);
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<MergedOut, StoreError> {
+        let (head, state) = bytes
+            .split_at_checked(17)
+            .ok_or_else(|| corrupt("merged-out record", format!("{} bytes", bytes.len())))?;
+        let word = |range: std::ops::Range<usize>| {
+            <[u8; 8]>::try_from(&head[range]).map_err(|_| corrupt("merged-out record", "short"))
+        };
+        Ok(MergedOut {
+            found: head[0] != 0,
+            at_ms: i64::from_le_bytes(word(1..9)?),
+            rule_version: u64::from_le_bytes(word(9..17)?),
+            state: state.to_vec(),
+        })
+    }
 }
 
 impl Checkpoint {
@@ -375,6 +421,13 @@ const META: u8 = b'm';
 const PAGE: u8 = b'p';
 const EVENTS: u8 = b'e';
 const CHANGES: u8 = b'c';
+const MERGED: u8 = b'x';
+
+fn merged_key(merge_id: &str) -> Vec<u8> {
+    let mut key = vec![MERGED];
+    key.extend_from_slice(merge_id.as_bytes());
+    key
+}
 
 fn meta_key(name: &str) -> Vec<u8> {
     let mut key = vec![META];
@@ -512,6 +565,14 @@ impl ShardStore {
         Ok(())
     }
 
+    /// What identity merge `merge_id` took out of this shard, if it ran here.
+    pub fn merged_out(&self, merge_id: &str) -> Result<Option<MergedOut>, StoreError> {
+        self.tree
+            .get(merged_key(merge_id))?
+            .map(|bytes| MergedOut::decode(&bytes))
+            .transpose()
+    }
+
     /// A stored user.
     pub fn load_user(&self, user: &str) -> Result<Option<UserRecord>, StoreError> {
         let key = page_key(page::page_of(user.as_bytes(), page::PAGES_PER_SHARD));
@@ -598,6 +659,18 @@ impl ShardStore {
                 break;
             }
             batch.remove(key);
+        }
+
+        for (merge_id, merged) in &cp.merged_out {
+            batch.insert(merged_key(merge_id), merged.encode());
+        }
+        if let Some(before) = cp.expire_merged_before_ms {
+            for entry in self.tree.scan_prefix([MERGED]) {
+                let (key, bytes) = entry?;
+                if MergedOut::decode(&bytes).is_ok_and(|m| m.at_ms < before) {
+                    batch.remove(key);
+                }
+            }
         }
 
         let m = &cp.meta;
@@ -716,7 +789,10 @@ impl ShardStore {
 
     /// Writes one exported (key, value).
     pub fn load(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        if !matches!(key.first(), Some(&(META | PAGE | EVENTS | CHANGES))) {
+        if !matches!(
+            key.first(),
+            Some(&(META | PAGE | EVENTS | CHANGES | MERGED))
+        ) {
             return Err(corrupt("shard export", "a key of unknown kind"));
         }
         self.tree.insert(key, value)?;
@@ -793,6 +869,7 @@ mod tests {
             meta,
             expire_events_before_day: 0,
             expire_changes_before_ms: i64::MIN,
+            ..Default::default()
         }
     }
 
