@@ -155,6 +155,7 @@ async fn segment_and_rudderstack_libraries_drive_memberships() {
 
     let users = [
         "seg-buyer",
+        "seg-buyer-2",
         "seg-pro",
         "seg-pricing",
         "seg-screen",
@@ -167,7 +168,10 @@ async fn segment_and_rudderstack_libraries_drive_memberships() {
     assert_eq!(
         dev.memberships(&users).await,
         expect(&[
-            ("seg-buyer", &["repeat_buyers", "sku_b"]),
+            // Segment's alias merged seg-buyer into seg-buyer-2
+            // (docs/identity.md).
+            ("seg-buyer", &[]),
+            ("seg-buyer-2", &["repeat_buyers", "sku_b"]),
             ("seg-pro", &["lyon", "pro_plan"]),
             ("seg-pricing", &["pricing_visitors"]),
             ("seg-screen", &["home_screen"]),
@@ -188,13 +192,24 @@ async fn segment_and_rudderstack_libraries_drive_memberships() {
         .unwrap()
         .into_inner();
     assert!(!intruder.exists, "a refused request must change nothing");
+    let merged_away = dev
+        .client()
+        .await
+        .get_user(pb::GetUserRequest {
+            user_id: "seg-buyer".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!merged_away.exists, "{merged_away:?}");
 
     // A week later the orders and the page views are out of their windows.
     dev.advance(Duration::from_secs(7 * 24 * 3600)).await;
     assert_eq!(
         dev.memberships(&users).await,
         expect(&[
-            ("seg-buyer", &["sku_b"]),
+            ("seg-buyer", &[]),
+            ("seg-buyer-2", &["sku_b"]),
             ("seg-pro", &["lyon", "pro_plan"]),
             ("seg-pricing", &[]),
             ("seg-screen", &[]),

@@ -765,6 +765,14 @@ async fn identity_merge_folds_anonymous_profiles_into_users_exactly_once() {
         .unwrap()
         .into_inner();
     assert!(!gone.exists, "{gone:?}");
+    let err = client
+        .explain(pb::ExplainRequest {
+            user_id: anon1.clone(),
+            segment: "browsers".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
 
     // The same alias again (a client retry): a duplicate, and no change.
     let again = dev.post("/v1/alias", &headers, alias.as_bytes());

@@ -51,6 +51,9 @@ pub struct DevOptions {
     pub tokens: Option<TokenStore>,
     /// Serve TLS with a self-signed certificate kept under `DATA/tls`.
     pub tls: bool,
+    /// How long the node keeps its change log (and so segment history);
+    /// `None`: the node's default, 7 days.
+    pub change_retention: Option<dynseg_rules::Span>,
 }
 
 impl DevOptions {
@@ -63,6 +66,7 @@ impl DevOptions {
             http: HttpConfig::default(),
             tokens: None,
             tls: false,
+            change_retention: None,
         }
     }
 }
@@ -93,6 +97,7 @@ impl DevCluster {
             http,
             tokens,
             tls,
+            change_retention,
         } = options;
         // With tokens, the roles in this process call each other with a
         // cluster secret made for this run.
@@ -134,6 +139,9 @@ impl DevCluster {
         node_config.shard_count = shard_count;
         node_config.shards = Vec::new();
         node_config.access = access.clone();
+        if let Some(span) = change_retention {
+            node_config.shard.change_retention = span;
+        }
         let node_server = dynseg_node::Server::start(node_config)
             .await
             .map_err(|e| format!("node: {e}"))?;

@@ -23,7 +23,7 @@ const HELP: &str = "\
 dynseg: real-time customer segmentation
 
 Run:
-  dynseg dev [--data DIR] [--clock system|manual[=RFC3339]] [--base-port P] [--shards N] [--tokens-file F]
+  dynseg dev [--data DIR] [--clock system|manual[=RFC3339]] [--base-port P] [--shards N] [--tokens-file F] [--change-retention D]
                                    the whole cluster in one process (control P, node P+1, gateway P+2,
                                    its HTTP API P+3; --write-key KEY and the gateway's HTTP limits apply)
   dynseg demo [--users N] [--rate EVENTS_PER_S] [--duration SECS] [--data DIR]
@@ -129,7 +129,15 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
         "dev" => {
             known(
                 &[
-                    &["data", "clock", "base-port", "shards", "tokens-file", "tls"][..],
+                    &[
+                        "data",
+                        "clock",
+                        "base-port",
+                        "shards",
+                        "tokens-file",
+                        "tls",
+                        "change-retention",
+                    ][..],
                     HTTP_FLAGS,
                 ]
                 .concat(),
@@ -146,6 +154,12 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
                     http: http_config(&args)?,
                     tokens: dev_tokens(&args)?,
                     tls: args.has("tls"),
+                    change_retention: match args.get("change-retention") {
+                        Some(text) => {
+                            Some(dynseg_rules::Span(dynseg_cli::args::duration_ms(text)?))
+                        }
+                        None => None,
+                    },
                 },
             )
             .await

@@ -3,11 +3,11 @@
 use crate::clock::Clock;
 use crate::config::NodeConfig;
 use crate::control_link::{DEFAULT_DRAIN_TIMEOUT, DEFAULT_MOVE_BYTES_PER_SEC, LinkConfig};
-use dynseg_rules::Timestamp;
+use dynseg_rules::{Span, Timestamp};
 use std::path::PathBuf;
 
 /// The flags `parse` accepts.
-pub const USAGE: &str = "--data-dir DIR [--listen ADDR] [--metrics ADDR] [--node-id ID] [--shard-count N] [--shards A-B] [--clock system|manual[=RFC3339]] [--checkpoint-secs S] [--memory-mib M] [--limit NAME=VALUE]... [--tokens-file F] [--cluster-secret-file F] [--tls-cert F --tls-key F [--tls-ca F] [--mtls]] [--webhook-ca F] [--control ADDR [--advertise ADDR] [--weight N] [--move-mib-per-sec N] [--drain-timeout-secs S] [--rejoin]]";
+pub const USAGE: &str = "--data-dir DIR [--listen ADDR] [--metrics ADDR] [--node-id ID] [--shard-count N] [--shards A-B] [--clock system|manual[=RFC3339]] [--checkpoint-secs S] [--memory-mib M] [--limit NAME=VALUE]... [--tokens-file F] [--cluster-secret-file F] [--tls-cert F --tls-key F [--tls-ca F] [--mtls]] [--webhook-ca F] [--change-retention D] [--event-retention D] [--dedupe-horizon D] [--control ADDR [--advertise ADDR] [--weight N] [--move-mib-per-sec N] [--drain-timeout-secs S] [--rejoin]]";
 
 /// Parses the flags into the node's settings and, with `--control`, how it
 /// follows the control plane.
@@ -16,6 +16,7 @@ pub fn parse(args: &[String]) -> Result<(NodeConfig, Option<LinkConfig>), String
     let mut listen = "127.0.0.1:0".to_owned();
     let mut metrics = None;
     let mut webhook_ca = None;
+    let mut retention: Vec<(String, Span)> = Vec::new();
     let mut rejoin = false;
     let mut limits = Vec::new();
     let mut tokens_file = None;
@@ -44,6 +45,15 @@ pub fn parse(args: &[String]) -> Result<(NodeConfig, Option<LinkConfig>), String
             "--listen" => listen = value()?,
             "--metrics" => metrics = Some(value()?),
             "--webhook-ca" => webhook_ca = Some(PathBuf::from(value()?)),
+            "--change-retention" | "--event-retention" | "--dedupe-horizon" => {
+                let text = value()?;
+                retention.push((
+                    flag.clone(),
+                    span(&text).ok_or_else(|| {
+                        format!("{flag} takes a duration such as 7d, 36h or 90m, not {text:?}")
+                    })?,
+                ));
+            }
             "--rejoin" => rejoin = true,
             "--limit" => limits.push(value()?),
             "--tokens-file" => tokens_file = Some(value()?),
@@ -136,6 +146,13 @@ pub fn parse(args: &[String]) -> Result<(NodeConfig, Option<LinkConfig>), String
         None => None,
     };
     config.webhook_ca = webhook_ca;
+    for (flag, span) in retention {
+        match flag.as_str() {
+            "--change-retention" => config.shard.change_retention = span,
+            "--event-retention" => config.shard.event_retention = span,
+            _ => config.shard.dedupe_horizon = span,
+        }
+    }
     config.node_id = node_id;
     config.shard_count = shard_count;
     if control.is_some() && shards.is_some() {
@@ -166,4 +183,41 @@ pub fn parse(args: &[String]) -> Result<(NodeConfig, Option<LinkConfig>), String
         rejoin,
     });
     Ok((config, link))
+}
+
+/// A positive duration: a number and a unit (`s`, `m`, `h`, `d`, `w`).
+fn span(text: &str) -> Option<Span> {
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    Span::from_unit(number.parse().ok()?, unit).filter(|s| s.millis() > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(extra: &str) -> Result<NodeConfig, String> {
+        let argv: Vec<String> = format!("--data-dir /tmp/x {extra}")
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        parse(&argv).map(|(config, _)| config)
+    }
+
+    #[test]
+    fn retention_flags_take_durations() {
+        let config =
+            parsed("--change-retention 30d --event-retention 36h --dedupe-horizon 2w").unwrap();
+        assert_eq!(config.shard.change_retention, Span::days(30));
+        assert_eq!(config.shard.event_retention, Span::hours(36));
+        assert_eq!(config.shard.dedupe_horizon, Span::days(14));
+        for bad in [
+            "--change-retention 0d",
+            "--event-retention 7",
+            "--dedupe-horizon 3y",
+        ] {
+            let err = parsed(bad).unwrap_err();
+            assert!(err.contains("takes a duration"), "{bad}: {err}");
+        }
+    }
 }

@@ -646,6 +646,10 @@ impl Shard {
                 None => return Ok(None),
             },
         };
+        if state.is_new() {
+            // Merged away into another profile: it no longer exists.
+            return Ok(None);
+        }
         Ok(self.plan.explain(state, segment.as_str(), now))
     }
 
@@ -939,6 +943,82 @@ mod tests {
             1,
             "anon starts again and enters"
         );
+    }
+
+    #[test]
+    fn merges_replay_from_the_log_exactly_as_they_ran() {
+        // Runs the inputs through the write-ahead log path on a fresh shard,
+        // then again on another (a crash before any checkpoint, replayed):
+        // the same changes with the same sequences, the same state handed over.
+        let p = plan(&[("buyers", "exists(order_completed)")], 1);
+        let now = t("2026-01-01T00:00:00Z");
+        let batch = crate::record::WalRecord {
+            shard: 3,
+            now_ms: now.millis(),
+            input: Some(crate::record::Input::Batch(pb::EventBatch {
+                shard: 3,
+                epoch: 0,
+                events: vec![pb::Event::from(&order("o1", "anon", now))],
+            })),
+        };
+        let out = crate::record::WalRecord {
+            shard: 3,
+            now_ms: now.millis() + 1,
+            input: Some(crate::record::Input::MergeOut(pb::MergeOutRequest {
+                shard: 3,
+                user_id: "anon".into(),
+                into: "ann".into(),
+                merge_id: "m1".into(),
+                ..Default::default()
+            })),
+        };
+        let run = || {
+            let dir = tempfile::tempdir().unwrap();
+            let (_store, mut shard) = open(dir.path(), p.clone());
+            let mut all = Vec::new();
+            for record in [&batch, &out] {
+                let bytes = record.to_bytes();
+                all.extend(summary(
+                    &crate::runtime::apply_input(&mut shard, record, &bytes).unwrap(),
+                ));
+            }
+            let merged = shard
+                .merge_out(now, &UserId::from("anon"), "m1")
+                .unwrap()
+                .merged;
+            let into = crate::record::WalRecord {
+                shard: 3,
+                now_ms: now.millis() + 2,
+                input: Some(crate::record::Input::MergeIn(pb::MergeInRequest {
+                    shard: 3,
+                    user_id: "ann".into(),
+                    from: "anon".into(),
+                    merge_id: "m1".into(),
+                    state: merged.state.clone(),
+                    rule_version: 1,
+                    ..Default::default()
+                })),
+            };
+            let bytes = into.to_bytes();
+            all.extend(summary(
+                &crate::runtime::apply_input(&mut shard, &into, &bytes).unwrap(),
+            ));
+            (all, merged)
+        };
+        let (first, merged) = run();
+        assert_eq!(
+            first
+                .iter()
+                .map(|(seq, user, _, kind)| (*seq, user.as_str(), *kind))
+                .collect::<Vec<_>>(),
+            vec![
+                (1, "anon", pb::ChangeKind::Enter as i32),
+                (2, "anon", pb::ChangeKind::Exit as i32),
+                (3, "ann", pb::ChangeKind::Enter as i32),
+            ]
+        );
+        assert!(merged.found);
+        assert_eq!(run(), (first, merged));
     }
 
     #[test]

@@ -203,6 +203,70 @@ where
 mod tests {
     use super::*;
 
+    /// An https endpoint whose certificate chains to the given CA: a
+    /// one-request TLS server answering `status`.
+    async fn tls_endpoint(status: u16) -> (u16, Vec<u8>, tokio::task::JoinHandle<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tls = dynseg_proto::tls::Tls::self_signed(&["localhost"], false).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.rustls_server().unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let served = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let Ok(mut stream) = acceptor.accept(tcp).await else {
+                return String::from("handshake refused");
+            };
+            let mut buf = vec![0u8; 16 << 10];
+            let n = stream.read(&mut buf).await.unwrap();
+            let answer = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n");
+            stream.write_all(answer.as_bytes()).await.unwrap();
+            let _ = stream.shutdown().await;
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        (port, tls.cert_pem().to_vec(), served)
+    }
+
+    #[tokio::test]
+    async fn https_endpoints_are_checked_against_the_given_ca() {
+        let (port, ca, served) = tls_endpoint(204).await;
+        let url = format!("https://localhost:{port}/hook");
+        let trusted = client_tls(Some(&ca)).unwrap();
+        post(&url, "{}", "s3cret", "id/0/1-1", &trusted)
+            .await
+            .unwrap();
+        let request = served.await.unwrap();
+        assert!(request.starts_with("POST /hook HTTP/1.1"), "{request}");
+        assert!(request.contains("x-dynseg-delivery: id/0/1-1"), "{request}");
+
+        // Without the CA, the same kind of endpoint is refused before sending.
+        let (port, _, served) = tls_endpoint(204).await;
+        let untrusted = client_tls(None).unwrap();
+        let err = post(
+            &format!("https://localhost:{port}/hook"),
+            "{}",
+            "s",
+            "d",
+            &untrusted,
+        )
+        .await
+        .unwrap_err();
+        assert!(err.contains("TLS with localhost"), "{err}");
+        assert_eq!(served.await.unwrap(), "handshake refused");
+
+        // A non-2xx answer is a failure to retry.
+        let (port, ca, _served) = tls_endpoint(503).await;
+        let err = post(
+            &format!("https://localhost:{port}/"),
+            "{}",
+            "s",
+            "d",
+            &client_tls(Some(&ca)).unwrap(),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.contains("503"), "{err}");
+    }
+
     #[test]
     fn urls_give_host_port_and_path() {
         let t = |url: &str| target(url).map(|t| (t.tls, t.host, t.port, t.path));
