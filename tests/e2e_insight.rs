@@ -462,6 +462,15 @@ async fn webhooks_deliver_signed_changes_in_order_through_failures_and_restarts(
     assert_eq!(code, 0, "{out}");
     let mut client = dev.client().await;
     support::wait_for_rules(&mut client, "buyers").await;
+    let (code, shown) = support::run_cli(&["segment", "get", "buyers", "--addr", &dev.gateway]);
+    assert_eq!(code, 0, "{shown}");
+    assert!(
+        shown.contains(&format!(
+            "webhook:     {} (secret in $HOOK_SECRET)",
+            good.url("/hooks/buyers")
+        )),
+        "{shown}"
+    );
     // Deliveries start from the changes after each shard's delivery starts:
     // wait for all 8 shards of both endpoints.
     let stats = |dev: &Dev| {

@@ -250,6 +250,9 @@ pub async fn segment(args: &Args, out: Output) -> Result<(), CliError> {
                         record.version,
                         def.rule
                     );
+                    for w in &def.webhooks {
+                        say!("webhook:     {} (secret in ${})", w.url, w.secret_env);
+                    }
                 }
             }
         }
