@@ -4,9 +4,11 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use dynseg_proto::client::Conn;
 use dynseg_proto::history;
 use dynseg_proto::pb;
 use dynseg_proto::pb::gateway_server::Gateway;
+use dynseg_proto::pb::node_client::NodeClient;
 use dynseg_proto::shard_for;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -42,6 +44,16 @@ impl GatewayService {
             ));
         }
         Ok(table)
+    }
+
+    /// The client of the node that owns `user`'s shard.
+    fn user_owner(&self, user: &str) -> Result<NodeClient<Conn>, GatewayError> {
+        let table = self.table()?;
+        let shard = shard_for(user, table.shard_count);
+        table
+            .owner(shard)
+            .map(|(_, client)| client)
+            .ok_or_else(|| GatewayError::Unavailable(format!("shard {shard} has no owner yet")))
     }
 
     /// Every node's client (for fan-out calls).
@@ -137,12 +149,7 @@ impl Gateway for GatewayService {
         request: Request<pb::GetUserRequest>,
     ) -> Result<Response<pb::GetUserResponse>, Status> {
         let request = request.into_inner();
-        let table = self.table()?;
-        let shard = shard_for(&request.user_id, table.shard_count);
-        let (_, mut client) = table
-            .owner(shard)
-            .ok_or_else(|| GatewayError::Unavailable(format!("shard {shard} has no owner yet")))?;
-        client.get_user(request).await
+        self.user_owner(&request.user_id)?.get_user(request).await
     }
 
     async fn list_members(
@@ -280,12 +287,7 @@ impl Gateway for GatewayService {
         request: Request<pb::ExplainRequest>,
     ) -> Result<Response<pb::ExplainResponse>, Status> {
         let request = request.into_inner();
-        let table = self.table()?;
-        let shard = shard_for(&request.user_id, table.shard_count);
-        let (_, mut client) = table
-            .owner(shard)
-            .ok_or_else(|| GatewayError::Unavailable(format!("shard {shard} has no owner yet")))?;
-        client.explain(request).await
+        self.user_owner(&request.user_id)?.explain(request).await
     }
 
     async fn preview_segments(

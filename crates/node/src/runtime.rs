@@ -1076,6 +1076,16 @@ impl ShardTask {
     }
 
     /// Logs an encoded record (already applied) and queues its completion.
+    /// The write-ahead log record of `input` applied at `now`, encoded.
+    fn record(&self, now: Timestamp, input: Input) -> Vec<u8> {
+        WalRecord {
+            shard: self.shard.id(),
+            now_ms: now.millis(),
+            input: Some(input),
+        }
+        .to_bytes()
+    }
+
     /// Whether the shard takes writes at `epoch`: not after a log failure,
     /// not while fenced for a move, and only at its current epoch.
     fn writable(&self, epoch: u64) -> Result<(), NodeError> {
@@ -1205,34 +1215,17 @@ impl ShardTask {
                 rejected,
                 reply,
             } => {
-                if let Some(reason) = &self.failed {
-                    let _ = reply.send(Err(NodeError::Unavailable(reason.clone())));
-                    return;
-                }
-                if self.move_out.as_ref().is_some_and(|m| m.fenced) {
-                    let _ = reply.send(Err(NodeError::Moving(self.shard.id())));
-                    return;
-                }
-                let current = self.shard.epoch();
-                if epoch != current {
-                    let _ = reply.send(Err(NodeError::WrongEpoch {
-                        shard: self.shard.id(),
-                        sent: epoch,
-                        current,
-                    }));
+                if let Err(e) = self.writable(epoch) {
+                    let _ = reply.send(Err(e));
                     return;
                 }
                 let now = self.clock.now();
-                let record = WalRecord {
+                let batch = pb::EventBatch {
                     shard: self.shard.id(),
-                    now_ms: now.millis(),
-                    input: Some(Input::Batch(pb::EventBatch {
-                        shard: self.shard.id(),
-                        epoch,
-                        events: wire,
-                    })),
-                }
-                .to_bytes();
+                    epoch,
+                    events: wire,
+                };
+                let record = self.record(now, Input::Batch(batch));
                 let outcome = match self.shard.apply_batch(now, &events, &record) {
                     Ok(outcome) => outcome,
                     Err(e) => {
@@ -1257,12 +1250,7 @@ impl ShardTask {
                 let now = self.clock.now();
                 let user = UserId::new(request.user_id.clone());
                 let merge_id = request.merge_id.clone();
-                let record = WalRecord {
-                    shard: self.shard.id(),
-                    now_ms: now.millis(),
-                    input: Some(Input::MergeOut(request)),
-                }
-                .to_bytes();
+                let record = self.record(now, Input::MergeOut(request));
                 match self.shard.merge_out(now, &user, &merge_id) {
                     Ok(outcome) => {
                         let response = pb::MergeOutResponse {
@@ -1300,12 +1288,7 @@ impl ShardTask {
                 let now = self.clock.now();
                 let user = UserId::new(request.user_id.clone());
                 let merge_id = request.merge_id.clone();
-                let record = WalRecord {
-                    shard: self.shard.id(),
-                    now_ms: now.millis(),
-                    input: Some(Input::MergeIn(request)),
-                }
-                .to_bytes();
+                let record = self.record(now, Input::MergeIn(request));
                 match self.shard.merge_in(now, &user, &merge_id, &state) {
                     Ok((applied, changes)) => {
                         let response = pb::MergeInResponse { applied };
