@@ -71,14 +71,7 @@ async fn segment_overlap_counts_every_pair_exactly() {
             });
         }
     }
-    let reply = dev
-        .client()
-        .await
-        .ingest(pb::IngestRequest { events })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(reply.accepted, 9);
+    ingest(&dev, events).await;
 
     let (code, out) = support::run_cli(&[
         "segment",
