@@ -67,6 +67,10 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_MOVE_BYTES_PER_SEC: u64 = 16 << 20;
 /// How often the node heartbeats and checks its move-outs.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// A draining node's stop reads the control plane's topology with this bound,
+/// every this often until its moves are done.
+const FRESH_READ: Duration = Duration::from_secs(2);
+const DRAIN_POLL: Duration = Duration::from_millis(500);
 /// Wait before retrying a move attempt that failed here.
 const MOVE_RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -113,6 +117,8 @@ pub struct ControlLink {
     task: Option<JoinHandle<()>>,
     topology: watch::Receiver<Option<pb::Topology>>,
     node: Node,
+    /// The control member followed, for fresh reads at shutdown.
+    control: String,
 }
 
 impl ControlLink {
@@ -120,12 +126,14 @@ impl ControlLink {
     pub fn spawn(node: Node, config: LinkConfig) -> ControlLink {
         let (stop, stopped) = oneshot::channel();
         let (topology_tx, topology) = watch::channel(None);
+        let control = config.control.clone();
         let task = tokio::spawn(run(node.clone(), config, stopped, topology_tx));
         ControlLink {
             stop: Some(stop),
             task: Some(task),
             topology,
             node,
+            control,
         }
     }
 
@@ -142,12 +150,50 @@ impl ControlLink {
                 || t.moves.iter().any(|m| m.from_node == me || m.to_node == me);
             !draining || !involved
         };
-        if done(&self.topology.borrow()) {
-            return true;
+        // The watched copy can lag a drain committed just before the stop
+        // (a drain command followed at once by SIGTERM): decide on the
+        // control plane's current topology, read afresh each round, and on
+        // the watched one only when the control plane cannot be read.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut announced = false;
+        loop {
+            let fresh = tokio::time::timeout(FRESH_READ, self.read_topology()).await;
+            let current = match fresh {
+                Ok(Ok(topology)) => Some(topology),
+                _ => self.topology.borrow().clone(),
+            };
+            if done(&current) {
+                return true;
+            }
+            if !announced {
+                tracing::info!("draining: waiting for this node's shards to move before stopping");
+                announced = true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            let _ = tokio::time::timeout(DRAIN_POLL, self.topology.changed()).await;
         }
-        tracing::info!("draining: waiting for this node's shards to move before stopping");
-        let wait = self.topology.wait_for(done);
-        matches!(tokio::time::timeout(timeout, wait).await, Ok(Ok(_)))
+    }
+
+    /// The control plane's current topology (a linearizable read).
+    async fn read_topology(&self) -> Result<pb::Topology, NodeError> {
+        let unavailable =
+            |e: &dyn std::fmt::Display| NodeError::Unavailable(format!("control plane: {e}"));
+        let channel = client::connect(
+            &self.control,
+            Credentials::member(&self.node.config().access),
+        )
+        .await
+        .map_err(|e| unavailable(&e))?;
+        ControlClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .get_topology(pb::ReadOptions { stale: false })
+            .await
+            .map_err(|e| unavailable(&e))?
+            .into_inner()
+            .topology
+            .ok_or_else(|| unavailable(&"no topology in the answer"))
     }
 
     /// Stops following (the node keeps running).
