@@ -48,6 +48,16 @@ impl Dev {
     /// Stops it cleanly and starts it again on the same data.
     pub fn restart(&mut self) {
         self.process.restart();
+        self.refresh();
+    }
+
+    /// Kills it (SIGKILL) and starts it again on the same data.
+    pub fn crash_and_restart(&mut self) {
+        self.process.crash_and_restart();
+        self.refresh();
+    }
+
+    fn refresh(&mut self) {
         self.control = self.process.control.clone();
         self.node = self.process.node.clone();
         self.gateway = self.process.gateway.clone();

@@ -231,6 +231,17 @@ impl DevProcess {
     /// same data; the addresses are the new ones it printed.
     pub fn restart(&mut self) {
         assert!(self.process.terminate(), "dev did not stop cleanly");
+        self.respawn();
+    }
+
+    /// Kills it with SIGKILL (no shutdown path runs) and starts it again on
+    /// the same data; the addresses are the new ones it printed.
+    pub fn crash_and_restart(&mut self) {
+        self.process.kill9();
+        self.respawn();
+    }
+
+    fn respawn(&mut self) {
         self.process.respawn("ready");
         self.control = self.printed("control");
         self.node = self.printed("node");

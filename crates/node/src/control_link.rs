@@ -411,7 +411,7 @@ async fn follow(
                 () = std::future::ready(()) => break,
             }
         }
-        sync_rules(node, &known).await?;
+        sync_rules(node, &mut client, &known).await?;
         // Webhooks follow the definitions whatever the rule version (a node
         // restarting on the current version still needs them).
         let defs: Vec<pb::SegmentDef> = known.segments.values().cloned().collect();
@@ -439,14 +439,32 @@ async fn beat(node: &Node, client: &mut ControlClient<Conn>) -> Result<(), NodeE
     Ok(())
 }
 
-async fn sync_rules(node: &Node, known: &Known) -> Result<(), NodeError> {
+/// Applies the control plane's rule set once the watch shows a version newer
+/// than the node's. The rule set is read whole (a linearizable read), not
+/// taken from the watch: one write of several segments arrives as several
+/// watch events of the same version, and acting on the first of them would
+/// apply that version with a part of its segments and never revisit it.
+async fn sync_rules(
+    node: &Node,
+    client: &mut ControlClient<Conn>,
+    known: &Known,
+) -> Result<(), NodeError> {
     if known.rules_version <= node.rule_version() {
         return Ok(());
     }
-    let defs = known
+    let list = client
+        .list_segments(pb::ReadOptions { stale: false })
+        .await
+        .map_err(|e| NodeError::Unavailable(format!("control plane: list segments: {e}")))?
+        .into_inner();
+    if list.rules_version <= node.rule_version() {
+        return Ok(());
+    }
+    let version = list.rules_version;
+    let defs = list
         .segments
-        .values()
-        .cloned()
+        .into_iter()
+        .filter_map(|record| record.def)
         .map(SegmentDef::try_from)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| NodeError::Invalid(format!("segment from the control plane: {e}")))?;
@@ -462,13 +480,10 @@ async fn sync_rules(node: &Node, known: &Known) -> Result<(), NodeError> {
             }
         }
     });
-    let applied = node.apply_rules(known.rules_version, defs, progress).await;
+    let applied = node.apply_rules(version, defs, progress).await;
     let _ = drain.await;
     applied?;
-    tracing::info!(
-        version = known.rules_version,
-        "applied rule-set version from the control plane"
-    );
+    tracing::info!(version, "applied rule-set version from the control plane");
     Ok(())
 }
 
