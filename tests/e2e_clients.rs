@@ -56,20 +56,8 @@ fn lone_gateway(flags: &str, ready_prefix: &str) -> (Process, String) {
     let line = format!("gateway --control 127.0.0.1:9 --listen 127.0.0.1:0 {flags}");
     let argv: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
     let process = Process::start(&argv, ready_prefix);
-    let addr = after(&process, ready_prefix);
+    let addr = support::printed(&process, ready_prefix);
     (process, addr)
-}
-
-/// What `process` printed after `prefix` on its last line with it.
-fn after(process: &Process, prefix: &str) -> String {
-    process
-        .lines
-        .iter()
-        .rev()
-        .find_map(|l| l.strip_prefix(prefix))
-        .unwrap()
-        .trim()
-        .to_owned()
 }
 
 fn expect(pairs: &[(&str, &[&str])]) -> BTreeMap<String, BTreeSet<String>> {
@@ -1205,7 +1193,7 @@ async fn limits_are_configurable_and_bad_input_changes_nothing() {
         "node --shard-count 4 --clock manual={T0} --limit max_properties=2 --limit max_depth=1 --limit max_string_bytes=16 --limit max_message_bytes=65536 --data-dir"
     );
     let process = Process::start(&args(&line, dir.path()), "listening on");
-    let addr = after(&process, "listening on");
+    let addr = support::printed(&process, "listening on");
     let mut node = pb::node_client::NodeClient::connect(format!("http://{addr}"))
         .await
         .unwrap();

@@ -170,17 +170,10 @@ async fn apply_segment(addr: &str, id: &str, rule: &str) {
 
 /// The control and gateway addresses the latest start printed.
 fn addresses(process: &Process) -> (String, String) {
-    let find = |prefix: &str| {
-        process
-            .lines
-            .iter()
-            .rev()
-            .find_map(|l| l.strip_prefix(prefix))
-            .unwrap()
-            .trim()
-            .to_owned()
-    };
-    (find("control"), find("gateway"))
+    (
+        support::printed(process, "control"),
+        support::printed(process, "gateway"),
+    )
 }
 
 async fn members(

@@ -250,10 +250,13 @@ impl DevProcess {
     }
 }
 
-fn printed(process: &Process, prefix: &str) -> String {
+/// What `process` printed after `prefix`, on the last line with it (a
+/// restarted process prints its new addresses after the old ones).
+pub fn printed(process: &Process, prefix: &str) -> String {
     process
         .lines
         .iter()
+        .rev()
         .find_map(|l| l.strip_prefix(prefix))
         .unwrap_or_else(|| panic!("nothing printed after {prefix:?}: {:?}", process.lines))
         .trim()

@@ -976,7 +976,7 @@ impl ShardTask {
     /// The size of `segment` as of the last published change (the size now,
     /// less what changes still in flight did), and that change's sequence.
     fn history_base(&self, segment: &SegmentId) -> (u64, u64) {
-        let size = self.shard.counts().get(segment).copied().unwrap_or(0) as i64;
+        let size = self.shard.size(segment) as i64;
         let enter = pb::ChangeKind::Enter as i32;
         let in_flight: i64 = self
             .inflight

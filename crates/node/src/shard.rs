@@ -702,8 +702,13 @@ impl Shard {
     pub fn counts(&self) -> BTreeMap<SegmentId, u64> {
         self.plan
             .segment_ids()
-            .map(|s| (s.clone(), self.members.get(s).map_or(0, |m| m.len() as u64)))
+            .map(|s| (s.clone(), self.size(s)))
             .collect()
+    }
+
+    /// Members of `segment` (0 for a segment the shard has none of).
+    pub fn size(&self, segment: &SegmentId) -> u64 {
+        self.members.get(segment).map_or(0, |m| m.len() as u64)
     }
 
     /// Number of users the shard has (active or stored).
