@@ -4,11 +4,17 @@
 //! map keyed by user id, as a node would. Generating the events is not timed.
 //!
 //! `cargo bench -p dynseg-rules --bench apply` (set DYNSEG_BENCH_USERS to change
-//! the user count, 1,000,000 by default).
+//! the user count, 1,000,000 by default). It runs on mimalloc, as the node does;
+//! `--features system-allocator` runs it on the system allocator.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
+
+// The node's allocator (`--features system-allocator`: the system's).
+#[cfg(not(feature = "system-allocator"))]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};

@@ -1,9 +1,9 @@
 //! [`Arena`]: all of one user's variable-size state in a single allocation.
 //!
 //! The arena holds records, each a run of `u64` words under a `u32` id. It lives
-//! in one boxed slice, so the handle is 16 bytes, a user with no data allocates
-//! nothing, and growth leaves little slack: with millions of users, per-user
-//! overhead is what memory is spent on.
+//! in one allocation behind a thin pointer ([`words::Words`]), so the handle is
+//! 8 bytes, a user with no data allocates nothing, and growth leaves little
+//! slack: with millions of users, per-user overhead is what memory is spent on.
 //!
 //! Layout of the slice:
 //!
@@ -11,19 +11,24 @@
 //! [used, n, dir_0 .. dir_{n-1}, payload_0, payload_1, ...]
 //! ```
 //!
-//! `used` counts the words after it; `n` is the number of records; `dir_i` is
+//! `used` (the first word's low half; its high half is the allocation's length)
+//! counts the words after it; `n` is the number of records; `dir_i` is
 //! `id << 32 | offset`, sorted by id, where the offset is where record `i`'s
 //! payload starts, counted from the first payload word (so adding a directory
 //! entry moves no offset). A record ends where the next begins. Finding a record
 //! scans the directory, a few contiguous words, then jumps once.
 
+mod words;
+
 use std::ops::Range;
 
-/// Records in one boxed slice; see the module documentation.
+use words::Words;
+
+/// Records in one allocation; see the module documentation.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Arena {
     /// Empty: nothing allocated.
-    words: Box<[u64]>,
+    words: Words,
 }
 
 impl PartialEq for Arena {
@@ -44,7 +49,7 @@ fn capacity_for(needed: usize) -> usize {
 
 impl Arena {
     fn used(&self) -> usize {
-        self.words.first().map_or(0, |n| *n as usize)
+        self.words.low() as usize
     }
 
     /// The words after `used`: `[n, directory..., payloads...]`.
@@ -71,10 +76,10 @@ impl Arena {
     /// coordinates; or the directory index it would take. One pass over the
     /// directory: this runs several times per event.
     fn find(&self, id: u32) -> Result<(usize, Range<usize>), usize> {
-        let Some((&used, rest)) = self.words.split_first() else {
+        let Some((_, rest)) = self.words.split_first() else {
             return Err(0);
         };
-        let data = &rest[..(used as usize).min(rest.len())];
+        let data = &rest[..self.used().min(rest.len())];
         let Some((&n, after)) = data.split_first() else {
             return Err(0);
         };
@@ -103,10 +108,11 @@ impl Arena {
         let used = self.used();
         let new_used = used - range.len() + new.len();
         if new_used < self.words.len() {
-            let (start, end) = (1 + range.start, 1 + range.end);
-            self.words.copy_within(end..1 + used, start + new.len());
-            self.words[start..start + new.len()].copy_from_slice(new);
-            self.words[0] = new_used as u64;
+            let (start, end) = (range.start, range.end);
+            let data = self.words.tail_mut();
+            data.copy_within(end..used, start + new.len());
+            data[start..start + new.len()].copy_from_slice(new);
+            self.words.set_low(new_used as u32);
             return;
         }
         let capacity = capacity_for(new_used);
@@ -116,13 +122,13 @@ impl Arena {
         grown.extend_from_slice(new);
         grown.extend_from_slice(&self.data()[range.end..]);
         grown.resize(capacity + 1, 0);
-        self.words = grown.into_boxed_slice();
+        self.words = Words::new(grown.into_boxed_slice());
     }
 
     /// Moves the payload offsets of directory entries `from..` by `delta`.
     fn shift_offsets(&mut self, from: usize, delta: isize) {
         let n = self.records();
-        for entry in &mut self.words[2 + from..2 + n] {
+        for entry in &mut self.words.tail_mut()[1 + from..1 + n] {
             let offset = (*entry & OFFSET_MASK) as isize + delta;
             *entry = (*entry & !OFFSET_MASK) | offset as u64;
         }
@@ -139,7 +145,7 @@ impl Arena {
     /// Mutable payload of record `id`, for changes that keep its length.
     pub(crate) fn get_mut(&mut self, id: u32) -> Option<&mut [u64]> {
         let (_, span) = self.find(id).ok()?;
-        Some(&mut self.words[1 + span.start..1 + span.end])
+        Some(&mut self.words.tail_mut()[span])
     }
 
     /// Replaces record `id`'s payload (an empty payload removes the record).
@@ -149,7 +155,7 @@ impl Arena {
                 if payload.is_empty() {
                     self.remove_record(i, span);
                 } else if payload.len() == span.len() {
-                    self.words[1 + span.start..1 + span.end].copy_from_slice(payload);
+                    self.words.tail_mut()[span].copy_from_slice(payload);
                 } else {
                     let delta = payload.len() as isize - span.len() as isize;
                     self.splice(span, payload);
@@ -173,7 +179,7 @@ impl Arena {
         self.splice(base + offset..base + offset, payload);
         self.shift_offsets(i, payload.len() as isize);
         self.splice(1 + i..1 + i, &[(u64::from(id) << 32) | offset as u64]);
-        self.words[1] += 1;
+        self.words.tail_mut()[0] += 1;
     }
 
     fn remove_record(&mut self, i: usize, span: Range<usize>) {
@@ -181,9 +187,10 @@ impl Arena {
         self.splice(span, &[]);
         self.shift_offsets(i + 1, -len);
         self.splice(1 + i..2 + i, &[]);
-        self.words[1] -= 1;
-        if self.words[1] == 0 {
-            self.words = Box::default();
+        let records = &mut self.words.tail_mut()[0];
+        *records -= 1;
+        if *records == 0 {
+            self.words = Words::default();
         }
     }
 
@@ -228,12 +235,16 @@ impl Arena {
             .find(|id| *id >= min)
     }
 
-    /// Hints the CPU to load the arena's cache lines (up to eight: 512 bytes).
+    /// Hints the CPU to load the arena's first four cache lines (256 bytes,
+    /// what a typical user's arena holds). The length is not read: it lives in
+    /// the arena, and reading it would wait for the very line being prefetched.
+    /// Lines past a short arena's end are harmless (a prefetch never faults).
     #[inline]
     pub(crate) fn prefetch(&self) {
-        let start = self.words.as_ptr();
-        for line in (0..self.words.len().min(64)).step_by(8) {
-            prefetch_line(start.wrapping_add(line));
+        if let Some(start) = self.words.first_ptr() {
+            for line in 0..4 {
+                prefetch_line(start.wrapping_add(8 * line));
+            }
         }
     }
 
@@ -251,14 +262,16 @@ impl Arena {
             fitted.push(used as u64);
             fitted.extend_from_slice(self.data());
             fitted.resize(capacity_for(used) + 1, 0);
-            self.words = fitted.into_boxed_slice();
+            self.words = Words::new(fitted.into_boxed_slice());
         }
     }
 
-    /// The raw words (used count, directory, payloads), for storage.
-    pub(crate) fn raw(&self) -> &[u64] {
-        let used = self.used();
-        self.words.get(..1 + used).unwrap_or(&[])
+    /// The raw words (used count, directory, payloads), for storage: none
+    /// when empty.
+    pub(crate) fn raw(&self) -> impl Iterator<Item = u64> + '_ {
+        let data = self.data();
+        let used = (!self.words.is_empty()).then_some(data.len() as u64);
+        used.into_iter().chain(data.iter().copied())
     }
 
     /// Restores an arena from [`Arena::raw`] words, checking that the directory is
@@ -290,7 +303,7 @@ impl Arena {
         fitted.extend_from_slice(words);
         fitted.resize(capacity + 1, 0);
         Some(Arena {
-            words: fitted.into_boxed_slice(),
+            words: Words::new(fitted.into_boxed_slice()),
         })
     }
 
@@ -407,10 +420,12 @@ mod tests {
     #[test]
     fn raw_words_round_trip_and_corrupt_ones_are_refused() {
         let mut arena = Arena::default();
-        assert_eq!(Arena::from_raw(arena.raw()), Some(Arena::default()));
+        assert_eq!(arena.raw().count(), 0);
+        assert_eq!(Arena::from_raw(&[]), Some(Arena::default()));
         arena.set(3, &[30, 31]);
         arena.set(9, &[90]);
-        let raw = arena.raw().to_vec();
+        let raw: Vec<u64> = arena.raw().collect();
+        assert_eq!(raw[0], raw.len() as u64 - 1, "the used count, nothing else");
         assert_eq!(Arena::from_raw(&raw), Some(arena));
         // Wrong used count, unsorted directory, offset past the end, empty directory.
         let mut bad = raw.clone();

@@ -15,7 +15,7 @@
 //! Records are sorted by id and found by scanning headers, so the bookkeeping
 //! read on every event comes first, in the arena's first cache line.
 //!
-//! So a state is 40 bytes plus one allocation, and is plain data: words and
+//! So a state is 32 bytes plus one allocation, and is plain data: words and
 //! integers, ready to be written to disk as they are.
 
 use crate::arena::Arena;
