@@ -4,10 +4,14 @@
 //! over DYNSEG_BENCH_USERS users (1,000,000), on several streams with a window of
 //! batches in flight; a subscriber counts the changes streamed back.
 //!
-//! Prints events/s acknowledged, ack latency p50/p99 per batch, changes streamed
-//! live per second (as many as the workload causes), how fast a subscriber
-//! catches up on the whole change log from its start, CPU used by the node and
-//! the client, and the node's resident memory per user.
+//! Two phases: first DYNSEG_BENCH_WARM_EVENTS events (3,000,000), during which
+//! most users are new to the node (states created, memory faulted in); then
+//! DYNSEG_BENCH_EVENTS more from the same users, the node's steady state.
+//! Each prints events/s acknowledged, ack latency p50/p99 per batch and CPU.
+//! Also: changes streamed live per second (as many as the workload causes),
+//! how fast a subscriber catches up on the whole change log from its start
+//! (one change per message, then `SubscribeBatches`),
+//! and the node's resident memory per user.
 //!
 //! `cargo bench -p dynseg-node --bench ingest` (DYNSEG_BENCH_EVENTS: events to
 //! send, 5,000,000 by default; DYNSEG_BENCH_STREAMS: client streams, 4).
@@ -154,6 +158,7 @@ async fn main() {
     }
     let users_n = env("DYNSEG_BENCH_USERS", 1_000_000);
     let events_n = env("DYNSEG_BENCH_EVENTS", 5_000_000);
+    let warm_n = env("DYNSEG_BENCH_WARM_EVENTS", 3_000_000);
     let streams = env("DYNSEG_BENCH_STREAMS", 4);
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_dynseg-node"))
@@ -219,9 +224,130 @@ async fn main() {
         }
     });
 
+    // First every user is new to the node (states created, memory faulted
+    // in); then the same users send more, as in a node's steady state.
+    let warm = run_phase(&client, &by_shard, streams, warm_n, 1, pid).await;
+    let streamed_before = streamed.load(Ordering::Relaxed);
+    let steady = run_phase(&client, &by_shard, streams, events_n, 2, pid).await;
+    let streamed_during = streamed.load(Ordering::Relaxed) - streamed_before;
+    let status = client
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let users: u64 = status.shards.iter().map(|s| s.users_total).sum();
+    let logged: u64 = status.shards.iter().map(|s| s.last_sequence).sum();
+
+    // A subscriber catching up from the start of every shard's log: how fast
+    // the node streams changes when there are many to send.
+    let catch_up = Instant::now();
+    let mut history = client
+        .subscribe(pb::SubscribeRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut replayed = 0u64;
+    while replayed < logged {
+        match history.message().await {
+            Ok(Some(_)) => replayed += 1,
+            _ => break,
+        }
+    }
+    let catch_up = catch_up.elapsed();
+    // The same with several changes per message.
+    let batched_catch_up = Instant::now();
+    let mut history = client
+        .subscribe_batches(pb::SubscribeRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut replayed_batched, mut messages) = (0u64, 0u64);
+    while replayed_batched < logged {
+        match history.message().await {
+            Ok(Some(batch)) => {
+                replayed_batched += batch.changes.len() as u64;
+                messages += 1;
+            }
+            _ => break,
+        }
+    }
+    let batched_catch_up = batched_catch_up.elapsed();
+    let rss = rss_bytes(pid);
+    for (name, phase) in [("first sight of users", &warm), ("users known", &steady)] {
+        println!("{name}:");
+        phase.print();
+    }
+    println!(
+        "changes streamed:      {streamed_during} while users were known ({:.0}/s)",
+        streamed_during as f64 / steady.elapsed.as_secs_f64()
+    );
+    println!(
+        "changes caught up:     {replayed} of {logged} from the start of the log in {:.1} s ({:.0}/s)",
+        catch_up.as_secs_f64(),
+        replayed as f64 / catch_up.as_secs_f64()
+    );
+    println!(
+        "changes caught up, batched: {replayed_batched} of {logged} in {messages} messages in {:.1} s ({:.0}/s)",
+        batched_catch_up.as_secs_f64(),
+        replayed_batched as f64 / batched_catch_up.as_secs_f64()
+    );
+    println!("users:                 {users}");
+    println!(
+        "node resident memory:  {} MiB ({:.0} bytes per user)",
+        rss / (1 << 20),
+        (rss.saturating_sub(rss_start)) as f64 / users.max(1) as f64
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// What one phase of ingest measured.
+struct Phase {
+    acked: u64,
+    elapsed: Duration,
+    /// Per batch, sorted.
+    latencies: Vec<Duration>,
+    node_cpu: f64,
+    client_cpu: f64,
+}
+
+impl Phase {
+    fn print(&self) {
+        println!(
+            "  events acknowledged: {} in {:.1} s: {:.0} events/s",
+            self.acked,
+            self.elapsed.as_secs_f64(),
+            self.acked as f64 / self.elapsed.as_secs_f64()
+        );
+        println!(
+            "  ack latency per batch: p50 {:?}, p99 {:?} ({} batches)",
+            percentile(&self.latencies, 0.5),
+            percentile(&self.latencies, 0.99),
+            self.latencies.len()
+        );
+        println!(
+            "  CPU: node {:.1} s ({:.0} events per node CPU-second), client {:.1} s",
+            self.node_cpu,
+            self.acked as f64 / self.node_cpu.max(0.001),
+            self.client_cpu
+        );
+    }
+}
+
+/// Sends `events` on `streams` streams of batches, each with a window of 8 in
+/// flight, and waits for every ack. `phase` keeps message ids distinct across
+/// phases (a repeat would be deduplicated, not applied).
+async fn run_phase(
+    client: &NodeClient<tonic::transport::Channel>,
+    by_shard: &Arc<Vec<Vec<String>>>,
+    streams: u64,
+    events: u64,
+    phase: u64,
+    pid: u32,
+) -> Phase {
     let node_cpu_start = cpu_seconds(&pid.to_string());
     let client_cpu_start = cpu_seconds("self");
-    let batches_total = events_n / BATCH as u64;
+    let batches_total = events / BATCH as u64;
     let per_stream = batches_total / streams;
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -229,8 +355,8 @@ async fn main() {
         let mut client = client.clone();
         let by_shard = by_shard.clone();
         tasks.push(tokio::spawn(async move {
-            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (s + 1));
-            let mut serial = s * 1_000_000_000_000;
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (s + 1) ^ (phase << 32));
+            let mut serial = phase * 100_000_000_000_000 + s * 1_000_000_000_000;
             let (tx, rx) = tokio::sync::mpsc::channel::<pb::EventBatch>(8);
             let sent_at = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
             let stamps = sent_at.clone();
@@ -270,68 +396,12 @@ async fn main() {
         latencies.extend(l);
     }
     let elapsed = start.elapsed();
-    let streamed_during = streamed.load(Ordering::Relaxed);
     latencies.sort_unstable();
-    let status = client
-        .status(pb::StatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let users: u64 = status.shards.iter().map(|s| s.users_total).sum();
-    let logged: u64 = status.shards.iter().map(|s| s.last_sequence).sum();
-
-    // A subscriber catching up from the start of every shard's log: how fast
-    // the node streams changes when there are many to send.
-    let catch_up = Instant::now();
-    let mut history = client
-        .subscribe(pb::SubscribeRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let mut replayed = 0u64;
-    while replayed < logged {
-        match history.message().await {
-            Ok(Some(_)) => replayed += 1,
-            _ => break,
-        }
+    Phase {
+        acked,
+        elapsed,
+        latencies,
+        node_cpu: cpu_seconds(&pid.to_string()) - node_cpu_start,
+        client_cpu: cpu_seconds("self") - client_cpu_start,
     }
-    let catch_up = catch_up.elapsed();
-    let rss = rss_bytes(pid);
-    let node_cpu = cpu_seconds(&pid.to_string()) - node_cpu_start;
-    let client_cpu = cpu_seconds("self") - client_cpu_start;
-    println!(
-        "events acknowledged:   {acked} in {:.1} s",
-        elapsed.as_secs_f64()
-    );
-    println!(
-        "durable ingest:        {:.0} events/s",
-        acked as f64 / elapsed.as_secs_f64()
-    );
-    println!(
-        "ack latency per batch: p50 {:?}, p99 {:?} ({} batches)",
-        percentile(&latencies, 0.5),
-        percentile(&latencies, 0.99),
-        latencies.len()
-    );
-    println!(
-        "changes streamed:      {streamed_during} ({:.0}/s)",
-        streamed_during as f64 / elapsed.as_secs_f64()
-    );
-    println!(
-        "changes caught up:     {replayed} of {logged} from the start of the log in {:.1} s ({:.0}/s)",
-        catch_up.as_secs_f64(),
-        replayed as f64 / catch_up.as_secs_f64()
-    );
-    println!("users:                 {users}");
-    println!(
-        "CPU:                   node {node_cpu:.1} s ({:.0} events per node CPU-second), client {client_cpu:.1} s",
-        acked as f64 / node_cpu.max(0.001)
-    );
-    println!(
-        "node resident memory:  {} MiB ({:.0} bytes per user)",
-        rss / (1 << 20),
-        (rss.saturating_sub(rss_start)) as f64 / users.max(1) as f64
-    );
-    let _ = child.kill();
-    let _ = child.wait();
 }

@@ -19,6 +19,9 @@ use crate::store::{ShardStore, StoreError};
 /// Live changes a follower may fall behind by before it re-reads history.
 const LIVE_BUFFER: usize = 8192;
 
+/// Live changes handed over together, at most.
+const LIVE_BATCH: usize = 1024;
+
 /// One shard's published changes.
 pub struct ChangeLog {
     store: ShardStore,
@@ -163,13 +166,37 @@ impl ChangeLog {
     /// each change `keep` accepts, until `out` is closed.
     pub async fn follow<T>(
         self: Arc<Self>,
-        mut after: u64,
+        after: u64,
         keep: impl Fn(&pb::MembershipChange) -> bool,
         out: &mpsc::Sender<T>,
         wrap: impl Fn(pb::MembershipChange) -> T,
     ) -> Result<(), StoreError> {
-        let deliver = async |change: Arc<pb::MembershipChange>| {
-            out.send(wrap((*change).clone())).await.is_ok()
+        let wrap = &wrap;
+        let deliver = move |batch: Vec<pb::MembershipChange>| async move {
+            for change in batch {
+                if out.send(wrap(change)).await.is_err() {
+                    return false;
+                }
+            }
+            true
+        };
+        self.follow_batches(after, keep, deliver).await
+    }
+
+    /// Follows the log after sequence `after`, handing `deliver` the changes
+    /// `keep` accepts in order, several at a time: a page of history, or the
+    /// live changes ready together (up to [`LIVE_BATCH`]). Ends when `deliver`
+    /// returns false or the log closes.
+    pub async fn follow_batches<Delivered: Future<Output = bool>>(
+        self: Arc<Self>,
+        mut after: u64,
+        keep: impl Fn(&pb::MembershipChange) -> bool,
+        mut deliver: impl FnMut(Vec<pb::MembershipChange>) -> Delivered,
+    ) -> Result<(), StoreError> {
+        // A change read from history is this follower's alone: taken as it is,
+        // not copied.
+        let own = |change: Arc<pb::MembershipChange>| {
+            Arc::try_unwrap(change).unwrap_or_else(|shared| (*shared).clone())
         };
         self.followers.fetch_add(1, Ordering::SeqCst);
         let _following = Following(&self);
@@ -192,46 +219,70 @@ impl ChangeLog {
                 if page.is_empty() {
                     break;
                 }
+                let mut batch = Vec::with_capacity(page.len());
                 for change in page {
                     let seq = sequence(&change);
                     if seq >= first_recent {
                         break;
                     }
                     after = seq;
-                    if keep(&change) && !deliver(Arc::new(change)).await {
-                        return Ok(());
+                    if keep(&change) {
+                        batch.push(change);
                     }
                 }
+                if !batch.is_empty() && !deliver(batch).await {
+                    return Ok(());
+                }
             }
+            let mut batch = Vec::new();
             for change in snapshot {
                 let seq = sequence(&change);
                 if seq <= after {
                     continue;
                 }
                 after = seq;
-                if keep(&change) && !deliver(change).await {
-                    return Ok(());
+                if keep(&change) {
+                    batch.push(own(change));
                 }
+            }
+            if !batch.is_empty() && !deliver(batch).await {
+                return Ok(());
             }
             loop {
                 let received = tokio::select! {
                     received = live.recv() => received,
                     _ = closed.wait_for(|c| *c) => return Ok(()),
                 };
-                match received {
-                    Ok(change) => {
-                        let seq = sequence(&change);
-                        if seq <= after {
-                            continue;
-                        }
-                        after = seq;
-                        if keep(&change) && !deliver(change).await {
-                            return Ok(());
-                        }
-                    }
+                let first = match received {
+                    Ok(change) => change,
                     // Fell behind: read what was missed from history.
                     Err(broadcast::error::RecvError::Lagged(_)) => break,
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                };
+                let mut batch = Vec::new();
+                let mut lagged = false;
+                let mut next = Some(first);
+                while let Some(change) = next.take() {
+                    let seq = sequence(&change);
+                    if seq > after {
+                        after = seq;
+                        if keep(&change) {
+                            batch.push(own(change));
+                        }
+                    }
+                    if batch.len() < LIVE_BATCH {
+                        match live.try_recv() {
+                            Ok(change) => next = Some(change),
+                            Err(broadcast::error::TryRecvError::Lagged(_)) => lagged = true,
+                            Err(_) => {}
+                        }
+                    }
+                }
+                if !batch.is_empty() && !deliver(batch).await {
+                    return Ok(());
+                }
+                if lagged {
+                    break;
                 }
             }
         }
@@ -293,6 +344,47 @@ mod tests {
             got.push(next.unwrap().cursor.unwrap().sequence);
         }
         assert_eq!(got, vec![1, 2, 3, 4, 5]);
+        log.close();
+        follower.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_follower_far_behind_live_changes_gets_each_once_in_order_and_batched() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let log = Arc::new(ChangeLog::new(store.shard(0).unwrap(), 0));
+        let (tx, mut rx) = mpsc::channel(1);
+        let following = log.clone();
+        let follower = tokio::spawn(async move {
+            let tx = &tx;
+            let deliver =
+                move |batch: Vec<pb::MembershipChange>| async move { tx.send(batch).await.is_ok() };
+            following.follow_batches(0, |_| true, deliver).await
+        });
+        let sequences = |batch: Vec<pb::MembershipChange>| -> Vec<u64> {
+            batch.iter().map(|c| c.cursor.unwrap().sequence).collect()
+        };
+        let next = async |rx: &mut mpsc::Receiver<Vec<pb::MembershipChange>>| {
+            tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+                .await
+                .expect("a change is missing")
+                .expect("the follower ended")
+        };
+        log.publish(&[logged(1)]);
+        let mut got = sequences(next(&mut rx).await);
+        // The follower is live; three times what the live buffer holds are
+        // published before it runs again, so it lags and reads them back.
+        let total = 3 * LIVE_BUFFER as u64;
+        for sequence in 2..=total {
+            log.publish(&[logged(sequence)]);
+        }
+        let mut batches = 1;
+        while got.len() < total as usize {
+            got.extend(sequences(next(&mut rx).await));
+            batches += 1;
+        }
+        assert_eq!(got, (1..=total).collect::<Vec<_>>());
+        assert!(batches <= 3, "{total} changes in {batches} batches");
         log.close();
         follower.await.unwrap().unwrap();
     }

@@ -24,6 +24,61 @@ type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>
 /// Batches one ingest stream may have in flight before it stops reading more.
 const STREAM_WINDOW: usize = 64;
 
+/// Changes in one `SubscribeBatches` message, at most.
+const MAX_CHANGE_BATCH: usize = 1024;
+
+/// Changes of a subscription, in batches as its shards' followers send them
+/// (each shard's in order).
+type ChangeFeed = mpsc::Receiver<Result<Vec<pb::MembershipChange>, Status>>;
+
+/// A [`ChangeFeed`]'s changes one at a time (`Subscribe`).
+struct OneByOne {
+    feed: ChangeFeed,
+    batch: std::vec::IntoIter<pb::MembershipChange>,
+}
+
+impl Stream for OneByOne {
+    type Item = Result<pb::MembershipChange, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        loop {
+            if let Some(change) = self.batch.next() {
+                return std::task::Poll::Ready(Some(Ok(change)));
+            }
+            match std::task::ready!(self.feed.poll_recv(cx)) {
+                Some(Ok(batch)) => self.batch = batch.into_iter(),
+                Some(Err(status)) => return std::task::Poll::Ready(Some(Err(status))),
+                None => return std::task::Poll::Ready(None),
+            }
+        }
+    }
+}
+
+/// `first` and the batches ready after it, joined until they reach
+/// [`MAX_CHANGE_BATCH`]; a failure met on the way comes back beside what came
+/// before it.
+fn batch_ready(
+    first: Result<Vec<pb::MembershipChange>, Status>,
+    changes: &mut ChangeFeed,
+) -> (Vec<pb::MembershipChange>, Option<Status>) {
+    let mut batch = Vec::new();
+    let mut next = Some(first);
+    while let Some(item) = next.take() {
+        match item {
+            Ok(mut more) if batch.is_empty() => batch = std::mem::take(&mut more),
+            Ok(more) => batch.extend(more),
+            Err(status) => return (batch, Some(status)),
+        }
+        if batch.len() < MAX_CHANGE_BATCH {
+            next = changes.try_recv().ok();
+        }
+    }
+    (batch, None)
+}
+
 /// The gRPC face of a [`Node`].
 #[derive(Clone)]
 pub struct NodeService {
@@ -44,6 +99,50 @@ impl NodeService {
 
     /// Validates a batch and hands it to its shard; the receiver resolves with
     /// the response once the batch is durable.
+    /// Starts following the shards `request` names (every served shard when
+    /// none): their changes, each shard's in order, on one channel; a
+    /// follower's failure ends with its status.
+    fn follow(&self, request: pb::SubscribeRequest) -> Result<ChangeFeed, Status> {
+        let handles = self.node.handles();
+        let shards: Vec<u32> = if request.shards.is_empty() {
+            handles.iter().map(|(id, _)| *id).collect()
+        } else {
+            request.shards.clone()
+        };
+        let plan = self.plan();
+        for segment in &request.segments {
+            if !plan.segment_ids().any(|s| s.as_str() == segment) {
+                return Err(NodeError::NotFound(format!("no segment {segment}")).into());
+            }
+        }
+        let segments: Arc<BTreeSet<String>> = Arc::new(request.segments.iter().cloned().collect());
+        let (tx, rx) = mpsc::channel(STREAM_WINDOW);
+        for shard in shards {
+            let handle = self.node.handle(shard)?;
+            let after = match request.after.iter().find(|c| c.shard == shard) {
+                Some(cursor) => cursor.sequence,
+                None if request.from_now => handle.log.last(),
+                None => 0,
+            };
+            let (tx, segments) = (tx.clone(), segments.clone());
+            tokio::spawn(async move {
+                let keep =
+                    |c: &pb::MembershipChange| segments.is_empty() || segments.contains(&c.segment);
+                let tx = &tx;
+                let deliver = move |batch| async move { tx.send(Ok(batch)).await.is_ok() };
+                if let Err(e) = handle
+                    .log
+                    .clone()
+                    .follow_batches(after, keep, deliver)
+                    .await
+                {
+                    let _ = tx.send(Err(Status::from(NodeError::from(e)))).await;
+                }
+            });
+        }
+        Ok(rx)
+    }
+
     async fn submit(
         &self,
         batch: pb::EventBatch,
@@ -268,37 +367,39 @@ impl node_server::Node for NodeService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let request = request.into_inner();
-        let handles = self.node.handles();
-        let shards: Vec<u32> = if request.shards.is_empty() {
-            handles.iter().map(|(id, _)| *id).collect()
-        } else {
-            request.shards.clone()
-        };
-        let plan = self.plan();
-        for segment in &request.segments {
-            if !plan.segment_ids().any(|s| s.as_str() == segment) {
-                return Err(NodeError::NotFound(format!("no segment {segment}")).into());
-            }
-        }
-        let segments: Arc<BTreeSet<String>> = Arc::new(request.segments.iter().cloned().collect());
-        let (tx, rx) = mpsc::channel(1024);
-        for shard in shards {
-            let handle = self.node.handle(shard)?;
-            let after = match request.after.iter().find(|c| c.shard == shard) {
-                Some(cursor) => cursor.sequence,
-                None if request.from_now => handle.log.last(),
-                None => 0,
-            };
-            let (tx, segments) = (tx.clone(), segments.clone());
-            tokio::spawn(async move {
-                let keep =
-                    |c: &pb::MembershipChange| segments.is_empty() || segments.contains(&c.segment);
-                if let Err(e) = handle.log.clone().follow(after, keep, &tx, Ok).await {
-                    let _ = tx.send(Err(Status::from(NodeError::from(e)))).await;
+        let changes = self.follow(request.into_inner())?;
+        Ok(Response::new(Box::pin(OneByOne {
+            feed: changes,
+            batch: Vec::new().into_iter(),
+        })))
+    }
+
+    type SubscribeBatchesStream = Stream_<pb::ChangeBatch>;
+
+    async fn subscribe_batches(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeBatchesStream>, Status> {
+        let mut changes = self.follow(request.into_inner())?;
+        let (tx, rx) = mpsc::channel(STREAM_WINDOW);
+        // Ends when the subscriber goes (`tx` closed) or the followers do.
+        tokio::spawn(async move {
+            while let Some(first) = changes.recv().await {
+                let (batch, failed) = batch_ready(first, &mut changes);
+                if !batch.is_empty()
+                    && tx
+                        .send(Ok(pb::ChangeBatch { changes: batch }))
+                        .await
+                        .is_err()
+                {
+                    return;
                 }
-            });
-        }
+                if let Some(status) = failed {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+            }
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

@@ -688,7 +688,9 @@ impl ShardStore {
         Ok(())
     }
 
-    /// Stored changes with sequence > `after`, at most `limit`, in order.
+    /// Stored changes with sequence > `after`, in order: whole blocks, until
+    /// `limit` is reached or passed (the block that reaches it is finished, so
+    /// that reading on decodes no block twice).
     pub fn changes_after(
         &self,
         after: u64,
@@ -714,10 +716,10 @@ impl ShardStore {
                 let change = pb::MembershipChange::decode(record?)?;
                 if change.cursor.as_ref().is_some_and(|c| c.sequence >= wanted) {
                     out.push(change);
-                    if out.len() == limit {
-                        return Ok(out);
-                    }
                 }
+            }
+            if out.len() >= limit {
+                return Ok(out);
             }
         }
         Ok(out)
@@ -948,6 +950,8 @@ mod tests {
             );
         }
         assert_eq!(shard.changes_after(1, 2).unwrap(), all[1..3]);
+        // A limit inside a block finishes the block, and stops there.
+        assert_eq!(shard.changes_after(0, 1).unwrap(), first);
         assert_eq!(shard.first_change().unwrap(), Some(1));
         assert_eq!(shard.retained_since(19_000).unwrap(), vec![e1, e2.clone()]);
         assert_eq!(shard.retained_since(20_001).unwrap(), vec![e2.clone()]);

@@ -612,6 +612,98 @@ async fn many_users_expiring_at_one_instant() {
     server.shutdown().await;
 }
 
+/// Changes by shard, checking that each shard's come in sequence order.
+fn per_shard(
+    changes: Vec<pb::MembershipChange>,
+) -> std::collections::BTreeMap<u32, Vec<pb::MembershipChange>> {
+    let mut shards = std::collections::BTreeMap::<u32, Vec<pb::MembershipChange>>::new();
+    for change in changes {
+        let cursor = change.cursor.unwrap();
+        let previous = shards.entry(cursor.shard).or_default();
+        if let Some(last) = previous.last() {
+            assert!(last.cursor.as_ref().unwrap().sequence < cursor.sequence);
+        }
+        previous.push(change);
+    }
+    shards
+}
+
+/// Reads batches until they hold `n` changes (failing after a deadline);
+/// returns the changes and how many messages carried them.
+async fn take_batches(
+    stream: &mut tonic::Streaming<pb::ChangeBatch>,
+    n: usize,
+) -> (Vec<pb::MembershipChange>, usize) {
+    let (mut out, mut messages) = (Vec::new(), 0);
+    while out.len() < n {
+        let next = tokio::time::timeout(Duration::from_secs(10), stream.message()).await;
+        match next {
+            Ok(Ok(Some(batch))) => {
+                assert!(!batch.changes.is_empty(), "an empty batch");
+                messages += 1;
+                out.extend(batch.changes);
+            }
+            other => panic!("expected {n} changes, got {} then {other:?}", out.len()),
+        }
+    }
+    (out, messages)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_subscriptions_carry_the_same_changes_in_fewer_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path())).await.unwrap();
+    let mut node = client(&server).await;
+    apply_rules(&mut node, 1, &[("active", "exists(login) in last 1h")]).await;
+    let now = start_time();
+    let from_now = pb::SubscribeRequest {
+        from_now: true,
+        ..Default::default()
+    };
+    let mut live_one = node.subscribe(from_now.clone()).await.unwrap().into_inner();
+    let mut live_batched = node.subscribe_batches(from_now).await.unwrap().into_inner();
+    let events: Vec<pb::Event> = (0..500)
+        .map(|i| track(&format!("l{i}"), &format!("user-{i}"), "login", now, &[]))
+        .collect();
+    ingest(&mut node, events).await;
+    advance(&mut node, Span::hours(1)).await;
+    // Live: the same 1,000 changes (500 enters, then 500 exits), each shard's
+    // in sequence order (shards interleave differently on each stream).
+    let one = per_shard(take(&mut live_one, 1000).await);
+    let (batched, _) = take_batches(&mut live_batched, 1000).await;
+    assert_eq!(per_shard(batched), one);
+    // History from the start: the same again, ready at once, so batched.
+    let mut history_one = node
+        .subscribe(pb::SubscribeRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut history_batched = node
+        .subscribe_batches(pb::SubscribeRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(per_shard(take(&mut history_one, 1000).await), one);
+    let (batched, messages) = take_batches(&mut history_batched, 1000).await;
+    assert_eq!(per_shard(batched), one);
+    assert!(messages < 100, "1,000 ready changes in {messages} messages");
+    // Resuming one shard after a cursor gives the rest of that shard.
+    let (&shard, changes) = one.iter().max_by_key(|(_, c)| c.len()).unwrap();
+    let half = changes.len() / 2;
+    let mut resumed = node
+        .subscribe_batches(pb::SubscribeRequest {
+            shards: vec![shard],
+            after: vec![changes[half - 1].cursor.unwrap()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (rest, _) = take_batches(&mut resumed, changes.len() - half).await;
+    assert_eq!(rest, changes[half..]);
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_exported_and_imported_elsewhere_keeps_state_and_cursors() {
     let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
