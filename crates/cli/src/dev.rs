@@ -7,12 +7,38 @@ use std::path::Path;
 use std::time::Duration;
 
 use dynseg_control::{ControlConfig, ControlServer};
-use dynseg_gateway::{GatewayConfig, GatewayServer, HttpConfig};
+use dynseg_gateway::local::BoxFuture;
+use dynseg_gateway::{GatewayConfig, GatewayServer, HttpConfig, LocalNode, LocalNodeHandle};
 use dynseg_node::control_link::{ControlLink, LinkConfig};
+use dynseg_node::service::NodeService;
 use dynseg_node::{Clock, NodeConfig};
 use dynseg_proto::auth::{Access, Credentials, TokenStore, random_token};
+use dynseg_proto::pb;
 use dynseg_proto::tls::Tls;
 use tokio::net::TcpListener;
+
+/// The id of the dev cluster's one node.
+const NODE_ID: &str = "node-1";
+
+/// The node as the gateway calls it in this process: its service's own
+/// `IngestShards`, without a network hop (the placement still names it, so
+/// epochs and refusals work as between processes).
+struct InProcessNode(NodeService);
+
+impl LocalNode for InProcessNode {
+    fn ingest_shards(
+        &self,
+        batches: pb::ShardBatches,
+    ) -> BoxFuture<'_, Result<pb::ShardBatchResults, tonic::Status>> {
+        use pb::node_server::Node as _;
+        Box::pin(async move {
+            self.0
+                .ingest_shards(tonic::Request::new(batches))
+                .await
+                .map(tonic::Response::into_inner)
+        })
+    }
+}
 
 /// A running dev cluster.
 pub struct DevCluster {
@@ -135,7 +161,7 @@ impl DevCluster {
         let node_addr = node_listener.local_addr().map_err(|e| e.to_string())?;
         drop(node_listener);
         let mut node_config = NodeConfig::new(data.join("node"), node_addr, clock);
-        node_config.node_id = "node-1".into();
+        node_config.node_id = NODE_ID.into();
         node_config.shard_count = shard_count;
         node_config.shards = Vec::new();
         node_config.access = access.clone();
@@ -155,6 +181,10 @@ impl DevCluster {
         let mut gateway_config = GatewayConfig::new(control.to_string());
         gateway_config.http = http;
         gateway_config.access = access;
+        gateway_config.local_node = Some(LocalNodeHandle {
+            id: NODE_ID.into(),
+            node: std::sync::Arc::new(InProcessNode(NodeService::new(node_server.node.clone()))),
+        });
         let gateway_server =
             GatewayServer::start(gateway_config, gateway_listener, Some(http_listener))
                 .await

@@ -19,6 +19,7 @@ use dynseg_proto::client::Conn;
 use dynseg_proto::pb::node_client::NodeClient;
 
 use crate::error::GatewayError;
+use crate::local::LocalNodeHandle;
 use crate::merge::{Merge, merge_of};
 use crate::routing::Routing;
 
@@ -72,20 +73,24 @@ pub struct Ingestor {
     /// requests wait (backpressure), nothing queues without bound.
     inflight: Arc<Semaphore>,
     retry_for: Duration,
+    local: Option<LocalNodeHandle>,
 }
 
 impl Ingestor {
     /// An ingestor over `routing`, with at most `max_inflight` shard batches in
-    /// flight, retrying a redirected batch for up to `retry_for`.
+    /// flight, retrying a redirected batch for up to `retry_for`; `local` is a
+    /// node in this process, called directly.
     pub fn new(
         routing: watch::Receiver<Arc<Routing>>,
         max_inflight: usize,
         retry_for: Duration,
+        local: Option<LocalNodeHandle>,
     ) -> Ingestor {
         Ingestor {
             routing,
             inflight: Arc::new(Semaphore::new(max_inflight.max(1))),
             retry_for,
+            local,
         }
     }
 
@@ -176,26 +181,49 @@ impl Ingestor {
         node: Option<&str>,
         parts: Vec<(u32, u64, Part)>,
     ) -> Result<Vec<(Vec<u32>, pb::IngestResponse)>, GatewayError> {
+        let local = self
+            .local
+            .as_ref()
+            .filter(|local| node == Some(local.id.as_str()));
         let client = node.and_then(|node| self.routing.borrow().nodes.get(node).cloned());
+        // Copied: a part the node refuses is resent on its own.
+        let batches = || pb::ShardBatches {
+            batches: parts
+                .iter()
+                .map(|(shard, epoch, part)| pb::EventBatch {
+                    shard: *shard,
+                    epoch: *epoch,
+                    events: part.events.clone(),
+                })
+                .collect(),
+        };
+        let answer = match (local, client) {
+            (Some(local), _) => {
+                // The same span a remote node's server would open, so traces
+                // look alike either way.
+                let method = "dynseg.v1.Node/IngestShards";
+                let span = tracing::info_span!(
+                    "grpc",
+                    otel.name = method,
+                    otel.kind = "internal",
+                    rpc.method = method
+                );
+                Some(local.node.ingest_shards(batches()).instrument(span).await)
+            }
+            (None, Some(mut client)) => Some(
+                client
+                    .ingest_shards(batches())
+                    .await
+                    .map(tonic::Response::into_inner),
+            ),
+            (None, None) => None,
+        };
         // Parts no call answers (no owner, a cut connection) are sent one shard
         // at a time below.
-        let results = match client {
-            Some(mut client) => {
-                // Copied: a part the node refuses is resent on its own.
-                let batches = parts
-                    .iter()
-                    .map(|(shard, epoch, part)| pb::EventBatch {
-                        shard: *shard,
-                        epoch: *epoch,
-                        events: part.events.clone(),
-                    })
-                    .collect();
-                match client.ingest_shards(pb::ShardBatches { batches }).await {
-                    Ok(results) => results.into_inner().results,
-                    Err(status) if retryable(status.code()) => Vec::new(),
-                    Err(status) => return Err(GatewayError::Node(status)),
-                }
-            }
+        let results = match answer {
+            Some(Ok(results)) => results.results,
+            Some(Err(status)) if retryable(status.code()) => Vec::new(),
+            Some(Err(status)) => return Err(GatewayError::Node(status)),
             None => Vec::new(),
         };
         let mut answered = Vec::with_capacity(parts.len());
@@ -335,5 +363,143 @@ mod tests {
         assert!(anon.indexes.contains(&2));
         let total: usize = parts.values().map(|p| p.events.len()).sum();
         assert_eq!(total, 3);
+    }
+
+    /// A node in the same process that records what it is handed and
+    /// refuses one shard's batch with `refuse`.
+    struct Recording {
+        seen: std::sync::Mutex<Vec<pb::EventBatch>>,
+        refuse: Option<(u32, Code)>,
+    }
+
+    impl crate::local::LocalNode for Recording {
+        fn ingest_shards(
+            &self,
+            batches: pb::ShardBatches,
+        ) -> crate::local::BoxFuture<'_, Result<pb::ShardBatchResults, tonic::Status>> {
+            Box::pin(async move {
+                let mut results = Vec::new();
+                for batch in batches.batches {
+                    results.push(match self.refuse {
+                        Some((shard, code)) if shard == batch.shard => pb::ShardBatchResult {
+                            response: None,
+                            error_code: code as i32,
+                            error: "refused".into(),
+                        },
+                        _ => pb::ShardBatchResult {
+                            response: Some(pb::IngestResponse {
+                                shard: batch.shard,
+                                accepted: batch.events.len() as u32,
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        },
+                    });
+                    self.seen.lock().unwrap().push(batch);
+                }
+                Ok(pb::ShardBatchResults { results })
+            })
+        }
+    }
+
+    /// Every shard of 4 placed on `node` at epoch 7.
+    fn placed_on(node: &str) -> watch::Receiver<Arc<Routing>> {
+        let mut routing = Routing::default();
+        routing.shard_count = 4;
+        routing.shards = vec![
+            Some(crate::routing::Owner {
+                node: node.into(),
+                epoch: 7,
+            });
+            4
+        ];
+        // The node's network address refuses connections: whatever reaches
+        // it came by the network, not the local handle.
+        let client = crate::routing::node_client("127.0.0.1:9", &routing.credentials)
+            .expect("a lazy client");
+        routing.nodes.insert(node.into(), client);
+        watch::channel(Arc::new(routing)).1
+    }
+
+    #[tokio::test]
+    async fn a_node_in_this_process_is_handed_the_batches_with_their_epochs() {
+        let local = Arc::new(Recording {
+            seen: Default::default(),
+            refuse: None,
+        });
+        let handle = LocalNodeHandle {
+            id: "node-1".into(),
+            node: local.clone(),
+        };
+        let ingestor = Ingestor::new(
+            placed_on("node-1"),
+            8,
+            Duration::from_millis(200),
+            Some(handle),
+        );
+        let users = ["ann", "bob", "cy", "dee", "eve", "fay"];
+        let events: Vec<pb::Event> = users.iter().map(|u| event(u, "")).collect();
+        let reply = ingestor.ingest(events).await.unwrap();
+        assert_eq!(reply.accepted, 6);
+        let seen = local.seen.lock().unwrap();
+        let mut handed: Vec<&str> = seen
+            .iter()
+            .flat_map(|b| b.events.iter().map(|e| e.user_id.as_str()))
+            .collect();
+        handed.sort_unstable();
+        assert_eq!(handed, users);
+        for batch in seen.iter() {
+            assert_eq!(batch.epoch, 7);
+            assert!(
+                batch
+                    .events
+                    .iter()
+                    .all(|e| shard_for(&e.user_id, 4) == batch.shard)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_local_refusal_is_an_error_or_a_retry_as_from_a_remote_node() {
+        let shard = shard_for("ann", 4);
+        // Not retryable: the client gets the node's error.
+        let refusing = Arc::new(Recording {
+            seen: Default::default(),
+            refuse: Some((shard, Code::InvalidArgument)),
+        });
+        let handle = LocalNodeHandle {
+            id: "node-1".into(),
+            node: refusing,
+        };
+        let ingestor = Ingestor::new(
+            placed_on("node-1"),
+            8,
+            Duration::from_millis(200),
+            Some(handle),
+        );
+        match ingestor.ingest(vec![event("ann", "")]).await {
+            Err(GatewayError::Node(status)) => assert_eq!(status.code(), Code::InvalidArgument),
+            other => panic!("expected the node's error, got {other:?}"),
+        }
+        // Retryable (the shard moved): resent to its owner until placement
+        // settles, here never, so UNAVAILABLE once the retry budget is spent.
+        let moved = Arc::new(Recording {
+            seen: Default::default(),
+            refuse: Some((shard, Code::Aborted)),
+        });
+        let handle = LocalNodeHandle {
+            id: "node-1".into(),
+            node: moved,
+        };
+        let ingestor = Ingestor::new(
+            placed_on("node-1"),
+            8,
+            Duration::from_millis(200),
+            Some(handle),
+        );
+        assert!(matches!(
+            ingestor.ingest(vec![event("ann", "")]).await,
+            Err(GatewayError::Unavailable(_))
+        ));
     }
 }

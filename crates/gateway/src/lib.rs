@@ -23,6 +23,7 @@ pub mod admin;
 pub mod error;
 pub mod http;
 pub mod ingest;
+pub mod local;
 pub mod merge;
 pub mod metrics;
 pub mod routing;
@@ -32,4 +33,5 @@ pub mod subscribe;
 
 pub use error::{GatewayError, HttpError};
 pub use http::HttpConfig;
+pub use local::{LocalNode, LocalNodeHandle};
 pub use server::{GatewayConfig, GatewayServer};

@@ -115,7 +115,7 @@ impl Routing {
     }
 }
 
-fn node_client(address: &str, credentials: &Credentials) -> Option<NodeClient<Conn>> {
+pub(crate) fn node_client(address: &str, credentials: &Credentials) -> Option<NodeClient<Conn>> {
     let endpoint = client::endpoint(address, credentials).ok()?;
     let channel = client::lazy(
         endpoint.connect_timeout(Duration::from_secs(1)),

@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use crate::admin::AdminProxy;
 use crate::http::{self, HttpConfig};
 use crate::ingest::Ingestor;
+use crate::local::LocalNodeHandle;
 use crate::routing::{self, Routing};
 use crate::service::GatewayService;
 
@@ -43,6 +44,9 @@ pub struct GatewayConfig {
     /// Bytes of one gRPC message a client may send (a larger one is refused
     /// with OUT_OF_RANGE before it is decoded).
     pub max_message_bytes: usize,
+    /// A node in this process (`dynseg dev`), called directly rather than
+    /// over the network.
+    pub local_node: Option<LocalNodeHandle>,
 }
 
 impl GatewayConfig {
@@ -57,6 +61,7 @@ impl GatewayConfig {
             http: HttpConfig::default(),
             access: Access::open(),
             max_message_bytes: 64 << 20,
+            local_node: None,
         }
     }
 }
@@ -104,7 +109,12 @@ impl GatewayServer {
             publish,
             stopped,
         ));
-        let ingestor = Ingestor::new(routing.clone(), config.max_inflight, config.retry_for);
+        let ingestor = Ingestor::new(
+            routing.clone(),
+            config.max_inflight,
+            config.retry_for,
+            config.local_node.clone(),
+        );
         let service = GatewayService::new(routing.clone(), ingestor.clone());
         let (stop_serving, stop) = oneshot::channel::<()>();
         let admin = AdminProxy::new(&config.control, credentials)
