@@ -80,6 +80,10 @@ pub struct DevOptions {
     /// How long the node keeps its change log (and so segment history);
     /// `None`: the node's default, 7 days.
     pub change_retention: Option<dynseg_rules::Span>,
+    /// The gateway hands ingest batches to the node in this process directly
+    /// (true, the default); false sends them over loopback gRPC, as between
+    /// processes (what the trace propagation test exercises).
+    pub direct_ingest: bool,
 }
 
 impl DevOptions {
@@ -93,6 +97,7 @@ impl DevOptions {
             tokens: None,
             tls: false,
             change_retention: None,
+            direct_ingest: true,
         }
     }
 }
@@ -124,6 +129,7 @@ impl DevCluster {
             tokens,
             tls,
             change_retention,
+            direct_ingest,
         } = options;
         // With tokens, the roles in this process call each other with a
         // cluster secret made for this run.
@@ -181,7 +187,7 @@ impl DevCluster {
         let mut gateway_config = GatewayConfig::new(control.to_string());
         gateway_config.http = http;
         gateway_config.access = access;
-        gateway_config.local_node = Some(LocalNodeHandle {
+        gateway_config.local_node = direct_ingest.then(|| LocalNodeHandle {
             id: NODE_ID.into(),
             node: std::sync::Arc::new(InProcessNode(NodeService::new(node_server.node.clone()))),
         });

@@ -160,6 +160,7 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
                         }
                         None => None,
                     },
+                    direct_ingest: true,
                 },
             )
             .await

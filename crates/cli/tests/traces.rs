@@ -33,8 +33,11 @@ async fn one_ingest_is_one_trace_from_gateway_to_node() {
 
     let dir = tempfile::tempdir().unwrap();
     let t0 = Timestamp::parse_rfc3339("2026-03-01T12:00:00Z").unwrap();
+    // Over loopback gRPC, as between processes (the dev cluster would
+    // otherwise hand the node its batches in process).
     let options = DevOptions {
         shard_count: 4,
+        direct_ingest: false,
         ..DevOptions::new(Clock::manual(t0))
     };
     let cluster = DevCluster::start(dir.path(), options).await.unwrap();

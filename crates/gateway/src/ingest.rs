@@ -421,11 +421,12 @@ mod tests {
         watch::channel(Arc::new(routing)).1
     }
 
-    #[tokio::test]
-    async fn a_node_in_this_process_is_handed_the_batches_with_their_epochs() {
+    /// An ingestor whose placement puts every shard on `node-1`, this
+    /// process's node, which refuses `refuse` (shard, code) if given.
+    fn local_ingestor(refuse: Option<(u32, Code)>) -> (Arc<Recording>, Ingestor) {
         let local = Arc::new(Recording {
             seen: Default::default(),
-            refuse: None,
+            refuse,
         });
         let handle = LocalNodeHandle {
             id: "node-1".into(),
@@ -437,6 +438,12 @@ mod tests {
             Duration::from_millis(200),
             Some(handle),
         );
+        (local, ingestor)
+    }
+
+    #[tokio::test]
+    async fn a_node_in_this_process_is_handed_the_batches_with_their_epochs() {
+        let (local, ingestor) = local_ingestor(None);
         let users = ["ann", "bob", "cy", "dee", "eve", "fay"];
         let events: Vec<pb::Event> = users.iter().map(|u| event(u, "")).collect();
         let reply = ingestor.ingest(events).await.unwrap();
@@ -463,40 +470,14 @@ mod tests {
     async fn a_local_refusal_is_an_error_or_a_retry_as_from_a_remote_node() {
         let shard = shard_for("ann", 4);
         // Not retryable: the client gets the node's error.
-        let refusing = Arc::new(Recording {
-            seen: Default::default(),
-            refuse: Some((shard, Code::InvalidArgument)),
-        });
-        let handle = LocalNodeHandle {
-            id: "node-1".into(),
-            node: refusing,
-        };
-        let ingestor = Ingestor::new(
-            placed_on("node-1"),
-            8,
-            Duration::from_millis(200),
-            Some(handle),
-        );
+        let (_, ingestor) = local_ingestor(Some((shard, Code::InvalidArgument)));
         match ingestor.ingest(vec![event("ann", "")]).await {
             Err(GatewayError::Node(status)) => assert_eq!(status.code(), Code::InvalidArgument),
             other => panic!("expected the node's error, got {other:?}"),
         }
         // Retryable (the shard moved): resent to its owner until placement
         // settles, here never, so UNAVAILABLE once the retry budget is spent.
-        let moved = Arc::new(Recording {
-            seen: Default::default(),
-            refuse: Some((shard, Code::Aborted)),
-        });
-        let handle = LocalNodeHandle {
-            id: "node-1".into(),
-            node: moved,
-        };
-        let ingestor = Ingestor::new(
-            placed_on("node-1"),
-            8,
-            Duration::from_millis(200),
-            Some(handle),
-        );
+        let (_, ingestor) = local_ingestor(Some((shard, Code::Aborted)));
         assert!(matches!(
             ingestor.ingest(vec![event("ann", "")]).await,
             Err(GatewayError::Unavailable(_))
