@@ -291,6 +291,7 @@ pub fn start(config: &ControlConfig) -> Result<(ReplicaHandle, ReplicaTask), Con
         transport,
         views: views_tx,
         pending_writes: HashMap::new(),
+        applied_writes: Vec::new(),
         pending_reads: HashMap::new(),
         confirmed_reads: Vec::new(),
         next_seq: 1,
@@ -358,6 +359,9 @@ struct Replica {
     views: watch::Sender<Arc<View>>,
     /// Our proposals not yet applied, by sequence number (in the entry context).
     pending_writes: HashMap<u64, WriteReply>,
+    /// Our proposals applied in this `Ready`, answered once its view is
+    /// published: a caller that reads the view after its answer sees its write.
+    applied_writes: Vec<(WriteReply, Result<Vec<Revised>, ControlError>)>,
     /// Read-index requests raft has not yet answered, by sequence number.
     pending_reads: HashMap<u64, oneshot::Sender<Result<(), ControlError>>>,
     /// Read indexes confirmed by the leader, waiting for apply to reach them.
@@ -577,6 +581,9 @@ impl Replica {
         self.raw.advance_apply();
         self.maybe_compact()?;
         self.publish();
+        for (reply, result) in self.applied_writes.drain(..) {
+            let _ = reply.send(result);
+        }
         let applied = self.applied;
         let (done, waiting) = std::mem::take(&mut self.confirmed_reads)
             .into_iter()
@@ -635,7 +642,7 @@ impl Replica {
                 && proposer == self.id
                 && let Some(reply) = self.pending_writes.remove(&seq)
             {
-                let _ = reply.send(result);
+                self.applied_writes.push((reply, result));
             }
         }
         Ok(())
