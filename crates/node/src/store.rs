@@ -229,19 +229,45 @@ pub struct Store {
     path: PathBuf,
 }
 
+/// How long [`Store::open`] waits for another holder's lock.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// sled's error for a directory locked by another open store (sled 0.34 has
+/// no kind of its own for it: an `Other` I/O error with this message).
+fn is_lock_conflict(error: &sled::Error) -> bool {
+    matches!(error, sled::Error::Io(e)
+        if e.kind() == std::io::ErrorKind::Other
+            && e.to_string().starts_with("could not acquire lock"))
+}
+
 impl Store {
     /// Opens (creating) the store at `path`, with sled's page cache bounded by
     /// `cache_bytes`.
+    ///
+    /// A store another holder has locked is waited for, up to
+    /// [`LOCK_WAIT`]: a store closed a moment ago in this process (a node
+    /// restarted in place) keeps its lock until sled's background threads
+    /// let go. Held longer (another process on the same directory), it is an
+    /// error.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(path)
             .mode(sled::Mode::HighThroughput)
             .cache_capacity(cache_bytes)
             // Log items over a quarter of a segment become blob files, one
             // file per write: 8 MiB segments keep a leaf of 16 pages or blocks
             // in the log.
-            .segment_size(8 << 20)
-            .open()?;
+            .segment_size(8 << 20);
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(e) if is_lock_conflict(&e) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         Ok(Store {
             db,
             path: path.to_owned(),
@@ -873,6 +899,22 @@ mod tests {
             expire_changes_before_ms: i64::MIN,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_store_still_locked_by_its_closing_holder_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path(), 1 << 20).unwrap();
+        first.shard(0).unwrap();
+        // Closed a moment later, on another thread, while the second open
+        // is already waiting for the lock.
+        let closing = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            drop(first);
+        });
+        let second = Store::open(dir.path(), 1 << 20);
+        closing.join().unwrap();
+        assert!(second.is_ok(), "{:?}", second.err());
     }
 
     #[test]
