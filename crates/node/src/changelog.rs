@@ -19,7 +19,7 @@ use crate::store::{ShardStore, StoreError};
 /// Live changes a follower may fall behind by before it re-reads history.
 const LIVE_BUFFER: usize = 8192;
 
-/// Live changes handed over together, at most.
+/// Live changes taken from the broadcast together, at most.
 const LIVE_BATCH: usize = 1024;
 
 /// One shard's published changes.
@@ -262,7 +262,11 @@ impl ChangeLog {
                 let mut batch = Vec::new();
                 let mut lagged = false;
                 let mut next = Some(first);
+                // Counted as received, not as kept: a follower whose filter
+                // keeps little still hands over (and yields) every so often.
+                let mut received = 0;
                 while let Some(change) = next.take() {
+                    received += 1;
                     let seq = sequence(&change);
                     if seq > after {
                         after = seq;
@@ -270,7 +274,7 @@ impl ChangeLog {
                             batch.push(own(change));
                         }
                     }
-                    if batch.len() < LIVE_BATCH {
+                    if received < LIVE_BATCH {
                         match live.try_recv() {
                             Ok(change) => next = Some(change),
                             Err(broadcast::error::TryRecvError::Lagged(_)) => lagged = true,

@@ -68,7 +68,7 @@ fn batch_ready(
     let mut next = Some(first);
     while let Some(item) = next.take() {
         match item {
-            Ok(mut more) if batch.is_empty() => batch = std::mem::take(&mut more),
+            Ok(more) if batch.is_empty() => batch = more,
             Ok(more) => batch.extend(more),
             Err(status) => return (batch, Some(status)),
         }
@@ -97,8 +97,6 @@ impl NodeService {
         node_server::NodeServer::new(self).max_decoding_message_size(limit)
     }
 
-    /// Validates a batch and hands it to its shard; the receiver resolves with
-    /// the response once the batch is durable.
     /// Starts following the shards `request` names (every served shard when
     /// none): their changes, each shard's in order, on one channel; a
     /// follower's failure ends with its status.
@@ -143,6 +141,8 @@ impl NodeService {
         Ok(rx)
     }
 
+    /// Validates a batch and hands it to its shard; the receiver resolves with
+    /// the response once the batch is durable.
     async fn submit(
         &self,
         batch: pb::EventBatch,

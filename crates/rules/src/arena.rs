@@ -108,10 +108,9 @@ impl Arena {
         let used = self.used();
         let new_used = used - range.len() + new.len();
         if new_used < self.words.len() {
-            let (start, end) = (range.start, range.end);
             let data = self.words.tail_mut();
-            data.copy_within(end..used, start + new.len());
-            data[start..start + new.len()].copy_from_slice(new);
+            data.copy_within(range.end..used, range.start + new.len());
+            data[range.start..range.start + new.len()].copy_from_slice(new);
             self.words.set_low(new_used as u32);
             return;
         }
