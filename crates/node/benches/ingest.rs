@@ -142,6 +142,16 @@ fn cpu_seconds(pid: &str) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Bytes process `pid` has handed to the kernel to write (`wchar`: the WAL,
+/// sled's log and its blobs), whether or not they reached the disk yet.
+fn written_bytes(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    io.lines()
+        .find_map(|l| l.strip_prefix("wchar:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -309,6 +319,7 @@ struct Phase {
     latencies: Vec<Duration>,
     node_cpu: f64,
     client_cpu: f64,
+    node_written: u64,
 }
 
 impl Phase {
@@ -331,6 +342,11 @@ impl Phase {
             self.acked as f64 / self.node_cpu.max(0.001),
             self.client_cpu
         );
+        println!(
+            "  written by the node: {} MiB ({:.0} bytes per event)",
+            self.node_written >> 20,
+            self.node_written as f64 / self.acked.max(1) as f64
+        );
     }
 }
 
@@ -347,6 +363,7 @@ async fn run_phase(
 ) -> Phase {
     let node_cpu_start = cpu_seconds(&pid.to_string());
     let client_cpu_start = cpu_seconds("self");
+    let written_start = written_bytes(pid);
     let batches_total = events / BATCH as u64;
     let per_stream = batches_total / streams;
     let start = Instant::now();
@@ -403,5 +420,6 @@ async fn run_phase(
         latencies,
         node_cpu: cpu_seconds(&pid.to_string()) - node_cpu_start,
         client_cpu: cpu_seconds("self") - client_cpu_start,
+        node_written: written_bytes(pid) - written_start,
     }
 }

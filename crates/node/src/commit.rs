@@ -19,7 +19,7 @@ pub type Durable = Result<Lsn, Arc<WalError>>;
 
 enum Command {
     Append {
-        payload: Vec<u8>,
+        payload: bytes::Bytes,
         done: oneshot::Sender<Durable>,
     },
     Truncate {
@@ -56,7 +56,8 @@ impl Committer {
     }
 
     /// Queues `payload`; the returned receiver resolves once it is durable.
-    pub async fn append(&self, payload: Vec<u8>) -> oneshot::Receiver<Durable> {
+    pub async fn append(&self, payload: impl Into<bytes::Bytes>) -> oneshot::Receiver<Durable> {
+        let payload = payload.into();
         let (done, durable) = oneshot::channel();
         if let Err(mpsc::error::SendError(Command::Append { done, .. })) =
             self.tx.send(Command::Append { payload, done }).await

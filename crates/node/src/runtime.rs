@@ -269,7 +269,8 @@ pub(crate) fn apply_input(
                 .cloned()
                 .filter_map(|e| Event::try_from(e).ok())
                 .collect();
-            Ok(shard.apply_batch(now, &events, payload)?.changes)
+            let record = bytes::Bytes::copy_from_slice(payload);
+            Ok(shard.apply_batch(now, &events, record)?.changes)
         }
         Some(Input::Tick(_)) => Ok(shard.tick(now)?),
         Some(Input::Rules(request)) => {
@@ -886,7 +887,7 @@ struct Inflight {
     /// when everything before it has.
     durable: Option<oneshot::Receiver<Durable>>,
     /// The record's bytes, kept only while the shard is moving out.
-    record: Option<Vec<u8>>,
+    record: Option<bytes::Bytes>,
     changes: Vec<Logged>,
     done: Done,
 }
@@ -1021,7 +1022,7 @@ impl ShardTask {
                 self.shard.applied_record(lsn);
                 if let (Some(out), Some(record)) = (self.move_out.as_mut(), item.record) {
                     out.tail_bytes += record.len();
-                    out.tail.push(record);
+                    out.tail.push(record.to_vec());
                     if out.tail_bytes > TAIL_LIMIT_BYTES && !out.fenced {
                         tracing::warn!(
                             shard = self.shard.id(),
@@ -1072,18 +1073,21 @@ impl ShardTask {
 
     /// Logs `record` (already applied) and queues its completion.
     async fn log_input(&mut self, record: WalRecord, changes: Vec<Logged>, done: Done) {
-        self.log_bytes(record.to_bytes(), changes, done).await;
+        self.log_bytes(record.to_bytes().into(), changes, done)
+            .await;
     }
 
     /// Logs an encoded record (already applied) and queues its completion.
     /// The write-ahead log record of `input` applied at `now`, encoded.
-    fn record(&self, now: Timestamp, input: Input) -> Vec<u8> {
+    /// Shared, not copied, by the log and the shard's retained events.
+    fn record(&self, now: Timestamp, input: Input) -> bytes::Bytes {
         WalRecord {
             shard: self.shard.id(),
             now_ms: now.millis(),
             input: Some(input),
         }
         .to_bytes()
+        .into()
     }
 
     /// Whether the shard takes writes at `epoch`: not after a log failure,
@@ -1106,7 +1110,7 @@ impl ShardTask {
         Ok(())
     }
 
-    async fn log_bytes(&mut self, record: Vec<u8>, changes: Vec<Logged>, done: Done) {
+    async fn log_bytes(&mut self, record: bytes::Bytes, changes: Vec<Logged>, done: Done) {
         let kept = self.move_out.as_ref().map(|_| record.clone());
         let durable = self.committer.append(record).await;
         self.inflight.push_back(Inflight {
@@ -1226,7 +1230,7 @@ impl ShardTask {
                     events: wire,
                 };
                 let record = self.record(now, Input::Batch(batch));
-                let outcome = match self.shard.apply_batch(now, &events, &record) {
+                let outcome = match self.shard.apply_batch(now, &events, record.clone()) {
                     Ok(outcome) => outcome,
                     Err(e) => {
                         let _ = reply.send(Err(e.into()));

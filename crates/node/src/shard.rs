@@ -8,7 +8,7 @@
 //! The async shell (`runtime`) owns one `Shard` per task and decides when inputs
 //! are durable and their changes published.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use dynseg_proto::{convert::change_to_wire, pb};
@@ -21,7 +21,6 @@ use crate::store::{Checkpoint, MergedOut, ShardMeta, ShardStore, StoreError, Use
 use crate::wal::Lsn;
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -69,6 +68,8 @@ struct Entry {
     seen: Vec<u128>,
     /// Logical time of the last access, for passivation.
     touched: u64,
+    /// Changed since the last checkpoint (and listed in `Shard::dirty`).
+    dirty: bool,
 }
 
 /// A change with its place in the shard's log.
@@ -105,9 +106,11 @@ pub struct Shard {
     members: BTreeMap<SegmentId, BTreeSet<UserId>>,
     next_sequence: u64,
     next_event: u64,
-    /// Users changed since the last checkpoint.
-    dirty: FastSet<UserId>,
-    unsaved_events: Vec<(u32, u64, Vec<u8>)>,
+    /// Users changed since the last checkpoint, each once: an entry's `dirty`
+    /// flag says whether it is listed (a flag and a list cost no hash lookup
+    /// per event, where a set did).
+    dirty: Vec<UserId>,
+    unsaved_events: Vec<(u32, u64, bytes::Bytes)>,
     unsaved_changes: Vec<(u64, i64, Vec<u8>)>,
     /// Where replay must start if nothing else is applied.
     replay_from: Lsn,
@@ -153,7 +156,7 @@ impl Shard {
             members: BTreeMap::new(),
             next_sequence: meta.next_sequence.max(1),
             next_event: meta.next_event,
-            dirty: FastSet::default(),
+            dirty: Vec::new(),
             unsaved_events: Vec::new(),
             unsaved_changes: Vec::new(),
             replay_from: meta.replay_from,
@@ -236,6 +239,8 @@ impl Shard {
         };
     }
 
+    /// `user`'s entry, loaded or created if it is not active, marked as
+    /// changed: every caller is about to change it.
     fn activate(&mut self, user: &UserId) -> Result<&mut Entry, StoreError> {
         self.accesses += 1;
         let touched = self.accesses;
@@ -248,6 +253,7 @@ impl Shard {
                         state: record.state,
                         seen: record.seen,
                         touched,
+                        dirty: false,
                     },
                     None => {
                         self.user_count += 1;
@@ -255,6 +261,7 @@ impl Shard {
                             state: self.plan.new_state(),
                             seen: Vec::new(),
                             touched,
+                            dirty: false,
                         }
                     }
                 };
@@ -262,6 +269,10 @@ impl Shard {
             }
         };
         entry.touched = touched;
+        if !entry.dirty {
+            entry.dirty = true;
+            self.dirty.push(user.clone());
+        }
         Ok(entry)
     }
 
@@ -312,12 +323,11 @@ impl Shard {
         &mut self,
         now: Timestamp,
         events: &[Event],
-        record: &[u8],
+        record: bytes::Bytes,
     ) -> Result<BatchOutcome, StoreError> {
         let mut outcome = BatchOutcome::default();
         let day = day_of(now);
-        self.unsaved_events
-            .push((day, self.next_event, record.to_vec()));
+        self.unsaved_events.push((day, self.next_event, record));
         self.next_event += 1;
         let oldest_day = day_of(now.minus(self.config.dedupe_horizon));
         let plan = self.plan.clone();
@@ -335,7 +345,6 @@ impl Shard {
             plan.apply(&mut entry.state, event, now, &mut changes);
             let after = entry.state.next_wakeup();
             self.retime(&event.user, before, after);
-            self.dirty.insert(event.user.clone());
             outcome.applied += 1;
             self.log(&mut changes, &mut outcome.changes);
         }
@@ -396,7 +405,6 @@ impl Shard {
                 entry.state = plan.new_state();
             }
             self.retime(user, before, None);
-            self.dirty.insert(user.clone());
             self.log(&mut changes, &mut out);
             self.scratch = changes;
         }
@@ -433,7 +441,6 @@ impl Shard {
         plan.merge(&mut entry.state, state, user, now, &mut changes);
         let after = entry.state.next_wakeup();
         self.retime(user, before, after);
-        self.dirty.insert(user.clone());
         let mut out = Vec::new();
         self.log(&mut changes, &mut out);
         self.scratch = changes;
@@ -446,7 +453,7 @@ impl Shard {
     fn retained_events(&self) -> Result<FastMap<UserId, Vec<Event>>, StoreError> {
         let mut records = self.store.retained_since(0)?;
         for (_, _, bytes) in &self.unsaved_events {
-            records.push(crate::record::WalRecord::decode(bytes.as_slice())?);
+            records.push(crate::record::WalRecord::decode(&bytes[..])?);
         }
         let mut first_seen: FastMap<(UserId, u128), u32> = FastMap::default();
         let mut retained: FastMap<UserId, Vec<Event>> = FastMap::default();
@@ -489,7 +496,6 @@ impl Shard {
             if let Some(t) = after {
                 self.timers.insert((t, user.clone()));
             }
-            self.dirty.insert(user.clone());
         }
         // Stable: one user's changes keep their order.
         changes.sort_by(|a, b| (a.at, &a.user).cmp(&(b.at, &b.user)));
@@ -540,7 +546,6 @@ impl Shard {
                     .or_default()
                     .insert(user.clone());
             }
-            self.dirty.insert(user.clone());
             // The member index was rebuilt above; log without touching it again.
             for change in changes.drain(..) {
                 let sequence = self.next_sequence;
@@ -729,8 +734,9 @@ impl Shard {
         }
         let mut users = Vec::with_capacity(self.dirty.len());
         let mut state = Vec::new();
-        for user in self.dirty.drain() {
-            if let Some(entry) = self.users.get(&user) {
+        for user in self.dirty.drain(..) {
+            if let Some(entry) = self.users.get_mut(&user) {
+                entry.dirty = false;
                 state.clear();
                 entry.state.encode(&mut state);
                 users.push((
@@ -762,8 +768,15 @@ impl Shard {
     /// again and its events and changes go before the ones taken since.
     pub fn untake_checkpoint(&mut self, checkpoint: Checkpoint) {
         for (user, _) in checkpoint.users {
-            if let Ok(user) = std::str::from_utf8(&user) {
-                self.dirty.insert(UserId::from(user));
+            let Ok(user) = std::str::from_utf8(&user) else {
+                continue;
+            };
+            let user = UserId::from(user);
+            if let Some(entry) = self.users.get_mut(&user)
+                && !entry.dirty
+            {
+                entry.dirty = true;
+                self.dirty.push(user);
             }
         }
         let mut events = checkpoint.events;
@@ -804,7 +817,7 @@ impl Shard {
         let mut clean: Vec<(u64, UserId)> = self
             .users
             .iter()
-            .filter(|(u, _)| !self.dirty.contains(*u))
+            .filter(|(_, e)| !e.dirty)
             .map(|(u, e)| (e.touched, u.clone()))
             .collect();
         clean.sort_unstable();
@@ -870,7 +883,7 @@ mod tests {
                 events: events.iter().map(pb::Event::from).collect(),
             })),
         };
-        shard.apply_batch(now, events, &record.to_bytes())
+        shard.apply_batch(now, events, record.to_bytes().into())
     }
 
     fn summary(changes: &[Logged]) -> Vec<(u64, String, String, i32)> {
@@ -1178,6 +1191,48 @@ mod tests {
                 .duplicates,
             1
         );
+    }
+
+    #[test]
+    fn a_checkpoint_writes_each_changed_user_once_and_only_clean_users_passivate() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = plan(&[("buyer", "count(order_completed) in last 1d >= 1")], 1);
+        let now = t("2026-01-01T00:00:00Z");
+        let (_store, mut shard) = open(dir.path(), p);
+        let written = |cp: &Checkpoint| {
+            let mut users: Vec<String> = cp
+                .users
+                .iter()
+                .map(|(u, _)| String::from_utf8(u.clone()).unwrap())
+                .collect();
+            users.sort();
+            users
+        };
+        apply(
+            &mut shard,
+            now,
+            &[order("m1", "alice", now), order("m2", "bob", now)],
+        )
+        .unwrap();
+        apply(&mut shard, now, &[order("m3", "alice", now)]).unwrap();
+        let first = shard.take_checkpoint(now);
+        assert_eq!(written(&first), ["alice", "bob"]);
+        // Nothing changed since: nothing to write, and both may passivate.
+        assert!(shard.take_checkpoint(now).users.is_empty());
+
+        // Changed again after the checkpoint: dirty again, and kept active.
+        apply(&mut shard, now, &[order("m4", "bob", now)]).unwrap();
+        assert_eq!(shard.passivate(0), 1, "only alice is clean");
+        assert_eq!(shard.active_users(), 1);
+        let second = shard.take_checkpoint(now);
+        assert_eq!(written(&second), ["bob"]);
+
+        // A checkpoint that could not be written makes its users dirty again,
+        // once each even if they changed meanwhile.
+        apply(&mut shard, now, &[order("m5", "bob", now)]).unwrap();
+        shard.untake_checkpoint(second);
+        assert_eq!(shard.passivate(0), 0);
+        assert_eq!(written(&shard.take_checkpoint(now)), ["bob"]);
     }
 
     #[test]

@@ -156,7 +156,7 @@ pub struct Checkpoint {
     pub users: Vec<(Vec<u8>, Vec<u8>)>,
     /// Batches applied since the last checkpoint: (arrival day, sequence, their
     /// write-ahead log record).
-    pub events: Vec<(u32, u64, Vec<u8>)>,
+    pub events: Vec<(u32, u64, bytes::Bytes)>,
     /// Changes published since the last checkpoint, in sequence order:
     /// (sequence, time in milliseconds, change bytes).
     pub changes: Vec<(u64, i64, Vec<u8>)>,
@@ -663,7 +663,7 @@ impl ShardStore {
         for day_events in cp.events.chunk_by(|a, b| a.0 == b.0) {
             for run in block::split(day_events, |(_, _, bytes)| bytes.len()) {
                 let (day, first, _) = &run[0];
-                let records = run.iter().map(|(_, _, bytes)| bytes.as_slice());
+                let records = run.iter().map(|(_, _, bytes)| &bytes[..]);
                 batch.insert(&events_key(*day, *first)[..], block::encode(0, records));
             }
         }
@@ -888,7 +888,7 @@ mod tests {
                 .collect(),
             events: events
                 .iter()
-                .map(|(day, seq, e)| (*day, *seq, e.encode_to_vec()))
+                .map(|(day, seq, e)| (*day, *seq, e.encode_to_vec().into()))
                 .collect(),
             changes: changes
                 .iter()
