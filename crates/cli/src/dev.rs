@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use dynseg_control::{ControlConfig, ControlServer};
 use dynseg_gateway::local::BoxFuture;
-use dynseg_gateway::{GatewayConfig, GatewayServer, HttpConfig, LocalNode, LocalNodeHandle};
+use dynseg_gateway::{
+    GatewayConfig, GatewayServer, HttpConfig, LocalBatch, LocalNode, LocalNodeHandle,
+};
 use dynseg_node::control_link::{ControlLink, LinkConfig};
-use dynseg_node::service::NodeService;
+use dynseg_node::service::{BatchRef, NodeService};
 use dynseg_node::{Clock, NodeConfig};
 use dynseg_proto::auth::{Access, Credentials, TokenStore, random_token};
 use dynseg_proto::pb;
@@ -26,16 +28,20 @@ const NODE_ID: &str = "node-1";
 struct InProcessNode(NodeService);
 
 impl LocalNode for InProcessNode {
-    fn ingest_shards(
-        &self,
-        batches: pb::ShardBatches,
-    ) -> BoxFuture<'_, Result<pb::ShardBatchResults, tonic::Status>> {
-        use pb::node_server::Node as _;
+    fn ingest_shards<'a>(
+        &'a self,
+        batches: &'a [LocalBatch<'a>],
+    ) -> BoxFuture<'a, Result<pb::ShardBatchResults, tonic::Status>> {
         Box::pin(async move {
-            self.0
-                .ingest_shards(tonic::Request::new(batches))
-                .await
-                .map(tonic::Response::into_inner)
+            let batches: Vec<BatchRef<'_>> = batches
+                .iter()
+                .map(|b| BatchRef {
+                    shard: b.shard,
+                    epoch: b.epoch,
+                    events: b.events,
+                })
+                .collect();
+            self.0.ingest_batches(&batches).await
         })
     }
 }

@@ -19,7 +19,7 @@ use dynseg_proto::client::Conn;
 use dynseg_proto::pb::node_client::NodeClient;
 
 use crate::error::GatewayError;
-use crate::local::LocalNodeHandle;
+use crate::local::{LocalBatch, LocalNodeHandle};
 use crate::merge::{Merge, merge_of};
 use crate::routing::Routing;
 
@@ -186,19 +186,17 @@ impl Ingestor {
             .as_ref()
             .filter(|local| node == Some(local.id.as_str()));
         let client = node.and_then(|node| self.routing.borrow().nodes.get(node).cloned());
-        // Copied: a part the node refuses is resent on its own.
-        let batches = || pb::ShardBatches {
-            batches: parts
-                .iter()
-                .map(|(shard, epoch, part)| pb::EventBatch {
-                    shard: *shard,
-                    epoch: *epoch,
-                    events: part.events.clone(),
-                })
-                .collect(),
-        };
         let answer = match (local, client) {
             (Some(local), _) => {
+                // Lent: a part the node refuses is resent from `parts` below.
+                let batches: Vec<LocalBatch<'_>> = parts
+                    .iter()
+                    .map(|(shard, epoch, part)| LocalBatch {
+                        shard: *shard,
+                        epoch: *epoch,
+                        events: &part.events,
+                    })
+                    .collect();
                 // The same span a remote node's server would open, so traces
                 // look alike either way.
                 let method = "dynseg.v1.Node/IngestShards";
@@ -208,14 +206,27 @@ impl Ingestor {
                     otel.kind = "internal",
                     rpc.method = method
                 );
-                Some(local.node.ingest_shards(batches()).instrument(span).await)
+                Some(local.node.ingest_shards(&batches).instrument(span).await)
             }
-            (None, Some(mut client)) => Some(
-                client
-                    .ingest_shards(batches())
-                    .await
-                    .map(tonic::Response::into_inner),
-            ),
+            (None, Some(mut client)) => {
+                // Copied: a part the node refuses is resent on its own.
+                let batches = pb::ShardBatches {
+                    batches: parts
+                        .iter()
+                        .map(|(shard, epoch, part)| pb::EventBatch {
+                            shard: *shard,
+                            epoch: *epoch,
+                            events: part.events.clone(),
+                        })
+                        .collect(),
+                };
+                Some(
+                    client
+                        .ingest_shards(batches)
+                        .await
+                        .map(tonic::Response::into_inner),
+                )
+            }
             (None, None) => None,
         };
         // Parts no call answers (no owner, a cut connection) are sent one shard
@@ -373,13 +384,13 @@ mod tests {
     }
 
     impl crate::local::LocalNode for Recording {
-        fn ingest_shards(
-            &self,
-            batches: pb::ShardBatches,
-        ) -> crate::local::BoxFuture<'_, Result<pb::ShardBatchResults, tonic::Status>> {
+        fn ingest_shards<'a>(
+            &'a self,
+            batches: &'a [LocalBatch<'a>],
+        ) -> crate::local::BoxFuture<'a, Result<pb::ShardBatchResults, tonic::Status>> {
             Box::pin(async move {
                 let mut results = Vec::new();
-                for batch in batches.batches {
+                for batch in batches {
                     results.push(match self.refuse {
                         Some((shard, code)) if shard == batch.shard => pb::ShardBatchResult {
                             response: None,
@@ -395,7 +406,11 @@ mod tests {
                             ..Default::default()
                         },
                     });
-                    self.seen.lock().unwrap().push(batch);
+                    self.seen.lock().unwrap().push(pb::EventBatch {
+                        shard: batch.shard,
+                        epoch: batch.epoch,
+                        events: batch.events.to_vec(),
+                    });
                 }
                 Ok(pb::ShardBatchResults { results })
             })

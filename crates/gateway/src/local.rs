@@ -1,7 +1,9 @@
-//! A node in the gateway's own process (`dynseg dev`): the gateway hands it
+//! A node in the gateway's own process (`dynseg dev`): the gateway lends it
 //! each call's batches as they are, instead of encoding them, sending them
-//! over HTTP/2 on loopback and having the node decode them again. Routing,
-//! epochs, refusals and retries are the same as for a remote node.
+//! over HTTP/2 on loopback and having the node decode them again. Lent, not
+//! given: the gateway keeps its events to resend a refused batch without
+//! having copied them first. Routing, epochs, refusals and retries are the
+//! same as for a remote node.
 
 use std::fmt;
 use std::future::Future;
@@ -13,13 +15,24 @@ use dynseg_proto::pb;
 /// A boxed future, as [`LocalNode`] returns.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// One shard's batch of a call, borrowed from the gateway.
+#[derive(Clone, Copy, Debug)]
+pub struct LocalBatch<'a> {
+    /// The shard.
+    pub shard: u32,
+    /// The shard's epoch in the gateway's placement.
+    pub epoch: u64,
+    /// The events.
+    pub events: &'a [pb::Event],
+}
+
 /// What a gateway asks of a node in its own process.
 pub trait LocalNode: Send + Sync + 'static {
     /// The node's `IngestShards`: the same checks, answers and errors.
-    fn ingest_shards(
-        &self,
-        batches: pb::ShardBatches,
-    ) -> BoxFuture<'_, Result<pb::ShardBatchResults, tonic::Status>>;
+    fn ingest_shards<'a>(
+        &'a self,
+        batches: &'a [LocalBatch<'a>],
+    ) -> BoxFuture<'a, Result<pb::ShardBatchResults, tonic::Status>>;
 }
 
 /// The node in this process, and the id it is placed under.

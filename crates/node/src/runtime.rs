@@ -44,7 +44,9 @@ pub(crate) enum Command {
     Ingest {
         epoch: u64,
         events: Vec<Event>,
-        wire: Vec<pb::Event>,
+        /// The accepted events as the log carries them: an encoded
+        /// `EventBatch` (see `record::BatchEncoder`).
+        batch: Vec<u8>,
         rejected: Vec<pb::RejectedEvent>,
         reply: Reply<pb::IngestResponse>,
     },
@@ -1215,7 +1217,7 @@ impl ShardTask {
             Command::Ingest {
                 epoch,
                 events,
-                wire,
+                batch,
                 rejected,
                 reply,
             } => {
@@ -1224,12 +1226,7 @@ impl ShardTask {
                     return;
                 }
                 let now = self.clock.now();
-                let batch = pb::EventBatch {
-                    shard: self.shard.id(),
-                    epoch,
-                    events: wire,
-                };
-                let record = self.record(now, Input::Batch(batch));
+                let record = crate::record::batch_record(self.shard.id(), now.millis(), &batch);
                 let outcome = match self.shard.apply_batch(now, &events, record.clone()) {
                     Ok(outcome) => outcome,
                     Err(e) => {

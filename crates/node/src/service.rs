@@ -79,6 +79,30 @@ fn batch_ready(
     (batch, None)
 }
 
+/// A batch of events for one shard, borrowed: what [`NodeService::ingest_batches`]
+/// takes from a caller in the node's own process, so the caller keeps its
+/// events (to resend a refused batch) without copying them.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchRef<'a> {
+    /// The shard the events are for.
+    pub shard: u32,
+    /// The shard's epoch as the sender knows it.
+    pub epoch: u64,
+    /// The events.
+    pub events: &'a [pb::Event],
+}
+
+impl<'a> BatchRef<'a> {
+    /// Borrows a received batch.
+    pub fn of(batch: &'a pb::EventBatch) -> BatchRef<'a> {
+        BatchRef {
+            shard: batch.shard,
+            epoch: batch.epoch,
+            events: &batch.events,
+        }
+    }
+}
+
 /// The gRPC face of a [`Node`].
 #[derive(Clone)]
 pub struct NodeService {
@@ -141,11 +165,60 @@ impl NodeService {
         Ok(rx)
     }
 
+    /// `IngestShards` for a caller in this process (`dynseg dev`'s gateway):
+    /// the same checks, answers and errors, from borrowed batches.
+    pub async fn ingest_batches(
+        &self,
+        batches: &[BatchRef<'_>],
+    ) -> Result<pb::ShardBatchResults, Status> {
+        let limit = self.node.config().event_limits.max_batch;
+        let total: usize = batches.iter().map(|b| b.events.len()).sum();
+        if total > limit {
+            return Err(NodeError::Invalid(format!(
+                "{total} events in one call, over the limit of {limit}"
+            ))
+            .into());
+        }
+        // Submit every batch before waiting for any: their records then share
+        // the same group commits.
+        let started = Instant::now();
+        let mut submitted = Vec::with_capacity(batches.len());
+        for batch in batches {
+            submitted.push(self.submit(*batch).await);
+        }
+        let mut results = Vec::with_capacity(submitted.len());
+        for waiting in submitted {
+            let outcome = match waiting {
+                Ok(rx) => answer(rx).await,
+                Err(e) => Err(e),
+            };
+            metrics::record_ingest(started, &outcome);
+            results.push(match outcome {
+                Ok(response) => pb::ShardBatchResult {
+                    response: Some(response),
+                    ..Default::default()
+                },
+                Err(e) => {
+                    let status = Status::from(e);
+                    pb::ShardBatchResult {
+                        response: None,
+                        error_code: status.code() as i32,
+                        error: status.message().to_owned(),
+                    }
+                }
+            });
+        }
+        Ok(pb::ShardBatchResults { results })
+    }
+
     /// Validates a batch and hands it to its shard; the receiver resolves with
     /// the response once the batch is durable.
+    ///
+    /// The accepted events are encoded here, as the batch the write-ahead log
+    /// record carries: from the caller's events, with no copy of them made.
     async fn submit(
         &self,
-        batch: pb::EventBatch,
+        batch: BatchRef<'_>,
     ) -> Result<oneshot::Receiver<Result<pb::IngestResponse, NodeError>>, NodeError> {
         let limits = &self.node.config().event_limits;
         if batch.events.len() > limits.max_batch {
@@ -159,15 +232,22 @@ impl NodeService {
         let now = self.node.now();
         let shard_count = self.node.config().shard_count;
         let mut events = Vec::with_capacity(batch.events.len());
-        let mut wire = Vec::with_capacity(batch.events.len());
+        let mut accepted = crate::record::BatchEncoder::new(batch.shard, batch.epoch);
         let mut rejected = Vec::new();
-        for (index, mut raw) in batch.events.into_iter().enumerate() {
+        for (index, raw) in batch.events.iter().enumerate() {
             // No timestamp: the event happened when the node received it
             // (recorded in the log as filled in, so replay sees the same).
-            if raw.timestamp_ms == 0 {
-                raw.timestamp_ms = now.millis();
-            }
-            let checked = Event::try_from(&raw).map_err(|e| e.0).and_then(|event| {
+            let filled;
+            let raw = if raw.timestamp_ms == 0 {
+                filled = pb::Event {
+                    timestamp_ms: now.millis(),
+                    ..raw.clone()
+                };
+                &filled
+            } else {
+                raw
+            };
+            let checked = Event::try_from(raw).map_err(|e| e.0).and_then(|event| {
                 limits
                     .check(&event, now, batch.shard, shard_count)
                     .map(|()| event)
@@ -175,7 +255,7 @@ impl NodeService {
             match checked {
                 Ok(event) => {
                     events.push(event);
-                    wire.push(raw);
+                    accepted.push(raw);
                 }
                 Err(reason) => rejected.push(pb::RejectedEvent {
                     index: index as u32,
@@ -187,7 +267,7 @@ impl NodeService {
         let command = Command::Ingest {
             epoch: batch.epoch,
             events,
-            wire,
+            batch: accepted.finish(),
             rejected,
             reply,
         };
@@ -272,7 +352,8 @@ impl node_server::Node for NodeService {
         request: Request<pb::EventBatch>,
     ) -> Result<Response<pb::IngestResponse>, Status> {
         let started = Instant::now();
-        let outcome = match self.submit(request.into_inner()).await {
+        let batch = request.into_inner();
+        let outcome = match self.submit(BatchRef::of(&batch)).await {
             Ok(rx) => answer(rx).await,
             Err(e) => Err(e),
         };
@@ -285,44 +366,8 @@ impl node_server::Node for NodeService {
         request: Request<pb::ShardBatches>,
     ) -> Result<Response<pb::ShardBatchResults>, Status> {
         let batches = request.into_inner().batches;
-        let limit = self.node.config().event_limits.max_batch;
-        let total: usize = batches.iter().map(|b| b.events.len()).sum();
-        if total > limit {
-            return Err(NodeError::Invalid(format!(
-                "{total} events in one call, over the limit of {limit}"
-            ))
-            .into());
-        }
-        // Submit every batch before waiting for any: their records then share
-        // the same group commits.
-        let started = Instant::now();
-        let mut submitted = Vec::with_capacity(batches.len());
-        for batch in batches {
-            submitted.push(self.submit(batch).await);
-        }
-        let mut results = Vec::with_capacity(submitted.len());
-        for waiting in submitted {
-            let outcome = match waiting {
-                Ok(rx) => answer(rx).await,
-                Err(e) => Err(e),
-            };
-            metrics::record_ingest(started, &outcome);
-            results.push(match outcome {
-                Ok(response) => pb::ShardBatchResult {
-                    response: Some(response),
-                    ..Default::default()
-                },
-                Err(e) => {
-                    let status = Status::from(e);
-                    pb::ShardBatchResult {
-                        response: None,
-                        error_code: status.code() as i32,
-                        error: status.message().to_owned(),
-                    }
-                }
-            });
-        }
-        Ok(Response::new(pb::ShardBatchResults { results }))
+        let refs: Vec<BatchRef<'_>> = batches.iter().map(BatchRef::of).collect();
+        self.ingest_batches(&refs).await.map(Response::new)
     }
 
     type IngestStreamStream = Stream_<pb::IngestResponse>;
@@ -340,7 +385,7 @@ impl node_server::Node for NodeService {
         // bounded queue stops reading when too many are in flight.
         tokio::spawn(async move {
             while let Ok(Some(batch)) = batches.message().await {
-                let submitted = service.submit(batch).await;
+                let submitted = service.submit(BatchRef::of(&batch)).await;
                 if pending_tx.send(submitted).await.is_err() {
                     return;
                 }
