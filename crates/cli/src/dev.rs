@@ -8,12 +8,11 @@ use std::time::Duration;
 
 use dynseg_control::{ControlConfig, ControlServer};
 use dynseg_gateway::local::BoxFuture;
-use dynseg_gateway::{
-    GatewayConfig, GatewayServer, HttpConfig, LocalBatch, LocalNode, LocalNodeHandle,
-};
+use dynseg_gateway::{GatewayConfig, GatewayServer, HttpConfig, LocalNode, LocalNodeHandle};
 use dynseg_node::control_link::{ControlLink, LinkConfig};
-use dynseg_node::service::{BatchRef, NodeService};
+use dynseg_node::service::NodeService;
 use dynseg_node::{Clock, NodeConfig};
+use dynseg_proto::BatchRef;
 use dynseg_proto::auth::{Access, Credentials, TokenStore, random_token};
 use dynseg_proto::pb;
 use dynseg_proto::tls::Tls;
@@ -30,19 +29,9 @@ struct InProcessNode(NodeService);
 impl LocalNode for InProcessNode {
     fn ingest_shards<'a>(
         &'a self,
-        batches: &'a [LocalBatch<'a>],
+        batches: &'a [BatchRef<'a>],
     ) -> BoxFuture<'a, Result<pb::ShardBatchResults, tonic::Status>> {
-        Box::pin(async move {
-            let batches: Vec<BatchRef<'_>> = batches
-                .iter()
-                .map(|b| BatchRef {
-                    shard: b.shard,
-                    epoch: b.epoch,
-                    events: b.events,
-                })
-                .collect();
-            self.0.ingest_batches(&batches).await
-        })
+        Box::pin(self.0.ingest_batches(batches))
     }
 }
 

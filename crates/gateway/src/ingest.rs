@@ -8,8 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dynseg_proto::pb;
-use dynseg_proto::shard_for;
+use dynseg_proto::{BatchRef, pb, shard_for};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tonic::Code;
@@ -19,7 +18,7 @@ use dynseg_proto::client::Conn;
 use dynseg_proto::pb::node_client::NodeClient;
 
 use crate::error::GatewayError;
-use crate::local::{LocalBatch, LocalNodeHandle};
+use crate::local::LocalNodeHandle;
 use crate::merge::{Merge, merge_of};
 use crate::routing::Routing;
 
@@ -185,49 +184,48 @@ impl Ingestor {
             .local
             .as_ref()
             .filter(|local| node == Some(local.id.as_str()));
-        let client = node.and_then(|node| self.routing.borrow().nodes.get(node).cloned());
-        let answer = match (local, client) {
-            (Some(local), _) => {
-                // Lent: a part the node refuses is resent from `parts` below.
-                let batches: Vec<LocalBatch<'_>> = parts
+        let answer = if let Some(local) = local {
+            // Lent: a part the node refuses is resent from `parts` below.
+            let batches: Vec<BatchRef<'_>> = parts
+                .iter()
+                .map(|(shard, epoch, part)| BatchRef {
+                    shard: *shard,
+                    epoch: *epoch,
+                    events: &part.events,
+                })
+                .collect();
+            // The same span a remote node's server would open, so traces
+            // look alike either way.
+            let method = "dynseg.v1.Node/IngestShards";
+            let span = tracing::info_span!(
+                "grpc",
+                otel.name = method,
+                otel.kind = "internal",
+                rpc.method = method
+            );
+            Some(local.node.ingest_shards(&batches).instrument(span).await)
+        } else if let Some(mut client) =
+            node.and_then(|node| self.routing.borrow().nodes.get(node).cloned())
+        {
+            // Copied: a part the node refuses is resent on its own.
+            let batches = pb::ShardBatches {
+                batches: parts
                     .iter()
-                    .map(|(shard, epoch, part)| LocalBatch {
+                    .map(|(shard, epoch, part)| pb::EventBatch {
                         shard: *shard,
                         epoch: *epoch,
-                        events: &part.events,
+                        events: part.events.clone(),
                     })
-                    .collect();
-                // The same span a remote node's server would open, so traces
-                // look alike either way.
-                let method = "dynseg.v1.Node/IngestShards";
-                let span = tracing::info_span!(
-                    "grpc",
-                    otel.name = method,
-                    otel.kind = "internal",
-                    rpc.method = method
-                );
-                Some(local.node.ingest_shards(&batches).instrument(span).await)
-            }
-            (None, Some(mut client)) => {
-                // Copied: a part the node refuses is resent on its own.
-                let batches = pb::ShardBatches {
-                    batches: parts
-                        .iter()
-                        .map(|(shard, epoch, part)| pb::EventBatch {
-                            shard: *shard,
-                            epoch: *epoch,
-                            events: part.events.clone(),
-                        })
-                        .collect(),
-                };
-                Some(
-                    client
-                        .ingest_shards(batches)
-                        .await
-                        .map(tonic::Response::into_inner),
-                )
-            }
-            (None, None) => None,
+                    .collect(),
+            };
+            Some(
+                client
+                    .ingest_shards(batches)
+                    .await
+                    .map(tonic::Response::into_inner),
+            )
+        } else {
+            None
         };
         // Parts no call answers (no owner, a cut connection) are sent one shard
         // at a time below.
@@ -386,7 +384,7 @@ mod tests {
     impl crate::local::LocalNode for Recording {
         fn ingest_shards<'a>(
             &'a self,
-            batches: &'a [LocalBatch<'a>],
+            batches: &'a [BatchRef<'a>],
         ) -> crate::local::BoxFuture<'a, Result<pb::ShardBatchResults, tonic::Status>> {
             Box::pin(async move {
                 let mut results = Vec::new();

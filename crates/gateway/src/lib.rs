@@ -33,5 +33,5 @@ pub mod subscribe;
 
 pub use error::{GatewayError, HttpError};
 pub use http::HttpConfig;
-pub use local::{LocalBatch, LocalNode, LocalNodeHandle};
+pub use local::{LocalNode, LocalNodeHandle};
 pub use server::{GatewayConfig, GatewayServer};

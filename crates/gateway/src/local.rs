@@ -10,28 +10,17 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use dynseg_proto::pb;
+use dynseg_proto::{BatchRef, pb};
 
 /// A boxed future, as [`LocalNode`] returns.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// One shard's batch of a call, borrowed from the gateway.
-#[derive(Clone, Copy, Debug)]
-pub struct LocalBatch<'a> {
-    /// The shard.
-    pub shard: u32,
-    /// The shard's epoch in the gateway's placement.
-    pub epoch: u64,
-    /// The events.
-    pub events: &'a [pb::Event],
-}
 
 /// What a gateway asks of a node in its own process.
 pub trait LocalNode: Send + Sync + 'static {
     /// The node's `IngestShards`: the same checks, answers and errors.
     fn ingest_shards<'a>(
         &'a self,
-        batches: &'a [LocalBatch<'a>],
+        batches: &'a [BatchRef<'a>],
     ) -> BoxFuture<'a, Result<pb::ShardBatchResults, tonic::Status>>;
 }
 

@@ -79,6 +79,22 @@ impl BatchEncoder {
         prost::encoding::message::encode(3, event, &mut self.buf);
     }
 
+    /// Appends `event`, which has no time, as if its `timestamp_ms` were
+    /// `timestamp_ms`, without copying it to set the field: prost left the
+    /// zero field out, so it is written after the others, and a decoder
+    /// reads the same event either way.
+    pub fn push_at(&mut self, event: &pb::Event, timestamp_ms: i64) {
+        use prost::encoding::{WireType, encode_key, encode_varint, int64};
+        // `Event.timestamp_ms` in proto/dynseg/v1/events.proto.
+        const TIMESTAMP_MS: u32 = 6;
+        debug_assert_eq!(event.timestamp_ms, 0);
+        let len = event.encoded_len() + int64::encoded_len(TIMESTAMP_MS, &timestamp_ms);
+        encode_key(3, WireType::LengthDelimited, &mut self.buf);
+        encode_varint(len as u64, &mut self.buf);
+        event.encode_raw(&mut self.buf);
+        int64::encode(TIMESTAMP_MS, &timestamp_ms, &mut self.buf);
+    }
+
     /// The encoded batch.
     pub fn finish(self) -> Vec<u8> {
         self.buf
@@ -155,5 +171,37 @@ mod tests {
             assert_eq!(&raw[..], &record.to_bytes()[..], "record of {n}");
             assert_eq!(WalRecord::decode(&raw[..]).unwrap(), record);
         }
+    }
+
+    #[test]
+    fn an_event_without_time_is_logged_with_the_time_it_is_given() {
+        let events: Vec<pb::Event> = (0..5).map(|i| event(i, 0)).collect();
+        let mut encoder = BatchEncoder::new(2, 3);
+        for (i, e) in events.iter().enumerate() {
+            if i % 2 == 0 {
+                encoder.push_at(e, 1_700_000_000_000 + i as i64);
+            } else {
+                encoder.push(e);
+            }
+        }
+        let filled = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut e)| {
+                if i % 2 == 0 {
+                    e.timestamp_ms = 1_700_000_000_000 + i as i64;
+                }
+                e
+            })
+            .collect();
+        let decoded = pb::EventBatch::decode(&encoder.finish()[..]).unwrap();
+        assert_eq!(
+            decoded,
+            pb::EventBatch {
+                shard: 2,
+                epoch: 3,
+                events: filled
+            }
+        );
     }
 }

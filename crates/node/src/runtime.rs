@@ -1079,7 +1079,6 @@ impl ShardTask {
             .await;
     }
 
-    /// Logs an encoded record (already applied) and queues its completion.
     /// The write-ahead log record of `input` applied at `now`, encoded.
     /// Shared, not copied, by the log and the shard's retained events.
     fn record(&self, now: Timestamp, input: Input) -> bytes::Bytes {
@@ -1112,6 +1111,7 @@ impl ShardTask {
         Ok(())
     }
 
+    /// Logs an encoded record (already applied) and queues its completion.
     async fn log_bytes(&mut self, record: bytes::Bytes, changes: Vec<Logged>, done: Done) {
         let kept = self.move_out.as_ref().map(|_| record.clone());
         let durable = self.committer.append(record).await;

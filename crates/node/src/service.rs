@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
+use dynseg_proto::BatchRef;
 use dynseg_proto::pb::{self, node_server};
 use dynseg_rules::{
     Event, Plan, RuleVersion, SegmentDef, SegmentId, Span, Timestamp, UserId, UserState,
@@ -77,30 +78,6 @@ fn batch_ready(
         }
     }
     (batch, None)
-}
-
-/// A batch of events for one shard, borrowed: what [`NodeService::ingest_batches`]
-/// takes from a caller in the node's own process, so the caller keeps its
-/// events (to resend a refused batch) without copying them.
-#[derive(Clone, Copy, Debug)]
-pub struct BatchRef<'a> {
-    /// The shard the events are for.
-    pub shard: u32,
-    /// The shard's epoch as the sender knows it.
-    pub epoch: u64,
-    /// The events.
-    pub events: &'a [pb::Event],
-}
-
-impl<'a> BatchRef<'a> {
-    /// Borrows a received batch.
-    pub fn of(batch: &'a pb::EventBatch) -> BatchRef<'a> {
-        BatchRef {
-            shard: batch.shard,
-            epoch: batch.epoch,
-            events: &batch.events,
-        }
-    }
 }
 
 /// The gRPC face of a [`Node`].
@@ -237,17 +214,11 @@ impl NodeService {
         for (index, raw) in batch.events.iter().enumerate() {
             // No timestamp: the event happened when the node received it
             // (recorded in the log as filled in, so replay sees the same).
-            let filled;
-            let raw = if raw.timestamp_ms == 0 {
-                filled = pb::Event {
-                    timestamp_ms: now.millis(),
-                    ..raw.clone()
-                };
-                &filled
-            } else {
-                raw
-            };
-            let checked = Event::try_from(raw).map_err(|e| e.0).and_then(|event| {
+            let untimed = raw.timestamp_ms == 0;
+            let checked = Event::try_from(raw).map_err(|e| e.0).and_then(|mut event| {
+                if untimed {
+                    event.timestamp = now;
+                }
                 limits
                     .check(&event, now, batch.shard, shard_count)
                     .map(|()| event)
@@ -255,7 +226,11 @@ impl NodeService {
             match checked {
                 Ok(event) => {
                     events.push(event);
-                    accepted.push(raw);
+                    if untimed {
+                        accepted.push_at(raw, now.millis());
+                    } else {
+                        accepted.push(raw);
+                    }
                 }
                 Err(reason) => rejected.push(pb::RejectedEvent {
                     index: index as u32,

@@ -612,6 +612,45 @@ async fn many_users_expiring_at_one_instant() {
     server.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_without_a_time_happened_when_the_node_received_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(config(dir.path())).await.unwrap();
+    let mut node = client(&server).await;
+    apply_rules(&mut node, 1, &[("active", "exists(login) in last 1h")]).await;
+    advance(&mut node, Span::minutes(10)).await;
+    let mut feed = node
+        .subscribe(pb::SubscribeRequest {
+            from_now: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut untimed = track("u1", "user-1", "login", start_time(), &[]);
+    untimed.timestamp_ms = 0;
+    let timed = track("t2", "user-2", "login", start_time(), &[]);
+    ingest(&mut node, vec![untimed, timed]).await;
+    assert_eq!(
+        brief(&take(&mut feed, 2).await),
+        vec![
+            "user-1 enter active at 2026-01-01T00:10:00Z",
+            "user-2 enter active at 2026-01-01T00:10:00Z",
+        ]
+    );
+    // The login without a time counts from when it arrived, ten minutes
+    // after the other.
+    advance(&mut node, Span::hours(1)).await;
+    assert_eq!(
+        brief(&take(&mut feed, 2).await),
+        vec![
+            "user-1 exit active at 2026-01-01T01:10:00Z",
+            "user-2 exit active at 2026-01-01T01:00:00Z",
+        ]
+    );
+    server.shutdown().await;
+}
+
 /// Changes by shard, checking that each shard's come in sequence order.
 fn per_shard(
     changes: Vec<pb::MembershipChange>,

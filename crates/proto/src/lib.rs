@@ -14,6 +14,7 @@
 //!   accepted connections.
 
 pub mod auth;
+pub mod batch;
 pub mod client;
 pub mod convert;
 pub mod history;
@@ -27,5 +28,6 @@ pub mod pb {
     tonic::include_proto!("dynseg.v1");
 }
 
+pub use batch::BatchRef;
 pub use convert::ConvertError;
 pub use routing::shard_for;
