@@ -837,12 +837,14 @@ impl Node {
         let handle = self.handle(shard)?;
         self.ask(&handle, |reply| Command::Stop { reply }).await?;
         self.inner.store.sync()?;
-        write(&self.inner.shards).remove(&shard);
-        handle.log.close();
-        handle.log.wait_idle().await;
+        // The owner is recorded before the shard leaves the map: a client
+        // refused in between must already be told where the shard went.
         if let Some(owner) = new_owner {
             write(&self.inner.owners).insert(shard, owner);
         }
+        write(&self.inner.shards).remove(&shard);
+        handle.log.close();
+        handle.log.wait_idle().await;
         Ok(())
     }
 
