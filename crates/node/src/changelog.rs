@@ -2,45 +2,61 @@
 //! sequence order, from the store (checkpointed) and from memory (since the last
 //! checkpoint), then live.
 //!
-//! A follower reads history, then live changes from a broadcast channel; it
-//! tracks the last sequence it delivered, so switching from history to live (or
-//! back, when it falls behind the broadcast) never repeats or skips a change.
+//! Changes since the last checkpoint are held once, in `recent`; followers copy
+//! what they have not delivered from there and wait on a watch of the last
+//! published sequence for more. A follower tracks the last sequence it
+//! delivered, so it reads the store for what a checkpoint moved out of memory
+//! and never repeats or skips a change. Nothing holds a change after the
+//! checkpoint that stored it: memory is bounded by the changes of one
+//! checkpoint interval, however many followers there are.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dynseg_proto::pb;
-use tokio::sync::{Notify, broadcast, mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 use crate::shard::Logged;
 use crate::store::{ShardStore, StoreError};
 
-/// Live changes a follower may fall behind by before it re-reads history.
-const LIVE_BUFFER: usize = 8192;
-
-/// Live changes taken from the broadcast together, at most.
-const LIVE_BATCH: usize = 1024;
+/// Changes handed to a follower together, at most: a page of history, or of
+/// what was published since it last looked.
+const BATCH: usize = 1024;
 
 /// One shard's published changes.
 pub struct ChangeLog {
     store: ShardStore,
     /// Guarded by a std mutex: held only to copy or append, never across an await.
     recent: Mutex<Recent>,
-    live: broadcast::Sender<Arc<pb::MembershipChange>>,
+    /// The last published sequence: followers caught up wait on it.
+    published: watch::Sender<u64>,
     /// Set when the shard stops being served here: followers end.
     closed: watch::Sender<bool>,
     followers: AtomicUsize,
+    /// The last sequence each follower delivered, by follower (for the lag).
+    positions: Mutex<BTreeMap<u64, u64>>,
+    next_follower: AtomicU64,
     idle: Notify,
 }
 
 /// Counts a follower while it runs.
-struct Following<'a>(&'a ChangeLog);
+struct Following<'a> {
+    log: &'a ChangeLog,
+    id: u64,
+}
+
+impl Following<'_> {
+    fn delivered(&self, through: u64) {
+        lock(&self.log.positions).insert(self.id, through);
+    }
+}
 
 impl Drop for Following<'_> {
     fn drop(&mut self) {
-        self.0.followers.fetch_sub(1, Ordering::SeqCst);
-        self.0.idle.notify_waiters();
+        lock(&self.log.positions).remove(&self.id);
+        self.log.followers.fetch_sub(1, Ordering::SeqCst);
+        self.log.idle.notify_waiters();
     }
 }
 
@@ -52,14 +68,33 @@ struct Recent {
     last: u64,
 }
 
+impl Recent {
+    /// Up to `limit` changes with a sequence above `after`, and the first
+    /// sequence held (`u64::MAX`: none).
+    fn after(&self, after: u64, limit: usize) -> (Vec<Arc<pb::MembershipChange>>, u64) {
+        let first = self.changes.front().map_or(u64::MAX, |c| sequence(c));
+        let start = self.changes.partition_point(|c| sequence(c) <= after);
+        let page = self.changes.range(start..).take(limit).cloned().collect();
+        (page, first)
+    }
+}
+
 fn sequence(change: &pb::MembershipChange) -> u64 {
     change.cursor.as_ref().map_or(0, |c| c.sequence)
+}
+
+/// A poisoned lock is still consistent here: every critical section only
+/// pushes, pops or copies.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl ChangeLog {
     /// The log of a shard whose last published sequence is `last`.
     pub fn new(store: ShardStore, last: u64) -> ChangeLog {
-        let (live, _) = broadcast::channel(LIVE_BUFFER);
+        let (published, _) = watch::channel(last);
         let (closed, _) = watch::channel(false);
         ChangeLog {
             store,
@@ -67,39 +102,40 @@ impl ChangeLog {
                 changes: VecDeque::new(),
                 last,
             }),
-            live,
+            published,
             closed,
             followers: AtomicUsize::new(0),
+            positions: Mutex::new(BTreeMap::new()),
+            next_follower: AtomicU64::new(0),
             idle: Notify::new(),
         }
     }
 
     fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
-        // A panic while holding this lock cannot leave it half-updated (pushes
-        // only), so a poisoned lock is still consistent.
-        self.recent
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.recent)
     }
 
     /// Publishes durable changes: followers see them from now on.
     pub fn publish(&self, changes: &[Logged]) {
-        if changes.is_empty() {
+        let Some(last) = changes.last() else {
             return;
-        }
+        };
         crate::metrics::record_changes(changes.iter().map(|l| &l.change));
-        let mut recent = self.recent();
-        for logged in changes {
-            let change = Arc::new(logged.change.clone());
-            recent.last = logged.sequence;
-            recent.changes.push_back(change.clone());
-            let _ = self.live.send(change);
+        {
+            let mut recent = self.recent();
+            recent
+                .changes
+                .extend(changes.iter().map(|l| Arc::new(l.change.clone())));
+            recent.last = last.sequence;
         }
+        self.published.send_replace(last.sequence);
     }
 
-    /// Changes published but not yet received by the slowest live follower.
+    /// Changes published but not yet delivered by the slowest follower.
     pub fn backlog(&self) -> usize {
-        self.live.len()
+        let last = self.last();
+        let slowest = lock(&self.positions).values().copied().min();
+        slowest.map_or(0, |s| last.saturating_sub(s) as usize)
     }
 
     /// The shard checkpointed the changes through sequence `through`: they are
@@ -184,8 +220,7 @@ impl ChangeLog {
     }
 
     /// Follows the log after sequence `after`, handing `deliver` the changes
-    /// `keep` accepts in order, several at a time: a page of history, or the
-    /// live changes ready together (up to [`LIVE_BATCH`]). Ends when `deliver`
+    /// `keep` accepts in order, up to [`BATCH`] at a time. Ends when `deliver`
     /// returns false or the log closes.
     pub async fn follow_batches<Delivered: Future<Output = bool>>(
         self: Arc<Self>,
@@ -193,34 +228,33 @@ impl ChangeLog {
         keep: impl Fn(&pb::MembershipChange) -> bool,
         mut deliver: impl FnMut(Vec<pb::MembershipChange>) -> Delivered,
     ) -> Result<(), StoreError> {
-        // A change read from history is this follower's alone: taken as it is,
-        // not copied.
+        // Changes in memory are shared with the log: a follower copies those
+        // it keeps (prost messages are sent by value).
         let own = |change: Arc<pb::MembershipChange>| {
             Arc::try_unwrap(change).unwrap_or_else(|shared| (*shared).clone())
         };
         self.followers.fetch_add(1, Ordering::SeqCst);
-        let _following = Following(&self);
+        let following = Following {
+            log: &self,
+            id: self.next_follower.fetch_add(1, Ordering::Relaxed),
+        };
+        following.delivered(after);
         let mut closed = self.closed.subscribe();
+        let mut published = self.published.subscribe();
         loop {
             if *closed.borrow() {
                 return Ok(());
             }
-            let (mut live, snapshot) = {
-                let recent = self.recent();
-                (
-                    self.live.subscribe(),
-                    recent.changes.iter().cloned().collect::<Vec<_>>(),
-                )
-            };
-            let first_recent = snapshot.first().map_or(u64::MAX, |c| sequence(c));
-            // Checkpointed history, in pages.
-            while after + 1 < first_recent {
-                let page = self.store.changes_after(after, 1024)?;
-                if page.is_empty() {
-                    break;
-                }
-                let mut batch = Vec::with_capacity(page.len());
-                for change in page {
+            // Marked seen before looking, so a publish after the look wakes
+            // the wait below.
+            published.borrow_and_update();
+            let start = after;
+            let (page, first_recent) = self.recent().after(after, BATCH);
+            let mut batch = Vec::new();
+            let caught_up = if after + 1 < first_recent {
+                // Checkpointed history: from the store, up to what memory
+                // holds (a checkpoint may have moved some there meanwhile).
+                for change in self.store.changes_after(after, BATCH)? {
                     let seq = sequence(&change);
                     if seq >= first_recent {
                         break;
@@ -230,63 +264,35 @@ impl ChangeLog {
                         batch.push(change);
                     }
                 }
-                if !batch.is_empty() && !deliver(batch).await {
-                    return Ok(());
+                if after == start && first_recent != u64::MAX {
+                    // Nothing stored before what memory holds (expired, or
+                    // never stored here): go on from memory.
+                    after = first_recent - 1;
                 }
-            }
-            let mut batch = Vec::new();
-            for change in snapshot {
-                let seq = sequence(&change);
-                if seq <= after {
-                    continue;
+                after == start
+            } else {
+                let full = page.len() == BATCH;
+                for change in page {
+                    after = sequence(&change);
+                    if keep(&change) {
+                        batch.push(own(change));
+                    }
                 }
-                after = seq;
-                if keep(&change) {
-                    batch.push(own(change));
-                }
-            }
-            if !batch.is_empty() && !deliver(batch).await {
+                !full
+            };
+            if batch.is_empty() {
+                // Nothing delivered may mean nothing awaited: let others run.
+                tokio::task::yield_now().await;
+            } else if !deliver(batch).await {
                 return Ok(());
             }
-            loop {
-                let received = tokio::select! {
-                    received = live.recv() => received,
+            if after != start {
+                following.delivered(after);
+            }
+            if caught_up {
+                tokio::select! {
+                    changed = published.changed() => if changed.is_err() { return Ok(()) },
                     _ = closed.wait_for(|c| *c) => return Ok(()),
-                };
-                let first = match received {
-                    Ok(change) => change,
-                    // Fell behind: read what was missed from history.
-                    Err(broadcast::error::RecvError::Lagged(_)) => break,
-                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
-                };
-                let mut batch = Vec::new();
-                let mut lagged = false;
-                let mut next = Some(first);
-                // Counted as received, not as kept: a follower whose filter
-                // keeps little still hands over (and yields) every so often.
-                let mut received = 0;
-                while let Some(change) = next.take() {
-                    received += 1;
-                    let seq = sequence(&change);
-                    if seq > after {
-                        after = seq;
-                        if keep(&change) {
-                            batch.push(own(change));
-                        }
-                    }
-                    if received < LIVE_BATCH {
-                        match live.try_recv() {
-                            Ok(change) => next = Some(change),
-                            Err(broadcast::error::TryRecvError::Lagged(_)) => lagged = true,
-                            Err(_) => {}
-                        }
-                    }
-                }
-                if !batch.is_empty() && !deliver(batch).await {
-                    return Ok(());
-                }
-                if lagged {
-                    break;
                 }
             }
         }
@@ -297,7 +303,6 @@ impl ChangeLog {
 mod tests {
     use super::*;
     use crate::store::{Checkpoint, Store};
-    use prost::Message;
 
     fn logged(sequence: u64) -> Logged {
         Logged {
@@ -326,10 +331,13 @@ mod tests {
         // A checkpoint is taken holding changes 1..=3; 4 and 5 are published while
         // it is written.
         let checkpoint = Checkpoint {
-            changes: all[..3]
-                .iter()
-                .map(|l| (l.sequence, l.change.at_ms, l.change.encode_to_vec()))
-                .collect(),
+            changes: {
+                let mut held = crate::store::ChangeRecords::default();
+                for l in &all[..3] {
+                    held.push(l.sequence, l.change.at_ms, &l.change);
+                }
+                held
+            },
             expire_changes_before_ms: i64::MIN,
             ..Default::default()
         };
@@ -378,7 +386,7 @@ mod tests {
         let mut got = sequences(next(&mut rx).await);
         // The follower is live; three times what the live buffer holds are
         // published before it runs again, so it lags and reads them back.
-        let total = 3 * LIVE_BUFFER as u64;
+        let total = 3 * BATCH as u64 + 5;
         for sequence in 2..=total {
             log.publish(&[logged(sequence)]);
         }
@@ -388,7 +396,9 @@ mod tests {
             batches += 1;
         }
         assert_eq!(got, (1..=total).collect::<Vec<_>>());
-        assert!(batches <= 3, "{total} changes in {batches} batches");
+        // The first change alone, then full pages of what it missed.
+        let pages = (total - 1).div_ceil(BATCH as u64);
+        assert!(batches <= 1 + pages, "{total} changes in {batches} batches");
         log.close();
         follower.await.unwrap().unwrap();
     }
