@@ -17,7 +17,9 @@ use dynseg_rules::{
 };
 use prost::Message;
 
-use crate::store::{Checkpoint, MergedOut, ShardMeta, ShardStore, StoreError, UserRecord};
+use crate::store::{
+    ChangeRecords, Checkpoint, MergedOut, ShardMeta, ShardStore, StoreError, UserRecord,
+};
 use crate::wal::Lsn;
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -111,7 +113,7 @@ pub struct Shard {
     /// per event, where a set did).
     dirty: Vec<UserId>,
     unsaved_events: Vec<(u32, u64, bytes::Bytes)>,
-    unsaved_changes: Vec<(u64, i64, Vec<u8>)>,
+    unsaved_changes: ChangeRecords,
     /// Where replay must start if nothing else is applied.
     replay_from: Lsn,
     /// Logical clock of accesses.
@@ -158,7 +160,7 @@ impl Shard {
             next_event: meta.next_event,
             dirty: Vec::new(),
             unsaved_events: Vec::new(),
-            unsaved_changes: Vec::new(),
+            unsaved_changes: ChangeRecords::default(),
             replay_from: meta.replay_from,
             accesses: 0,
             user_count: 0,
@@ -306,8 +308,7 @@ impl Shard {
                 sequence,
             };
             let wire = change_to_wire(&change, cursor);
-            self.unsaved_changes
-                .push((sequence, wire.at_ms, wire.encode_to_vec()));
+            self.unsaved_changes.push(sequence, wire.at_ms, &wire);
             out.push(Logged {
                 sequence,
                 change: wire,
@@ -556,8 +557,7 @@ impl Shard {
                     sequence,
                 };
                 let wire = change_to_wire(&change, cursor);
-                self.unsaved_changes
-                    .push((sequence, wire.at_ms, wire.encode_to_vec()));
+                self.unsaved_changes.push(sequence, wire.at_ms, &wire);
                 out.push(Logged {
                     sequence,
                     change: wire,
@@ -783,7 +783,7 @@ impl Shard {
         events.append(&mut self.unsaved_events);
         self.unsaved_events = events;
         let mut changes = checkpoint.changes;
-        changes.append(&mut self.unsaved_changes);
+        changes.append(std::mem::take(&mut self.unsaved_changes));
         self.unsaved_changes = changes;
         for (merge_id, merged) in checkpoint.merged_out {
             self.merged_out.entry(merge_id).or_insert(merged);

@@ -18,6 +18,7 @@
 //! log before the checkpoint be deleted.
 
 mod block;
+pub use block::ChangeRecords;
 mod page;
 
 use std::collections::BTreeMap;
@@ -157,9 +158,8 @@ pub struct Checkpoint {
     /// Batches applied since the last checkpoint: (arrival day, sequence, their
     /// write-ahead log record).
     pub events: Vec<(u32, u64, bytes::Bytes)>,
-    /// Changes published since the last checkpoint, in sequence order:
-    /// (sequence, time in milliseconds, change bytes).
-    pub changes: Vec<(u64, i64, Vec<u8>)>,
+    /// Changes published since the last checkpoint, in sequence order.
+    pub changes: ChangeRecords,
     /// Bookkeeping as of this checkpoint.
     pub meta: ShardMeta,
     /// Retained events of days before this one are deleted.
@@ -218,7 +218,7 @@ impl MergedOut {
 impl Checkpoint {
     /// The last change sequence this checkpoint stores, if any.
     pub fn last_change(&self) -> Option<u64> {
-        self.changes.last().map(|(seq, _, _)| *seq)
+        self.changes.last_sequence()
     }
 }
 
@@ -674,10 +674,8 @@ impl ShardStore {
             batch.remove(entry?.0);
         }
 
-        for run in block::split(&cp.changes, |(_, _, bytes)| bytes.len()) {
-            let latest = run.iter().map(|(_, at, _)| *at).max().unwrap_or(i64::MIN);
-            let records = run.iter().map(|(_, _, bytes)| bytes.as_slice());
-            batch.insert(&changes_key(run[0].0)[..], block::encode(latest, records));
+        for (first, block) in cp.changes.blocks() {
+            batch.insert(&changes_key(first)[..], block);
         }
         for entry in self.tree.scan_prefix([CHANGES]) {
             let (key, bytes) = entry?;
@@ -875,6 +873,14 @@ mod tests {
         }
     }
 
+    fn held(changes: &[pb::MembershipChange]) -> ChangeRecords {
+        let mut held = ChangeRecords::default();
+        for c in changes {
+            held.push(c.cursor.unwrap().sequence, c.at_ms, c);
+        }
+        held
+    }
+
     fn checkpoint(
         users: &[(&str, &UserRecord)],
         events: &[(u32, u64, &WalRecord)],
@@ -890,10 +896,7 @@ mod tests {
                 .iter()
                 .map(|(day, seq, e)| (*day, *seq, e.encode_to_vec().into()))
                 .collect(),
-            changes: changes
-                .iter()
-                .map(|c| (c.cursor.unwrap().sequence, c.at_ms, c.encode_to_vec()))
-                .collect(),
+            changes: held(changes),
             meta,
             expire_events_before_day: 0,
             expire_changes_before_ms: i64::MIN,

@@ -36,6 +36,86 @@ pub(super) fn split<T>(items: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
     runs
 }
 
+/// Published changes waiting for a checkpoint, in sequence order, held in the
+/// blocks' record format: one buffer rather than an allocation per change,
+/// and a checkpoint makes each block from one copy of a run of records.
+#[derive(Debug, Default)]
+pub struct ChangeRecords {
+    /// `[length: u32 LE][change]` per change.
+    records: Vec<u8>,
+    /// Per change: (sequence, time in milliseconds, end of its record).
+    index: Vec<(u64, i64, usize)>,
+}
+
+impl ChangeRecords {
+    /// Appends a change (encoded here) with its sequence and time.
+    pub fn push(&mut self, sequence: u64, at_ms: i64, change: &impl prost::Message) {
+        let len = change.encoded_len();
+        self.records.reserve(4 + len);
+        // A change is a few ids and numbers, far below 4 GiB.
+        self.records.extend_from_slice(&(len as u32).to_le_bytes());
+        change.encode_raw(&mut self.records);
+        self.index.push((sequence, at_ms, self.records.len()));
+    }
+
+    /// Puts `later` after these.
+    pub fn append(&mut self, later: ChangeRecords) {
+        let base = self.records.len();
+        self.records.extend_from_slice(&later.records);
+        self.index.extend(
+            later
+                .index
+                .into_iter()
+                .map(|(seq, at, end)| (seq, at, base + end)),
+        );
+    }
+
+    /// How many changes are held.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// No change is held.
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// The last sequence held, if any.
+    pub fn last_sequence(&self) -> Option<u64> {
+        self.index.last().map(|(seq, _, _)| *seq)
+    }
+
+    /// Bytes held in memory.
+    pub fn heap_bytes(&self) -> usize {
+        self.records.capacity() + self.index.capacity() * std::mem::size_of::<(u64, i64, usize)>()
+    }
+
+    /// The changes as blocks of at most [`BLOCK_BYTES`] of records (a change
+    /// larger alone is a block alone): (first sequence, block), in order. A
+    /// block's header is the time of its latest change.
+    pub(super) fn blocks(&self) -> impl Iterator<Item = (u64, Vec<u8>)> + '_ {
+        let mut next = 0;
+        std::iter::from_fn(move || {
+            let first = next;
+            let (sequence, _, _) = *self.index.get(first)?;
+            let start = first.checked_sub(1).map_or(0, |i| self.index[i].2);
+            let mut latest = i64::MIN;
+            while let Some(&(_, at, end)) = self.index.get(next) {
+                if next > first && end - start > BLOCK_BYTES {
+                    break;
+                }
+                latest = latest.max(at);
+                next += 1;
+            }
+            let end = self.index[next - 1].2;
+            let mut block = Vec::with_capacity(HEADER + end - start);
+            block.extend_from_slice(&latest.to_le_bytes());
+            block.extend_from_slice(&self.records[start..end]);
+            Some((sequence, block))
+        })
+    }
+}
+
 fn corrupt(reason: &str) -> StoreError {
     StoreError::Corrupt {
         what: "record block",
@@ -115,6 +195,41 @@ mod tests {
             ]
         );
         assert!(split(&[] as &[usize], |s| *s).is_empty());
+    }
+
+    #[test]
+    fn held_changes_make_the_blocks_their_records_would() {
+        // Records of 4 + 2 + len bytes (a message with one bytes field).
+        let change = |len: usize| prost::bytes::Bytes::from(vec![7u8; len]);
+        let lens = [10_000, 30_000, 20_000, 70_000, 1, 64_000, 5, 2_000];
+        let mut held = ChangeRecords::default();
+        let mut later = ChangeRecords::default();
+        for (i, len) in lens.iter().enumerate() {
+            let target = if i < 3 { &mut held } else { &mut later };
+            target.push(100 + i as u64, (i as i64 - 4).pow(2), &change(*len));
+        }
+        held.append(later);
+        assert_eq!((held.len(), held.last_sequence()), (8, Some(107)));
+
+        let encoded: Vec<Vec<u8>> = lens
+            .iter()
+            .map(|l| prost::Message::encode_to_vec(&change(*l)))
+            .collect();
+        let sizes: Vec<usize> = encoded.iter().map(Vec::len).collect();
+        let mut expected = Vec::new();
+        let mut first = 0;
+        for run in split(&sizes, |s| *s) {
+            let latest = (first..first + run.len())
+                .map(|i| (i as i64 - 4).pow(2))
+                .max()
+                .unwrap();
+            let records = encoded[first..first + run.len()].iter().map(Vec::as_slice);
+            expected.push((100 + first as u64, encode(latest, records)));
+            first += run.len();
+        }
+        assert_eq!(expected.len(), 4, "the runs of the split test");
+        assert_eq!(held.blocks().collect::<Vec<_>>(), expected);
+        assert_eq!(ChangeRecords::default().blocks().count(), 0);
     }
 
     #[test]
