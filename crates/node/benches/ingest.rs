@@ -246,6 +246,8 @@ async fn main() {
         .unwrap()
         .into_inner();
     let users: u64 = status.shards.iter().map(|s| s.users_total).sum();
+    // Before catch-up readers add their pages of history.
+    let rss_ingested = rss_bytes(pid);
     let logged: u64 = status.shards.iter().map(|s| s.last_sequence).sum();
 
     // A subscriber catching up from the start of every shard's log: how fast
@@ -302,11 +304,13 @@ async fn main() {
         replayed_batched as f64 / batched_catch_up.as_secs_f64()
     );
     println!("users:                 {users}");
-    println!(
-        "node resident memory:  {} MiB ({:.0} bytes per user)",
-        rss / (1 << 20),
-        (rss.saturating_sub(rss_start)) as f64 / users.max(1) as f64
-    );
+    for (when, rss) in [("after ingest", rss_ingested), ("after catch-up", rss)] {
+        println!(
+            "node resident memory {when}: {} MiB ({:.0} bytes per user)",
+            rss / (1 << 20),
+            (rss.saturating_sub(rss_start)) as f64 / users.max(1) as f64
+        );
+    }
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -36,6 +36,19 @@ async fn client(server: &Server) -> NodeClient<Channel> {
         .unwrap()
 }
 
+/// Every shard's changes from now on, one per message.
+async fn subscribe_from_now(
+    node: &mut NodeClient<Channel>,
+) -> tonic::Streaming<pb::MembershipChange> {
+    node.subscribe(pb::SubscribeRequest {
+        from_now: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
 fn track(id: &str, user: &str, name: &str, at: Timestamp, props: &[(&str, Value)]) -> pb::Event {
     pb::Event {
         message_id: id.into(),
@@ -456,14 +469,7 @@ async fn rule_updates_backfill_and_carry_their_version() {
     )
     .await;
     server.node.checkpoint().await.unwrap();
-    let mut feed = node
-        .subscribe(pb::SubscribeRequest {
-            from_now: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut feed = subscribe_from_now(&mut node).await;
     // A preview tells what applying would give, and applies nothing.
     let sequences = |status: pb::StatusResponse| -> Vec<u64> {
         status.shards.iter().map(|s| s.last_sequence).collect()
@@ -568,14 +574,7 @@ async fn many_users_expiring_at_one_instant() {
         .map(|i| track(&format!("l{i}"), &format!("user-{i}"), "login", now, &[]))
         .collect();
     ingest(&mut node, events).await;
-    let mut feed = node
-        .subscribe(pb::SubscribeRequest {
-            from_now: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut feed = subscribe_from_now(&mut node).await;
     // A future-dated login (due in two minutes) keeps one user a little longer.
     ingest(
         &mut node,
@@ -619,14 +618,7 @@ async fn an_event_without_a_time_happened_when_the_node_received_it() {
     let mut node = client(&server).await;
     apply_rules(&mut node, 1, &[("active", "exists(login) in last 1h")]).await;
     advance(&mut node, Span::minutes(10)).await;
-    let mut feed = node
-        .subscribe(pb::SubscribeRequest {
-            from_now: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut feed = subscribe_from_now(&mut node).await;
     let mut untimed = track("u1", "user-1", "login", start_time(), &[]);
     untimed.timestamp_ms = 0;
     let timed = track("t2", "user-2", "login", start_time(), &[]);
