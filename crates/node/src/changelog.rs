@@ -361,6 +361,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_backlog_is_what_the_slowest_follower_has_not_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let log = Arc::new(ChangeLog::new(store.shard(0).unwrap(), 0));
+        log.publish(&(1..=10).map(logged).collect::<Vec<_>>());
+        assert_eq!(log.backlog(), 0, "no follower, no backlog");
+
+        // A follower whose reader takes nothing yet: one change fits in its
+        // channel, the next waits in `deliver`.
+        let (tx, mut rx) = mpsc::channel(1);
+        let following = log.clone();
+        let follower = tokio::spawn(async move { following.follow(4, |_| true, &tx, |c| c).await });
+        let first = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+            .await
+            .expect("the follower sends")
+            .unwrap();
+        assert_eq!(first.cursor.unwrap().sequence, 5);
+        assert_eq!(
+            log.backlog(),
+            6,
+            "it started after 4 and has delivered no page yet"
+        );
+        let mut got = vec![5];
+        while got.len() < 6 {
+            got.push(rx.recv().await.unwrap().cursor.unwrap().sequence);
+        }
+        assert_eq!(got, (5..=10).collect::<Vec<_>>());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while log.backlog() != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "backlog {}",
+                log.backlog()
+            );
+            tokio::task::yield_now().await;
+        }
+        log.close();
+        follower.await.unwrap().unwrap();
+        assert_eq!(log.backlog(), 0, "an ended follower is not counted");
+    }
+
+    #[tokio::test]
     async fn a_follower_far_behind_live_changes_gets_each_once_in_order_and_batched() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 1 << 20).unwrap();
