@@ -336,8 +336,14 @@ impl Shard {
         for event in events {
             let hash = message_hash(event.message_id.as_str());
             let entry = self.activate(&event.user)?;
-            entry.seen.retain(|s| (*s as u32) >= oldest_day);
-            if entry.seen.iter().any(|s| (s >> 32) == hash) {
+            // One pass drops expired ids and looks for this one.
+            let mut repeat = false;
+            entry.seen.retain(|s| {
+                let kept = (*s as u32) >= oldest_day;
+                repeat |= kept && (s >> 32) == hash;
+                kept
+            });
+            if repeat {
                 outcome.duplicates += 1;
                 continue;
             }
