@@ -178,6 +178,12 @@ async fn main() {
             "--shard-count",
             &SHARDS.to_string(),
         ])
+        // Extra node flags, for trying settings (e.g. `--flush-kib 4096`).
+        .args(
+            std::env::var("DYNSEG_BENCH_NODE_ARGS")
+                .unwrap_or_default()
+                .split_whitespace(),
+        )
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
