@@ -28,6 +28,12 @@ use dynseg_proto::pb::{self, node_client::NodeClient};
 use dynseg_proto::shard_for;
 use tokio_stream::StreamExt;
 
+// The client shares the node's two cores, and decoding every change it is
+// sent allocates: a faster allocator leaves more of them to the node.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const SHARDS: u32 = 256;
 const BATCH: usize = 1000;
 
@@ -273,6 +279,7 @@ async fn main() {
     }
     let catch_up = catch_up.elapsed();
     // The same with several changes per message.
+    let batched_cpu = (cpu_seconds(&pid.to_string()), cpu_seconds("self"));
     let batched_catch_up = Instant::now();
     let mut history = client
         .subscribe_batches(pb::SubscribeRequest::default())
@@ -290,6 +297,10 @@ async fn main() {
         }
     }
     let batched_catch_up = batched_catch_up.elapsed();
+    let batched_cpu = (
+        cpu_seconds(&pid.to_string()) - batched_cpu.0,
+        cpu_seconds("self") - batched_cpu.1,
+    );
     let rss = rss_bytes(pid);
     for (name, phase) in [("first sight of users", &warm), ("users known", &steady)] {
         println!("{name}:");
@@ -308,6 +319,10 @@ async fn main() {
         "changes caught up, batched: {replayed_batched} of {logged} in {messages} messages in {:.1} s ({:.0}/s)",
         batched_catch_up.as_secs_f64(),
         replayed_batched as f64 / batched_catch_up.as_secs_f64()
+    );
+    println!(
+        "  CPU: node {:.1} s, client {:.1} s",
+        batched_cpu.0, batched_cpu.1
     );
     println!("users:                 {users}");
     for (when, rss) in [("after ingest", rss_ingested), ("after catch-up", rss)] {
