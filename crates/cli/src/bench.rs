@@ -102,9 +102,13 @@ pub async fn run(config: BenchConfig, out: Output) -> Result<(), CliError> {
             let mut traffic = Traffic::new(config.users, seed);
             let mut acks = Vec::new();
             let mut sent = 0u64;
+            // Connections take turns, evenly spaced: started together, they
+            // would send their batches in bursts of one per connection, and
+            // the latency measured would be the burst's queue, not the rate's.
+            let phase = connection as f64 / config.connections.max(1) as f64 * config.batch as f64;
             while started.elapsed() < config.duration {
                 if per_connection_rate > 0.0 {
-                    let due = Duration::from_secs_f64(sent as f64 / per_connection_rate);
+                    let due = Duration::from_secs_f64((phase + sent as f64) / per_connection_rate);
                     if let Some(wait) = due.checked_sub(started.elapsed()) {
                         tokio::time::sleep(wait).await;
                     }
