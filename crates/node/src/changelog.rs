@@ -11,7 +11,7 @@
 //! checkpoint interval, however many followers there are.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dynseg_proto::pb;
@@ -33,14 +33,13 @@ pub struct ChangeLog {
     published: watch::Sender<u64>,
     /// Set when the shard stops being served here: followers end.
     closed: watch::Sender<bool>,
-    followers: AtomicUsize,
-    /// The last sequence each follower delivered, by follower (for the lag).
+    /// The running followers, each with the last sequence it delivered.
     positions: Mutex<BTreeMap<u64, u64>>,
     next_follower: AtomicU64,
     idle: Notify,
 }
 
-/// Counts a follower while it runs.
+/// Registers a follower while it runs.
 struct Following<'a> {
     log: &'a ChangeLog,
     id: u64,
@@ -55,7 +54,6 @@ impl Following<'_> {
 impl Drop for Following<'_> {
     fn drop(&mut self) {
         lock(&self.log.positions).remove(&self.id);
-        self.log.followers.fetch_sub(1, Ordering::SeqCst);
         self.log.idle.notify_waiters();
     }
 }
@@ -64,8 +62,6 @@ impl Drop for Following<'_> {
 struct Recent {
     /// Published since the last checkpoint, in sequence order.
     changes: VecDeque<Arc<pb::MembershipChange>>,
-    /// The last published sequence.
-    last: u64,
 }
 
 impl Recent {
@@ -98,13 +94,9 @@ impl ChangeLog {
         let (closed, _) = watch::channel(false);
         ChangeLog {
             store,
-            recent: Mutex::new(Recent {
-                changes: VecDeque::new(),
-                last,
-            }),
+            recent: Mutex::new(Recent::default()),
             published,
             closed,
-            followers: AtomicUsize::new(0),
             positions: Mutex::new(BTreeMap::new()),
             next_follower: AtomicU64::new(0),
             idle: Notify::new(),
@@ -126,7 +118,6 @@ impl ChangeLog {
             recent
                 .changes
                 .extend(changes.iter().map(|l| Arc::new(l.change.clone())));
-            recent.last = last.sequence;
         }
         self.published.send_replace(last.sequence);
     }
@@ -161,7 +152,7 @@ impl ChangeLog {
     pub async fn wait_idle(&self) {
         loop {
             let idle = self.idle.notified();
-            if self.followers.load(Ordering::SeqCst) == 0 {
+            if lock(&self.positions).is_empty() {
                 return;
             }
             idle.await;
@@ -170,7 +161,7 @@ impl ChangeLog {
 
     /// The last published sequence.
     pub fn last(&self) -> u64 {
-        self.recent().last
+        *self.published.borrow()
     }
 
     /// Visits the published changes with `at_ms >= since_ms` and a sequence
@@ -233,7 +224,6 @@ impl ChangeLog {
         let own = |change: Arc<pb::MembershipChange>| {
             Arc::try_unwrap(change).unwrap_or_else(|shared| (*shared).clone())
         };
-        self.followers.fetch_add(1, Ordering::SeqCst);
         let following = Following {
             log: &self,
             id: self.next_follower.fetch_add(1, Ordering::Relaxed),

@@ -85,11 +85,6 @@ impl ChangeRecords {
         self.index.last().map(|(seq, _, _)| *seq)
     }
 
-    /// Bytes held in memory.
-    pub fn heap_bytes(&self) -> usize {
-        self.records.capacity() + self.index.capacity() * std::mem::size_of::<(u64, i64, usize)>()
-    }
-
     /// The changes as blocks of at most [`BLOCK_BYTES`] of records (a change
     /// larger alone is a block alone): (first sequence, block), in order. A
     /// block's header is the time of its latest change.
