@@ -314,7 +314,7 @@ mod tests {
     #[tokio::test]
     async fn changes_published_after_a_checkpoint_was_taken_are_not_lost() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = Store::open(dir.path(), 1 << 20, &dir.path().join("wal")).unwrap();
         let shard = store.shard(0).unwrap();
         let log = Arc::new(ChangeLog::new(shard.clone(), 0));
         let all: Vec<Logged> = (1..=5).map(logged).collect();
@@ -353,7 +353,7 @@ mod tests {
     #[tokio::test]
     async fn the_backlog_is_what_the_slowest_follower_has_not_delivered() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = Store::open(dir.path(), 1 << 20, &dir.path().join("wal")).unwrap();
         let log = Arc::new(ChangeLog::new(store.shard(0).unwrap(), 0));
         log.publish(&(1..=10).map(logged).collect::<Vec<_>>());
         assert_eq!(log.backlog(), 0, "no follower, no backlog");
@@ -395,7 +395,7 @@ mod tests {
     #[tokio::test]
     async fn a_follower_far_behind_live_changes_gets_each_once_in_order_and_batched() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = Store::open(dir.path(), 1 << 20, &dir.path().join("wal")).unwrap();
         let log = Arc::new(ChangeLog::new(store.shard(0).unwrap(), 0));
         let (tx, mut rx) = mpsc::channel(1);
         let following = log.clone();

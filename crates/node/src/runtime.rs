@@ -255,6 +255,22 @@ fn open_shard(store: &Store, shard: u32, config: &NodeConfig) -> Result<Shard, N
     Ok(Shard::open(shard, shard_store, plan, config.shard.clone())?)
 }
 
+/// The oldest write-ahead log position still needed: the given replay points
+/// of served shards, and every stored shard's oldest retained batch left in
+/// the log. `None` when nothing is needed from any position.
+fn log_needed_from(
+    store: &Store,
+    replay_from: impl IntoIterator<Item = Lsn>,
+) -> Result<Option<Lsn>, NodeError> {
+    let mut min = replay_from.into_iter().min();
+    for id in store.stored_shards() {
+        if let Some(at) = store.shard(id)?.first_logged()? {
+            min = Some(min.map_or(at, |m| m.min(at)));
+        }
+    }
+    Ok(min)
+}
+
 /// Applies one logged input (`record`, whose bytes are `payload`) to a shard
 /// in replay.
 pub(crate) fn apply_input(
@@ -312,7 +328,11 @@ impl Node {
         let wal_dir = config.data_dir.join("wal");
         let (mut wal, repair) = Wal::open(&wal_dir, config.wal_segment_bytes)
             .map_err(|e| NodeError::Wal(Arc::new(e)))?;
-        let store = Store::open(&config.data_dir.join("store"), config.store_cache_bytes)?;
+        let store = Store::open(
+            &config.data_dir.join("store"),
+            config.store_cache_bytes,
+            &wal_dir,
+        )?;
         // A manual clock resumes where it was: time never goes back.
         if let Some(ms) = store.clock()? {
             config.clock.advance_to(Timestamp(ms));
@@ -370,10 +390,14 @@ impl Node {
             if let Some(shard) = shards.get_mut(&record.shard)
                 && at >= shard.replay_from()
             {
+                let batch = shard.next_batch();
                 if let Err(e) = apply_input(shard, &record, payload) {
                     tracing::error!(shard = record.shard, error = %e, "replaying a record failed");
                 }
                 shard.applied_record(at);
+                if matches!(record.input, Some(Input::Batch(_))) {
+                    shard.batch_logged(batch, at);
+                }
                 replayed += 1;
             }
             Ok(())
@@ -387,7 +411,7 @@ impl Node {
             shard.checkpoint(now)?;
         }
         store.sync()?;
-        if let Some(min) = shards.values().map(Shard::replay_from).min() {
+        if let Some(min) = log_needed_from(&store, shards.values().map(Shard::replay_from))? {
             wal.truncate_before(min)
                 .map_err(|e| NodeError::Wal(Arc::new(e)))?;
         }
@@ -674,7 +698,11 @@ impl Node {
         for (handle, through) in written {
             handle.log.checkpointed(through);
         }
-        if let Some(min) = min {
+        let store = self.inner.store.clone();
+        let needed = tokio::task::spawn_blocking(move || log_needed_from(&store, min))
+            .await
+            .map_err(|e| NodeError::Unavailable(format!("reading the store failed: {e}")))??;
+        if let Some(min) = needed {
             self.inner.committer.truncate_before(min).await?;
         }
         Ok(())
@@ -897,7 +925,9 @@ struct Inflight {
 }
 
 enum Done {
-    Ingest(Reply<pb::IngestResponse>, pb::IngestResponse),
+    /// A batch of events, with its sequence among the shard's retained
+    /// batches.
+    Ingest(Reply<pb::IngestResponse>, pb::IngestResponse, u64),
     Unit(Option<Reply<()>>),
     /// Called with the outcome once the record is durable (or failed).
     Answer(Box<dyn FnOnce(Result<(), NodeError>) + Send>),
@@ -1037,7 +1067,8 @@ impl ShardTask {
                 }
                 self.log.publish(&item.changes);
                 match item.done {
-                    Done::Ingest(reply, response) => {
+                    Done::Ingest(reply, response, batch) => {
+                        self.shard.batch_logged(batch, lsn);
                         let _ = reply.send(Ok(response));
                     }
                     Done::Unit(Some(reply)) => {
@@ -1064,7 +1095,7 @@ impl ShardTask {
 
     fn fail(&self, done: Done, error: NodeError) {
         match done {
-            Done::Ingest(reply, _) => {
+            Done::Ingest(reply, _, _) => {
                 let _ = reply.send(Err(error));
             }
             Done::Unit(Some(reply)) => {
@@ -1242,8 +1273,8 @@ impl ShardTask {
                     duplicates: outcome.duplicates,
                     rejected,
                 };
-                self.log_bytes(record, outcome.changes, Done::Ingest(reply, response))
-                    .await;
+                let done = Done::Ingest(reply, response, outcome.batch);
+                self.log_bytes(record, outcome.changes, done).await;
             }
             Command::MergeOut { request, reply } => {
                 if let Err(e) = self.writable(request.epoch) {

@@ -18,9 +18,9 @@ use dynseg_rules::{
 use prost::Message;
 
 use crate::store::{
-    ChangeRecords, Checkpoint, MergedOut, ShardMeta, ShardStore, StoreError, UserRecord,
+    ChangeRecords, Checkpoint, MergedOut, Retained, ShardMeta, ShardStore, StoreError, UserRecord,
 };
-use crate::wal::Lsn;
+use crate::wal::{LogReader, Lsn};
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
@@ -92,6 +92,9 @@ pub struct BatchOutcome {
     pub duplicates: u32,
     /// Membership changes, in order.
     pub changes: Vec<Logged>,
+    /// The batch's sequence among the shard's retained batches (for
+    /// [`Shard::batch_logged`]).
+    pub batch: u64,
 }
 
 /// One shard; see the module documentation.
@@ -112,7 +115,14 @@ pub struct Shard {
     /// flag says whether it is listed (a flag and a list cost no hash lookup
     /// per event, where a set did).
     dirty: Vec<UserId>,
-    unsaved_events: Vec<(u32, u64, bytes::Bytes)>,
+    /// Batches applied since the last checkpoint: (arrival day, sequence,
+    /// the batch), in sequence order. A batch's record is held until the log
+    /// says where it is durable; then only its position.
+    unsaved_events: Vec<(u32, u64, Retained)>,
+    /// The arrival day of the last batch: days never go back within a shard
+    /// (a wall clock stepping back keeps the day), so the store's retained
+    /// batches in day order are in log order too.
+    last_day: u32,
     unsaved_changes: ChangeRecords,
     /// Where replay must start if nothing else is applied.
     replay_from: Lsn,
@@ -147,6 +157,7 @@ impl Shard {
         config: ShardConfig,
     ) -> Result<Shard, StoreError> {
         let meta = store.meta()?;
+        let last_day = store.last_retained_day()?.unwrap_or(0);
         let mut shard = Shard {
             id,
             epoch: meta.epoch,
@@ -160,6 +171,7 @@ impl Shard {
             next_event: meta.next_event,
             dirty: Vec::new(),
             unsaved_events: Vec::new(),
+            last_day,
             unsaved_changes: ChangeRecords::default(),
             replay_from: meta.replay_from,
             accesses: 0,
@@ -239,6 +251,23 @@ impl Shard {
             segment: at.segment,
             offset: at.offset + 1,
         };
+    }
+
+    /// The sequence the next applied batch gets.
+    pub fn next_batch(&self) -> u64 {
+        self.next_event
+    }
+
+    /// Marks that batch `batch` (see [`BatchOutcome::batch`]) is durable in
+    /// the write-ahead log at `at`: the log's copy becomes the retained one,
+    /// and the shard lets go of the record's bytes.
+    pub fn batch_logged(&mut self, batch: u64, at: Lsn) {
+        if let Ok(i) = self
+            .unsaved_events
+            .binary_search_by_key(&batch, |(_, sequence, _)| *sequence)
+        {
+            self.unsaved_events[i].2 = Retained::Logged(at);
+        }
     }
 
     /// `user`'s entry, loaded or created if it is not active, marked as
@@ -326,9 +355,14 @@ impl Shard {
         events: &[Event],
         record: bytes::Bytes,
     ) -> Result<BatchOutcome, StoreError> {
-        let mut outcome = BatchOutcome::default();
-        let day = day_of(now);
-        self.unsaved_events.push((day, self.next_event, record));
+        let day = day_of(now).max(self.last_day);
+        self.last_day = day;
+        let mut outcome = BatchOutcome {
+            batch: self.next_event,
+            ..BatchOutcome::default()
+        };
+        self.unsaved_events
+            .push((day, self.next_event, Retained::Record(record)));
         self.next_event += 1;
         let oldest_day = day_of(now.minus(self.config.dedupe_horizon));
         let plan = self.plan.clone();
@@ -459,8 +493,13 @@ impl Shard {
     /// arrival days).
     fn retained_events(&self) -> Result<FastMap<UserId, Vec<Event>>, StoreError> {
         let mut records = self.store.retained_since(0)?;
-        for (_, _, bytes) in &self.unsaved_events {
-            records.push(crate::record::WalRecord::decode(&bytes[..])?);
+        let mut log = LogReader::new(self.store.log_dir());
+        for (_, _, retained) in &self.unsaved_events {
+            let bytes = match retained {
+                Retained::Record(bytes) => &bytes[..],
+                Retained::Logged(at) => log.read(*at).map_err(StoreError::from)?,
+            };
+            records.push(crate::record::WalRecord::decode(bytes)?);
         }
         let mut first_seen: FastMap<(UserId, u128), u32> = FastMap::default();
         let mut retained: FastMap<UserId, Vec<Event>> = FastMap::default();
@@ -907,7 +946,7 @@ mod tests {
     }
 
     fn open(dir: &std::path::Path, p: Arc<Plan>) -> (crate::store::Store, Shard) {
-        let store = crate::store::Store::open(dir, 1 << 20).unwrap();
+        let store = crate::store::Store::open(dir, 1 << 20, &dir.join("wal")).unwrap();
         let shard = Shard::open(3, store.shard(3).unwrap(), p, ShardConfig::default()).unwrap();
         (store, shard)
     }

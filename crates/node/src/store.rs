@@ -9,6 +9,7 @@
 //! | `m` name | [`ShardMeta`] field (u64 LE) |
 //! | `p` page (u32 BE) | a [page](page) of users: id → [`UserRecord`] |
 //! | `e` day (u32 BE), first batch sequence (u64 BE) | a [block](block) of retained batches: their write-ahead log records (protobuf) |
+//! | `l` day (u32 BE), first batch sequence (u64 BE) | retained batches left in the write-ahead log: their positions (segment, offset: u64 LE each) |
 //! | `c` first change sequence (u64 BE) | a [block](block) of changes with their cursors (protobuf) |
 //!
 //! Users, events and changes are grouped (pages, blocks) because sled's cost is
@@ -16,6 +17,17 @@
 //! seconds. After a checkpoint, [`Store::sync`] makes sled's files durable with
 //! `fdatasync` (sled's own flush is not an fsync); only then may the write-ahead
 //! log before the checkpoint be deleted.
+//!
+//! A batch of events is retained (for backfill and shard export) as its
+//! write-ahead log record. A batch this node logged stays where the log wrote
+//! it, and the checkpoint stores only its position (`l`): the bytes are
+//! written once, by the log, rather than again through sled, which rewrites
+//! each value about three times as its leaves fill and split (measured: half of
+//! a checkpoint's bytes went to retained events). The log keeps a segment while
+//! any stored shard's positions point into it ([`ShardStore::first_logged`]).
+//! Batches that never went through this node's log (a shard's copy received
+//! in a move) are stored as blocks (`e`); so are logged ones in an export,
+//! which carries the records themselves.
 
 mod block;
 pub use block::ChangeRecords;
@@ -30,7 +42,7 @@ use dynseg_rules::{SegmentDef, StateDecodeError, UserState};
 use prost::Message;
 
 use crate::record::WalRecord;
-use crate::wal::Lsn;
+use crate::wal::{LogReader, Lsn, WalError};
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +58,9 @@ pub enum StoreError {
         /// What the OS said.
         source: std::io::Error,
     },
+    /// A retained batch could not be read back from the write-ahead log.
+    #[error("retained events: {0}")]
+    Log(#[from] WalError),
     /// Stored bytes do not decode: corruption or a format from another version.
     #[error("stored {what} is invalid: {reason}")]
     Corrupt {
@@ -155,9 +170,9 @@ pub struct ShardMeta {
 pub struct Checkpoint {
     /// Users changed since the last checkpoint, encoded.
     pub users: Vec<(Vec<u8>, Vec<u8>)>,
-    /// Batches applied since the last checkpoint: (arrival day, sequence, their
-    /// write-ahead log record).
-    pub events: Vec<(u32, u64, bytes::Bytes)>,
+    /// Batches applied since the last checkpoint: (arrival day, sequence, the
+    /// batch), in sequence order.
+    pub events: Vec<(u32, u64, Retained)>,
     /// Changes published since the last checkpoint, in sequence order.
     pub changes: ChangeRecords,
     /// Bookkeeping as of this checkpoint.
@@ -173,6 +188,16 @@ pub struct Checkpoint {
     /// When set, merges taken out before this time (milliseconds) are deleted
     /// (a scan of all of them: the shard asks once a day).
     pub expire_merged_before_ms: Option<i64>,
+}
+
+/// A retained batch of events: its write-ahead log record, or where this
+/// node's log holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Retained {
+    /// The record's bytes (not, or not yet, durable in this node's log).
+    Record(bytes::Bytes),
+    /// The record's position in this node's log, where it is durable.
+    Logged(Lsn),
 }
 
 /// What an identity merge took out of a shard, kept so that a repeat of the
@@ -227,6 +252,8 @@ impl Checkpoint {
 pub struct Store {
     db: sled::Db,
     path: PathBuf,
+    /// The write-ahead log's directory, where logged retained batches are read.
+    log_dir: PathBuf,
 }
 
 /// How long [`Store::open`] waits for another holder's lock.
@@ -242,14 +269,15 @@ fn is_lock_conflict(error: &sled::Error) -> bool {
 
 impl Store {
     /// Opens (creating) the store at `path`, with sled's page cache bounded by
-    /// `cache_bytes`.
+    /// `cache_bytes`; retained batches left in the log are read from the
+    /// write-ahead log in `log_dir`.
     ///
     /// A store another holder has locked is waited for, up to
     /// [`LOCK_WAIT`]: a store closed a moment ago in this process (a node
     /// restarted in place) keeps its lock until sled's background threads
     /// let go. Held longer (another process on the same directory), it is an
     /// error.
-    pub fn open(path: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
+    pub fn open(path: &Path, cache_bytes: u64, log_dir: &Path) -> Result<Store, StoreError> {
         let config = sled::Config::new()
             .path(path)
             .mode(sled::Mode::HighThroughput)
@@ -271,6 +299,7 @@ impl Store {
         Ok(Store {
             db,
             path: path.to_owned(),
+            log_dir: log_dir.to_owned(),
         })
     }
 
@@ -278,6 +307,7 @@ impl Store {
     pub fn shard(&self, shard: u32) -> Result<ShardStore, StoreError> {
         Ok(ShardStore {
             tree: self.db.open_tree(format!("s{shard}"))?,
+            log_dir: self.log_dir.clone(),
         })
     }
 
@@ -437,15 +467,20 @@ fn sync_file(path: &Path, sync: fn(&File) -> std::io::Result<()>) -> std::io::Re
     }
 }
 
+/// A stored key and its value.
+type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// One shard's tree.
 #[derive(Clone)]
 pub struct ShardStore {
     tree: sled::Tree,
+    log_dir: PathBuf,
 }
 
 const META: u8 = b'm';
 const PAGE: u8 = b'p';
 const EVENTS: u8 = b'e';
+const LOGGED: u8 = b'l';
 const CHANGES: u8 = b'c';
 const MERGED: u8 = b'x';
 
@@ -468,7 +503,15 @@ fn page_key(page: u32) -> [u8; 5] {
 }
 
 fn events_key(day: u32, first: u64) -> [u8; 13] {
-    let mut key = [EVENTS; 13];
+    retained_key(EVENTS, day, first)
+}
+
+fn logged_key(day: u32, first: u64) -> [u8; 13] {
+    retained_key(LOGGED, day, first)
+}
+
+fn retained_key(kind: u8, day: u32, first: u64) -> [u8; 13] {
+    let mut key = [kind; 13];
     key[1..5].copy_from_slice(&day.to_be_bytes());
     key[5..].copy_from_slice(&first.to_be_bytes());
     key
@@ -485,6 +528,52 @@ fn corrupt(what: &'static str, reason: impl Into<String>) -> StoreError {
         what,
         reason: reason.into(),
     }
+}
+
+/// Most batches in one `l` value (24 bytes each).
+const LOGGED_PER_VALUE: usize = 4096;
+
+/// An `l` value: per batch, its sequence and its position in the log.
+fn encode_logged<'a>(batches: impl Iterator<Item = (u64, &'a Lsn)>) -> Vec<u8> {
+    let mut value = Vec::new();
+    for (sequence, at) in batches {
+        value.extend_from_slice(&sequence.to_le_bytes());
+        value.extend_from_slice(&at.segment.to_le_bytes());
+        value.extend_from_slice(&at.offset.to_le_bytes());
+    }
+    value
+}
+
+fn decode_logged(value: &[u8]) -> Result<Vec<(u64, Lsn)>, StoreError> {
+    if !value.len().is_multiple_of(24) {
+        return Err(corrupt(
+            "retained batch positions",
+            format!("{} bytes", value.len()),
+        ));
+    }
+    Ok(value
+        .chunks_exact(24)
+        .map(|c| {
+            let word = |i: usize| {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(&c[8 * i..8 * i + 8]);
+                u64::from_le_bytes(w)
+            };
+            let at = Lsn {
+                segment: word(1),
+                offset: word(2),
+            };
+            (word(0), at)
+        })
+        .collect())
+}
+
+/// The arrival day in a retained-batch key.
+fn key_day(key: &[u8]) -> Result<u32, StoreError> {
+    key.get(1..5)
+        .and_then(|d| <[u8; 4]>::try_from(d).ok())
+        .map(u32::from_be_bytes)
+        .ok_or_else(|| corrupt("retained batch key", format!("{} bytes", key.len())))
 }
 
 /// The change sequence a change block key starts at.
@@ -660,18 +749,46 @@ impl ShardStore {
             batch.insert(&key[..], page::merge(stored.as_deref(), &updates)?);
         }
 
-        for day_events in cp.events.chunk_by(|a, b| a.0 == b.0) {
-            for run in block::split(day_events, |(_, _, bytes)| bytes.len()) {
-                let (day, first, _) = &run[0];
-                let records = run.iter().map(|(_, _, bytes)| &bytes[..]);
-                batch.insert(&events_key(*day, *first)[..], block::encode(0, records));
+        let same_run = |a: &(u32, u64, Retained), b: &(u32, u64, Retained)| {
+            a.0 == b.0 && matches!(a.2, Retained::Logged(_)) == matches!(b.2, Retained::Logged(_))
+        };
+        for run in cp.events.chunk_by(same_run) {
+            let day = run[0].0;
+            let logged: Vec<(u64, &Lsn)> = run
+                .iter()
+                .filter_map(|(_, sequence, r)| match r {
+                    Retained::Logged(at) => Some((*sequence, at)),
+                    Retained::Record(_) => None,
+                })
+                .collect();
+            if logged.is_empty() {
+                let size = |(_, _, r): &(u32, u64, Retained)| match r {
+                    Retained::Record(bytes) => bytes.len(),
+                    Retained::Logged(_) => 0,
+                };
+                for blocked in block::split(run, size) {
+                    let records = blocked.iter().filter_map(|(_, _, r)| match r {
+                        Retained::Record(bytes) => Some(&bytes[..]),
+                        Retained::Logged(_) => None,
+                    });
+                    let key = events_key(day, blocked[0].1);
+                    batch.insert(&key[..], block::encode(0, records));
+                }
+            } else {
+                for chunk in logged.chunks(LOGGED_PER_VALUE) {
+                    let key = logged_key(day, chunk[0].0);
+                    batch.insert(&key[..], encode_logged(chunk.iter().copied()));
+                }
             }
         }
-        for entry in self
-            .tree
-            .range(events_key(0, 0)..events_key(cp.expire_events_before_day, 0))
-        {
-            batch.remove(entry?.0);
+        let expire = cp.expire_events_before_day;
+        for range in [
+            events_key(0, 0)..events_key(expire, 0),
+            logged_key(0, 0)..logged_key(expire, 0),
+        ] {
+            for entry in self.tree.range(range) {
+                batch.remove(entry?.0);
+            }
         }
 
         for (first, block) in cp.changes.blocks() {
@@ -784,19 +901,56 @@ impl ShardStore {
     }
 
     /// Retained batches of events (their write-ahead log records), in arrival
-    /// order, from `since_day` on.
+    /// order, from `since_day` on: stored blocks and batches left in the log,
+    /// merged by (day, batch sequence).
     pub fn retained_since(&self, since_day: u32) -> Result<Vec<WalRecord>, StoreError> {
+        let mut runs = Vec::new();
+        for kind in [EVENTS, LOGGED] {
+            let range = retained_key(kind, since_day, 0)..=retained_key(kind, u32::MAX, u64::MAX);
+            for entry in self.tree.range(range) {
+                let (key, value) = entry?;
+                runs.push((key.get(1..).map(<[u8]>::to_vec), kind, value));
+            }
+        }
+        runs.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut reader = LogReader::new(&self.log_dir);
         let mut out = Vec::new();
-        for entry in self
-            .tree
-            .range(events_key(since_day, 0)..=events_key(u32::MAX, u64::MAX))
-        {
-            let (_, bytes) = entry?;
-            for record in block::records(&bytes) {
-                out.push(WalRecord::decode(record?)?);
+        for (_, kind, value) in runs {
+            if kind == LOGGED {
+                for (_, at) in decode_logged(&value)? {
+                    out.push(WalRecord::decode(reader.read(at)?)?);
+                }
+            } else {
+                for record in block::records(&value) {
+                    out.push(WalRecord::decode(record?)?);
+                }
             }
         }
         Ok(out)
+    }
+
+    /// The arrival day of the newest retained batch left in the log.
+    pub fn last_retained_day(&self) -> Result<Option<u32>, StoreError> {
+        match self.tree.scan_prefix([LOGGED]).next_back() {
+            Some(entry) => Ok(Some(key_day(&entry?.0)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Where this shard reads retained batches left in the log.
+    pub fn log_dir(&self) -> &Path {
+        &self.log_dir
+    }
+
+    /// The oldest position of a retained batch left in the log: the log must
+    /// keep that segment and the later ones. (A shard's batches are logged in
+    /// sequence order and their days never go back, so it is the first `l`
+    /// entry's first position.)
+    pub fn first_logged(&self) -> Result<Option<Lsn>, StoreError> {
+        match self.tree.scan_prefix([LOGGED]).next() {
+            Some(entry) => Ok(decode_logged(&entry?.1)?.first().map(|(_, at)| *at)),
+            None => Ok(None),
+        }
     }
 
     /// Removes everything of this shard.
@@ -805,12 +959,46 @@ impl ShardStore {
         Ok(())
     }
 
-    /// Every (key, value) of the shard, for export.
-    pub fn dump(&self) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StoreError>> + '_ {
-        self.tree.iter().map(|entry| {
-            let (k, v) = entry?;
-            Ok((k.to_vec(), v.to_vec()))
+    /// Every (key, value) of the shard, for export. Batches left in this
+    /// node's log travel as blocks of their records (`e`, at most
+    /// [`block::BLOCK_BYTES`] each, keyed by day and first sequence):
+    /// positions would mean nothing to another node.
+    pub fn dump(&self) -> impl Iterator<Item = Result<KeyValue, StoreError>> + '_ {
+        let mut reader = LogReader::new(&self.log_dir);
+        self.tree.iter().flat_map(move |entry| {
+            let entries = match entry {
+                Ok((k, v)) if k.first() == Some(&LOGGED) => {
+                    self.logged_as_blocks(&mut reader, &k, &v)
+                }
+                Ok((k, v)) => Ok(vec![(k.to_vec(), v.to_vec())]),
+                Err(e) => Err(e.into()),
+            };
+            match entries {
+                Ok(entries) => entries.into_iter().map(Ok).collect::<Vec<_>>(),
+                Err(e) => vec![Err(e)],
+            }
         })
+    }
+
+    /// An `l` entry as `e` entries holding the records it points to.
+    fn logged_as_blocks(
+        &self,
+        reader: &mut LogReader,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        let day = key_day(key)?;
+        let mut records = Vec::new();
+        for (sequence, at) in decode_logged(value)? {
+            records.push((sequence, reader.read(at)?.to_vec()));
+        }
+        Ok(block::split(&records, |(_, record)| record.len())
+            .into_iter()
+            .map(|run| {
+                let block = block::encode(0, run.iter().map(|(_, r)| r.as_slice()));
+                (events_key(day, run[0].0).to_vec(), block)
+            })
+            .collect())
     }
 
     /// Writes one exported (key, value).
@@ -894,7 +1082,7 @@ mod tests {
                 .collect(),
             events: events
                 .iter()
-                .map(|(day, seq, e)| (*day, *seq, e.encode_to_vec().into()))
+                .map(|(day, seq, e)| (*day, *seq, Retained::Record(e.encode_to_vec().into())))
                 .collect(),
             changes: held(changes),
             meta,
@@ -907,7 +1095,7 @@ mod tests {
     #[test]
     fn a_store_still_locked_by_its_closing_holder_is_waited_for() {
         let dir = tempfile::tempdir().unwrap();
-        let first = Store::open(dir.path(), 1 << 20).unwrap();
+        let first = Store::open(dir.path(), 1 << 20, &dir.path().join("wal")).unwrap();
         first.shard(0).unwrap();
         // Closed a moment later, on another thread, while the second open
         // is already waiting for the lock.
@@ -915,15 +1103,102 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(200));
             drop(first);
         });
-        let second = Store::open(dir.path(), 1 << 20);
+        let second = Store::open(dir.path(), 1 << 20, &dir.path().join("wal"));
         closing.join().unwrap();
         assert!(second.is_ok(), "{:?}", second.err());
     }
 
     #[test]
+    fn retained_batches_left_in_the_log_are_read_back_exported_and_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        let log_dir = dir.path().join("wal");
+        let (mut wal, _) = crate::wal::Wal::open(&log_dir, 64).unwrap();
+        let events: Vec<WalRecord> = (1..=4).map(|i| event(&format!("m{i}"))).collect();
+        let at: Vec<Lsn> = events
+            .iter()
+            .map(|e| wal.append(&e.encode_to_vec()).unwrap())
+            .collect();
+        wal.sync().unwrap();
+        assert!(at[3].segment > at[0].segment, "the batches span segments");
+
+        let store = Store::open(&dir.path().join("store"), 1 << 20, &log_dir).unwrap();
+        let shard = store.shard(1).unwrap();
+        let mut cp = checkpoint(&[], &[], &[], ShardMeta::default());
+        cp.events = vec![
+            (20_000, 0, Retained::Logged(at[0])),
+            // One that never went through this node's log (a moved copy).
+            (
+                20_000,
+                1,
+                Retained::Record(events[1].encode_to_vec().into()),
+            ),
+            (20_001, 2, Retained::Logged(at[2])),
+            (20_001, 3, Retained::Logged(at[3])),
+        ];
+        shard.write_checkpoint(&cp).unwrap();
+        assert_eq!(shard.retained_since(0).unwrap(), events);
+        assert_eq!(shard.retained_since(20_001).unwrap(), events[2..]);
+        assert_eq!(shard.first_logged().unwrap(), Some(at[0]));
+        assert_eq!(shard.last_retained_day().unwrap(), Some(20_001));
+
+        // An export carries the records, not positions in this node's log.
+        let dumped: Vec<_> = shard.dump().map(Result::unwrap).collect();
+        assert!(dumped.iter().all(|(k, _)| k[0] != LOGGED));
+        let elsewhere = tempfile::tempdir().unwrap();
+        let other = Store::open(elsewhere.path(), 1 << 20, &elsewhere.path().join("wal")).unwrap();
+        let copy = other.shard(1).unwrap();
+        for (key, value) in &dumped {
+            copy.load(key, value).unwrap();
+        }
+        assert_eq!(copy.retained_since(0).unwrap(), events);
+        assert_eq!(copy.first_logged().unwrap(), None);
+        assert!(
+            copy.load(&logged_key(1, 1), &encode_logged([(1, &at[0])].into_iter()))
+                .is_err()
+        );
+
+        // Expiry drops positions by day, and the log may go up to the oldest left.
+        let mut expire = checkpoint(&[], &[], &[], ShardMeta::default());
+        expire.expire_events_before_day = 20_001;
+        shard.write_checkpoint(&expire).unwrap();
+        assert_eq!(shard.retained_since(0).unwrap(), events[2..]);
+        assert_eq!(shard.first_logged().unwrap(), Some(at[2]));
+
+        // A long run of logged batches travels as several blocks of bounded size.
+        let long = store.shard(2).unwrap();
+        let big: Vec<WalRecord> = (0..40)
+            .map(|i| event(&format!("{i}:{}", "x".repeat(4000))))
+            .collect();
+        let mut cp = checkpoint(&[], &[], &[], ShardMeta::default());
+        for (i, e) in big.iter().enumerate() {
+            let at = wal.append(&e.encode_to_vec()).unwrap();
+            cp.events
+                .push((20_002, 10 + i as u64, Retained::Logged(at)));
+        }
+        wal.sync().unwrap();
+        long.write_checkpoint(&cp).unwrap();
+        let dumped: Vec<_> = long.dump().map(Result::unwrap).collect();
+        assert!(dumped.len() > 2, "{} blocks", dumped.len());
+        assert!(
+            dumped
+                .iter()
+                .all(|(_, block)| block.len() <= 8 + block::BLOCK_BYTES)
+        );
+        let copy = other.shard(2).unwrap();
+        for (key, value) in &dumped {
+            copy.load(key, value).unwrap();
+        }
+        assert_eq!(copy.retained_since(0).unwrap(), big);
+
+        // A position the log no longer has is an error, not an empty answer.
+        wal.truncate_before(at[3]).unwrap();
+        assert!(matches!(shard.retained_since(0), Err(StoreError::Log(_))));
+    }
+
+    #[test]
     fn checkpoints_round_trip_and_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = Store::open(dir.path(), 1 << 20, &dir.path().join("wal")).unwrap();
         let shard = store.shard(7).unwrap();
         assert_eq!(shard.meta().unwrap(), ShardMeta::default());
         let meta = ShardMeta {
@@ -965,7 +1240,7 @@ mod tests {
         store.sync().unwrap();
         drop((shard, store));
 
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = Store::open(dir.path(), 1 << 20, &dir.path().join("wal")).unwrap();
         assert_eq!(store.stored_shards(), vec![7]);
         let shard = store.shard(7).unwrap();
         assert_eq!(shard.meta().unwrap(), meta2);

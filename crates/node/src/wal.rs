@@ -15,7 +15,13 @@
 //! A new segment starts when the current one passes the segment size. A torn
 //! write (a crash mid-append) leaves a short or mismatching record at the end of
 //! the last segment; opening the log cuts the file there. A bad record anywhere
-//! else is corruption, reported as an error rather than silently skipped.
+//! else is corruption, reported as an error (by replay, or by [`LogReader`])
+//! rather than silently skipped.
+//!
+//! Segments outlive the checkpoints that cover them while shards still retain
+//! the event batches in them: a batch's record is its retained copy, read back
+//! by position ([`LogReader`]) for backfill and shard export. Opening the log
+//! therefore reads only the last segment, not the whole retention.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
@@ -155,10 +161,8 @@ impl Wal {
         let (segment, offset) = match existing.last() {
             None => (0, 0),
             Some(&last) => {
-                // Every earlier segment must read cleanly; the last may end torn.
-                for &segment in &existing[..existing.len() - 1] {
-                    Self::scan(dir, segment, Lsn { segment, offset: 0 }, |_, _| Ok(()))?;
-                }
+                // Only the last segment may end torn. Earlier ones are checked
+                // when read: replay and LogReader report a bad record there.
                 let path = segment_path(dir, last);
                 let good = Self::good_prefix(&path)?;
                 let len = fs::metadata(&path).map_err(io_err(&path))?.len();
@@ -322,6 +326,60 @@ impl Wal {
     }
 }
 
+/// Reads single records back by position, from a log another thread may be
+/// appending to (only positions already returned by a durable append are
+/// asked for). Keeps the last segment it read open.
+#[derive(Debug)]
+pub struct LogReader {
+    dir: PathBuf,
+    open: Option<(u64, File)>,
+    buf: Vec<u8>,
+}
+
+impl LogReader {
+    /// A reader of the log in `dir`.
+    pub fn new(dir: &Path) -> LogReader {
+        LogReader {
+            dir: dir.to_owned(),
+            open: None,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The payload of the record at `at`, checksum checked.
+    pub fn read(&mut self, at: Lsn) -> Result<&[u8], WalError> {
+        use std::os::unix::fs::FileExt;
+        let path = segment_path(&self.dir, at.segment);
+        if self.open.as_ref().is_none_or(|(s, _)| *s != at.segment) {
+            let file = File::open(&path).map_err(io_err(&path))?;
+            self.open = Some((at.segment, file));
+        }
+        let Some((_, file)) = &self.open else {
+            unreachable!("opened above");
+        };
+        let corrupt = |reason: String| WalError::Corrupt {
+            segment: at.segment,
+            offset: at.offset,
+            reason,
+        };
+        let mut header = [0u8; HEADER];
+        file.read_exact_at(&mut header, at.offset)
+            .map_err(|e| corrupt(format!("no record header: {e}")))?;
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        if len > MAX_RECORD {
+            return Err(corrupt(format!("record length {len} over the limit")));
+        }
+        self.buf.resize(len, 0);
+        file.read_exact_at(&mut self.buf, at.offset + HEADER as u64)
+            .map_err(|e| corrupt(format!("short payload: {e}")))?;
+        if crc32fast::hash(&self.buf) != crc {
+            return Err(corrupt("checksum mismatch".into()));
+        }
+        Ok(&self.buf)
+    }
+}
+
 /// Makes a directory's entries (created or removed files) durable.
 fn sync_dir(dir: &Path) -> Result<(), WalError> {
     File::open(dir)
@@ -413,6 +471,31 @@ mod tests {
     }
 
     #[test]
+    fn records_are_read_back_by_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), 100).unwrap();
+        let positions: Vec<Lsn> = (0..6u8).map(|i| wal.append(&[i; 60]).unwrap()).collect();
+        wal.sync().unwrap();
+        let mut reader = LogReader::new(dir.path());
+        for (i, at) in positions.iter().enumerate().rev() {
+            assert_eq!(reader.read(*at).unwrap(), &[i as u8; 60][..]);
+        }
+        let between = Lsn {
+            segment: positions[0].segment,
+            offset: positions[0].offset + 3,
+        };
+        assert!(matches!(
+            reader.read(between),
+            Err(WalError::Corrupt { .. })
+        ));
+        let gone = Lsn {
+            segment: 999,
+            offset: 0,
+        };
+        assert!(matches!(reader.read(gone), Err(WalError::Io { .. })));
+    }
+
+    #[test]
     fn a_flipped_bit_in_the_tail_is_cut_and_in_an_older_segment_is_corruption() {
         let dir = tempfile::tempdir().unwrap();
         let (mut wal, _) = Wal::open(dir.path(), 100).unwrap();
@@ -432,7 +515,14 @@ mod tests {
         let mut bytes = fs::read(&first).unwrap();
         bytes[HEADER + 3] ^= 1;
         fs::write(&first, &bytes).unwrap();
-        match Wal::open(dir.path(), 100) {
+        // Opening reads only the last segment; replay and reads by position
+        // report the bad record.
+        Wal::open(dir.path(), 100).unwrap();
+        assert!(matches!(
+            LogReader::new(dir.path()).read(Lsn::default()),
+            Err(WalError::Corrupt { .. })
+        ));
+        match Wal::replay(dir.path(), Lsn::default(), |_, _| Ok(())) {
             Err(WalError::Corrupt {
                 segment: 0,
                 offset: 0,

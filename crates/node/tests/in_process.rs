@@ -990,3 +990,60 @@ async fn resuming_subscriptions_see_every_change_exactly_once() {
     );
     server.shutdown().await;
 }
+
+/// A batch's write-ahead log record is its retained copy: the log keeps the
+/// segments retained batches are in after checkpoints cover them, across a
+/// restart, and a rule added later is backfilled from them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_events_stay_in_the_log_after_checkpoints_cover_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut small_segments = config(dir.path());
+    // A segment per record or two: checkpoints could delete nearly all of them.
+    small_segments.wal_segment_bytes = 256;
+    let server = Server::start(small_segments.clone()).await.unwrap();
+    let mut node = client(&server).await;
+    let now = start_time();
+    let order = |id: &str, user: &str, revenue: f64, at: Timestamp| {
+        track(
+            id,
+            user,
+            "order_completed",
+            at,
+            &[("revenue", Value::Number(revenue))],
+        )
+    };
+    ingest(
+        &mut node,
+        vec![order("o1", "alice", 600.0, now.minus(Span::days(3)))],
+    )
+    .await;
+    server.node.checkpoint().await.unwrap();
+    // Later batches on every shard move every replay point past the first
+    // batch's segment.
+    for round in 0..3 {
+        let events = (0..20)
+            .map(|u| order(&format!("r{round}-{u}"), &format!("user{u}"), 1.0, now))
+            .chain([order(&format!("a{round}"), "alice", 200.0, now)])
+            .collect();
+        ingest(&mut node, events).await;
+        server.node.checkpoint().await.unwrap();
+    }
+    server.shutdown().await;
+
+    let server = Server::start(small_segments).await.unwrap();
+    let mut node = client(&server).await;
+    let mut feed = subscribe_from_now(&mut node).await;
+    apply_rules(
+        &mut node,
+        1,
+        &[("vip", "sum(order_completed.revenue) >= 1000")],
+    )
+    .await;
+    let changes = take(&mut feed, 1).await;
+    assert_eq!(
+        brief(&changes),
+        vec!["alice enter vip at 2026-01-01T00:00:00Z"],
+        "600 from the first batch and 3 x 200 after it"
+    );
+    server.shutdown().await;
+}
