@@ -36,6 +36,17 @@ async fn client(server: &Server) -> NodeClient<Channel> {
         .unwrap()
 }
 
+/// A node on the manual clock in `dir` and a client of it, with `rules`
+/// applied as version 1 (none: no rule set yet).
+async fn start(dir: &std::path::Path, rules: &[(&str, &str)]) -> (Server, NodeClient<Channel>) {
+    let server = Server::start(config(dir)).await.unwrap();
+    let mut node = client(&server).await;
+    if !rules.is_empty() {
+        apply_rules(&mut node, 1, rules).await;
+    }
+    (server, node)
+}
+
 /// Every shard's changes from now on, one per message.
 async fn subscribe_from_now(
     node: &mut NodeClient<Channel>,
@@ -169,8 +180,7 @@ async fn advance(client: &mut NodeClient<Channel>, span: Span) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_subscribe_lookups_time_and_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(config(dir.path())).await.unwrap();
-    let mut node = client(&server).await;
+    let (server, mut node) = start(dir.path(), &[]).await;
     let progress = apply_rules(
         &mut node,
         1,
@@ -276,8 +286,7 @@ async fn ingest_subscribe_lookups_time_and_restart() {
     .await;
     drop(feed);
     server.shutdown().await;
-    let server = Server::start(config(dir.path())).await.unwrap();
-    let mut node = client(&server).await;
+    let (server, mut node) = start(dir.path(), &[]).await;
     let again = ingest(
         &mut node,
         vec![track("v1", "alice", "page_viewed", day80, &[])],
@@ -321,8 +330,7 @@ async fn ingest_subscribe_lookups_time_and_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_events_are_reported_by_index_and_stale_epochs_redirect() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(config(dir.path())).await.unwrap();
-    let mut node = client(&server).await;
+    let (server, mut node) = start(dir.path(), &[]).await;
     let now = start_time();
     let shard = shard_for("alice", SHARDS);
     let mut no_user = track("x2", "alice", "e", now, &[]);
@@ -438,8 +446,7 @@ async fn bad_events_are_reported_by_index_and_stale_epochs_redirect() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rule_updates_backfill_and_carry_their_version() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(config(dir.path())).await.unwrap();
-    let mut node = client(&server).await;
+    let (server, mut node) = start(dir.path(), &[]).await;
     let now = start_time();
     ingest(
         &mut node,
@@ -566,9 +573,7 @@ async fn rule_updates_backfill_and_carry_their_version() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_users_expiring_at_one_instant() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(config(dir.path())).await.unwrap();
-    let mut node = client(&server).await;
-    apply_rules(&mut node, 1, &[("active", "exists(login) in last 1h")]).await;
+    let (server, mut node) = start(dir.path(), &[("active", "exists(login) in last 1h")]).await;
     let now = start_time();
     let events: Vec<pb::Event> = (0..500)
         .map(|i| track(&format!("l{i}"), &format!("user-{i}"), "login", now, &[]))
@@ -614,9 +619,7 @@ async fn many_users_expiring_at_one_instant() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_without_a_time_happened_when_the_node_received_it() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(config(dir.path())).await.unwrap();
-    let mut node = client(&server).await;
-    apply_rules(&mut node, 1, &[("active", "exists(login) in last 1h")]).await;
+    let (server, mut node) = start(dir.path(), &[("active", "exists(login) in last 1h")]).await;
     advance(&mut node, Span::minutes(10)).await;
     let mut feed = subscribe_from_now(&mut node).await;
     let mut untimed = track("u1", "user-1", "login", start_time(), &[]);
@@ -683,9 +686,7 @@ async fn take_batches(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_subscriptions_carry_the_same_changes_in_fewer_messages() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(config(dir.path())).await.unwrap();
-    let mut node = client(&server).await;
-    apply_rules(&mut node, 1, &[("active", "exists(login) in last 1h")]).await;
+    let (server, mut node) = start(dir.path(), &[("active", "exists(login) in last 1h")]).await;
     let now = start_time();
     let from_now = pb::SubscribeRequest {
         from_now: true,
@@ -853,8 +854,7 @@ async fn resuming_subscriptions_see_every_change_exactly_once() {
         state % n
     };
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(config(dir.path())).await.unwrap();
-    let mut node = client(&server).await;
+    let (server, mut node) = start(dir.path(), &[]).await;
     apply_rules(
         &mut node,
         1,
