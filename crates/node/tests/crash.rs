@@ -3,7 +3,8 @@
 //! retries what was not acknowledged (same message ids). At the end, every
 //! event is counted exactly once and each shard's change log has no gap and no
 //! repeat. A torn write (half a record at the end of the log) is also recovered
-//! from.
+//! from. Then new segments are backfilled from the retained events, which must
+//! hold every acknowledged event once too (repeats left out).
 //!
 //! Deterministic plan from a seed (`DYNSEG_SEED`), printed on failure; the kill
 //! moments are random within it.
@@ -150,24 +151,30 @@ fn batches(rng: &mut Rng) -> Vec<pb::EventBatch> {
     out
 }
 
-async fn apply_rules(client: &mut NodeClient<Channel>) {
-    let segments = vec![
-        pb::SegmentDef {
-            id: "k".into(),
-            rule: format!("count(hit) >= {K}"),
-            ..Default::default()
-        },
-        pb::SegmentDef {
-            id: "over".into(),
-            rule: format!("count(hit) >= {}", K + 1),
-            ..Default::default()
-        },
+/// Applies segments `k` (count(hit) >= K) and `over` (>= K + 1), and at
+/// version 2 also `k2` and `over2`, the same counts over a 30-day window: a
+/// new aggregate, so they are backfilled from the retained events.
+async fn apply_rules(client: &mut NodeClient<Channel>, version: u64) {
+    let mut rules = vec![
+        ("k", format!("count(hit) >= {K}")),
+        ("over", format!("count(hit) >= {}", K + 1)),
     ];
-    let mut stream = client
-        .apply_rules(pb::ApplyRulesRequest {
-            version: 1,
-            segments,
+    if version >= 2 {
+        rules.extend([
+            ("k2", format!("count(hit) in last 30d >= {K}")),
+            ("over2", format!("count(hit) in last 30d >= {}", K + 1)),
+        ]);
+    }
+    let segments = rules
+        .into_iter()
+        .map(|(id, rule)| pb::SegmentDef {
+            id: id.into(),
+            rule,
+            ..Default::default()
         })
+        .collect();
+    let mut stream = client
+        .apply_rules(pb::ApplyRulesRequest { version, segments })
         .await
         .unwrap()
         .into_inner();
@@ -207,7 +214,7 @@ async fn acked_events_survive_kill_9_exactly_once() {
 
     let mut node = start_node(&data);
     let mut client = connect(&node.addr).await;
-    apply_rules(&mut client).await;
+    apply_rules(&mut client, 1).await;
 
     let mut acked = vec![false; plan.len()];
     let mut kills = 0;
@@ -311,6 +318,26 @@ async fn acked_events_survive_kill_9_exactly_once() {
         assert_eq!(
             seqs, &expected,
             "shard {shard} has a gap or a repeat (seed {seed})"
+        );
+    }
+
+    // Retained events, exactly once: segments added now are backfilled from
+    // them, and every user is in `k2` and not in `over2`.
+    apply_rules(&mut client, 2).await;
+    for user in 0..USERS {
+        let mut segments = client
+            .get_user(pb::GetUserRequest {
+                user_id: format!("user-{user}"),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .segments;
+        segments.sort();
+        assert_eq!(
+            segments,
+            vec!["k".to_owned(), "k2".to_owned()],
+            "user-{user} after backfill (seed {seed})"
         );
     }
     node.child.kill().unwrap();
