@@ -355,14 +355,16 @@ impl Shard {
         events: &[Event],
         record: bytes::Bytes,
     ) -> Result<BatchOutcome, StoreError> {
-        let day = day_of(now).max(self.last_day);
-        self.last_day = day;
+        let day = day_of(now);
+        // Retained by a day that never goes back (see `last_day`); message ids
+        // by the clock's own day, as backfill reads them from the records.
+        self.last_day = self.last_day.max(day);
         let mut outcome = BatchOutcome {
             batch: self.next_event,
             ..BatchOutcome::default()
         };
         self.unsaved_events
-            .push((day, self.next_event, Retained::Record(record)));
+            .push((self.last_day, self.next_event, Retained::Record(record)));
         self.next_event += 1;
         let oldest_day = day_of(now.minus(self.config.dedupe_horizon));
         let plan = self.plan.clone();
@@ -949,6 +951,37 @@ mod tests {
         let store = crate::store::Store::open(dir, 1 << 20, &dir.join("wal")).unwrap();
         let shard = Shard::open(3, store.shard(3).unwrap(), p, ShardConfig::default()).unwrap();
         (store, shard)
+    }
+
+    #[test]
+    fn retained_batches_stay_in_log_order_when_the_clock_steps_back_a_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = plan(&[("buyers", "exists(order_completed)")], 1);
+        let (_store, mut shard) = open(dir.path(), p);
+        let later = t("2026-01-02T00:10:00Z");
+        let earlier = t("2026-01-01T23:50:00Z");
+        let first = apply(&mut shard, later, &[order("o1", "alice", later)]).unwrap();
+        let second = apply(&mut shard, earlier, &[order("o2", "bob", earlier)]).unwrap();
+        let (a, b) = (
+            Lsn {
+                segment: 4,
+                offset: 0,
+            },
+            Lsn {
+                segment: 5,
+                offset: 0,
+            },
+        );
+        shard.batch_logged(first.batch, a);
+        shard.batch_logged(second.batch, b);
+        shard.checkpoint(later).unwrap();
+        // Keyed by the day the clock showed, the second batch would come
+        // first, and the log could be cut after the first batch's segment.
+        assert_eq!(shard.store().first_logged().unwrap(), Some(a));
+        assert_eq!(
+            shard.store().last_retained_day().unwrap(),
+            Some(day_of(later))
+        );
     }
 
     #[test]
