@@ -832,6 +832,33 @@ async fn a_shard_exported_and_imported_elsewhere_keeps_state_and_cursors() {
         cursor.sequence + 1
     );
     assert_eq!(exit[0].cursor.as_ref().unwrap().epoch, 2);
+
+    // The retained events moved too (the source's log positions travel as
+    // the records): segments over a new aggregate are backfilled from them,
+    // the repeat sent to the new owner left out.
+    let mut feed_b = subscribe_from_now(&mut node_b).await;
+    apply_rules(
+        &mut node_b,
+        2,
+        &[
+            rules[0],
+            ("orders_ever", "count(order_completed) >= 2"),
+            ("orders_3", "count(order_completed) >= 3"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        brief(&take(&mut feed_b, 1).await),
+        vec!["alice enter orders_ever at 2026-04-01T00:00:00Z"]
+    );
+    let alice = node_b
+        .get_user(pb::GetUserRequest {
+            user_id: "alice".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(alice.segments, vec!["orders_ever"]);
     a.shutdown().await;
     b.shutdown().await;
 }
