@@ -47,6 +47,17 @@ async fn start(dir: &std::path::Path, rules: &[(&str, &str)]) -> (Server, NodeCl
     (server, node)
 }
 
+/// What the node answers for `user_id`.
+async fn user(client: &mut NodeClient<Channel>, user_id: &str) -> pb::GetUserResponse {
+    client
+        .get_user(pb::GetUserRequest {
+            user_id: user_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// Every shard's changes from now on, one per message.
 async fn subscribe_from_now(
     node: &mut NodeClient<Channel>,
@@ -229,22 +240,10 @@ async fn ingest_subscribe_lookups_time_and_restart() {
     );
 
     // Lookups.
-    let alice = node
-        .get_user(pb::GetUserRequest {
-            user_id: "alice".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let alice = user(&mut node, "alice").await;
     assert!(alice.exists);
     assert_eq!(alice.segments, vec!["repeat_buyers", "dormant"]);
-    let nobody = node
-        .get_user(pb::GetUserRequest {
-            user_id: "nobody".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let nobody = user(&mut node, "nobody").await;
     assert!(!nobody.exists);
     let counts = node
         .segment_counts(pb::SegmentCountsRequest {})
@@ -794,13 +793,7 @@ async fn a_shard_exported_and_imported_elsewhere_keeps_state_and_cursors() {
         .into_inner();
     assert_eq!(imported.users, 1);
     // The new owner serves it at the next epoch, with the state and the cursor.
-    let alice = node_b
-        .get_user(pb::GetUserRequest {
-            user_id: "alice".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let alice = user(&mut node_b, "alice").await;
     assert_eq!(alice.segments, vec!["repeat_buyers"]);
     let dup = node_b
         .ingest(pb::EventBatch {
@@ -851,13 +844,7 @@ async fn a_shard_exported_and_imported_elsewhere_keeps_state_and_cursors() {
         brief(&take(&mut feed_b, 1).await),
         vec!["alice enter orders_ever at 2026-04-01T00:00:00Z"]
     );
-    let alice = node_b
-        .get_user(pb::GetUserRequest {
-            user_id: "alice".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let alice = user(&mut node_b, "alice").await;
     assert_eq!(alice.segments, vec!["orders_ever"]);
     a.shutdown().await;
     b.shutdown().await;
