@@ -9,7 +9,7 @@
 //! | `m` name | [`ShardMeta`] field (u64 LE) |
 //! | `p` page (u32 BE) | a [page](page) of users: id → [`UserRecord`] |
 //! | `e` day (u32 BE), first batch sequence (u64 BE) | a [block](block) of retained batches: their write-ahead log records (protobuf) |
-//! | `l` day (u32 BE), first batch sequence (u64 BE) | retained batches left in the write-ahead log: their positions (segment, offset: u64 LE each) |
+//! | `l` day (u32 BE), first batch sequence (u64 BE) | retained batches left in the write-ahead log: per batch, its sequence, log segment and offset (u64 LE each) |
 //! | `c` first change sequence (u64 BE) | a [block](block) of changes with their cursors (protobuf) |
 //!
 //! Users, events and changes are grouped (pages, blocks) because sled's cost is
@@ -36,6 +36,7 @@ mod page;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use dynseg_proto::pb;
 use dynseg_rules::{SegmentDef, StateDecodeError, UserState};
@@ -200,6 +201,24 @@ pub enum Retained {
     Logged(Lsn),
 }
 
+impl Retained {
+    /// The record's bytes, if held.
+    fn record(&self) -> Option<&[u8]> {
+        match self {
+            Retained::Record(bytes) => Some(bytes),
+            Retained::Logged(_) => None,
+        }
+    }
+
+    /// The record's position in the log, if logged.
+    fn position(&self) -> Option<Lsn> {
+        match self {
+            Retained::Logged(at) => Some(*at),
+            Retained::Record(_) => None,
+        }
+    }
+}
+
 /// What an identity merge took out of a shard, kept so that a repeat of the
 /// merge gets the same answer.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -253,7 +272,7 @@ pub struct Store {
     db: sled::Db,
     path: PathBuf,
     /// The write-ahead log's directory, where logged retained batches are read.
-    log_dir: PathBuf,
+    log_dir: Arc<Path>,
 }
 
 /// How long [`Store::open`] waits for another holder's lock.
@@ -299,7 +318,7 @@ impl Store {
         Ok(Store {
             db,
             path: path.to_owned(),
-            log_dir: log_dir.to_owned(),
+            log_dir: log_dir.into(),
         })
     }
 
@@ -474,7 +493,7 @@ type KeyValue = (Vec<u8>, Vec<u8>);
 #[derive(Clone)]
 pub struct ShardStore {
     tree: sled::Tree,
-    log_dir: PathBuf,
+    log_dir: Arc<Path>,
 }
 
 const META: u8 = b'm';
@@ -534,7 +553,7 @@ fn corrupt(what: &'static str, reason: impl Into<String>) -> StoreError {
 const LOGGED_PER_VALUE: usize = 4096;
 
 /// An `l` value: per batch, its sequence and its position in the log.
-fn encode_logged<'a>(batches: impl Iterator<Item = (u64, &'a Lsn)>) -> Vec<u8> {
+fn encode_logged<'a>(batches: impl Iterator<Item = &'a (u64, Lsn)>) -> Vec<u8> {
     let mut value = Vec::new();
     for (sequence, at) in batches {
         value.extend_from_slice(&sequence.to_le_bytes());
@@ -749,35 +768,27 @@ impl ShardStore {
             batch.insert(&key[..], page::merge(stored.as_deref(), &updates)?);
         }
 
+        // Runs of one day, all logged or all held as records.
         let same_run = |a: &(u32, u64, Retained), b: &(u32, u64, Retained)| {
-            a.0 == b.0 && matches!(a.2, Retained::Logged(_)) == matches!(b.2, Retained::Logged(_))
+            a.0 == b.0 && a.2.position().is_some() == b.2.position().is_some()
         };
         for run in cp.events.chunk_by(same_run) {
             let day = run[0].0;
-            let logged: Vec<(u64, &Lsn)> = run
+            let logged: Vec<(u64, Lsn)> = run
                 .iter()
-                .filter_map(|(_, sequence, r)| match r {
-                    Retained::Logged(at) => Some((*sequence, at)),
-                    Retained::Record(_) => None,
-                })
+                .filter_map(|(_, sequence, r)| Some((*sequence, r.position()?)))
                 .collect();
             if logged.is_empty() {
-                let size = |(_, _, r): &(u32, u64, Retained)| match r {
-                    Retained::Record(bytes) => bytes.len(),
-                    Retained::Logged(_) => 0,
-                };
+                let size = |(_, _, r): &(u32, u64, Retained)| r.record().map_or(0, <[u8]>::len);
                 for blocked in block::split(run, size) {
-                    let records = blocked.iter().filter_map(|(_, _, r)| match r {
-                        Retained::Record(bytes) => Some(&bytes[..]),
-                        Retained::Logged(_) => None,
-                    });
+                    let records = blocked.iter().filter_map(|(_, _, r)| r.record());
                     let key = events_key(day, blocked[0].1);
                     batch.insert(&key[..], block::encode(0, records));
                 }
             } else {
                 for chunk in logged.chunks(LOGGED_PER_VALUE) {
                     let key = logged_key(day, chunk[0].0);
-                    batch.insert(&key[..], encode_logged(chunk.iter().copied()));
+                    batch.insert(&key[..], encode_logged(chunk.iter()));
                 }
             }
         }
@@ -1153,7 +1164,7 @@ mod tests {
         assert_eq!(copy.retained_since(0).unwrap(), events);
         assert_eq!(copy.first_logged().unwrap(), None);
         assert!(
-            copy.load(&logged_key(1, 1), &encode_logged([(1, &at[0])].into_iter()))
+            copy.load(&logged_key(1, 1), &encode_logged([(1, at[0])].iter()))
                 .is_err()
         );
 

@@ -24,7 +24,7 @@
 //! therefore reads only the last segment, not the whole retention.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 /// A position in the log: a segment and a byte offset in it. Records are ordered
@@ -348,35 +348,25 @@ impl LogReader {
 
     /// The payload of the record at `at`, checksum checked.
     pub fn read(&mut self, at: Lsn) -> Result<&[u8], WalError> {
-        use std::os::unix::fs::FileExt;
         let path = segment_path(&self.dir, at.segment);
-        if self.open.as_ref().is_none_or(|(s, _)| *s != at.segment) {
-            let file = File::open(&path).map_err(io_err(&path))?;
-            self.open = Some((at.segment, file));
-        }
-        let Some((_, file)) = &self.open else {
-            unreachable!("opened above");
+        let mut file = match self.open.take() {
+            Some((segment, file)) if segment == at.segment => file,
+            _ => File::open(&path).map_err(io_err(&path))?,
         };
-        let corrupt = |reason: String| WalError::Corrupt {
+        file.seek(SeekFrom::Start(at.offset))
+            .map_err(io_err(&path))?;
+        let read = read_record(&mut file, &mut self.buf).map_err(io_err(&path))?;
+        self.open = Some((at.segment, file));
+        let reason = match read {
+            Ok(Some(_)) => return Ok(&self.buf),
+            Ok(None) => "no record at this position".to_owned(),
+            Err(reason) => reason,
+        };
+        Err(WalError::Corrupt {
             segment: at.segment,
             offset: at.offset,
             reason,
-        };
-        let mut header = [0u8; HEADER];
-        file.read_exact_at(&mut header, at.offset)
-            .map_err(|e| corrupt(format!("no record header: {e}")))?;
-        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        if len > MAX_RECORD {
-            return Err(corrupt(format!("record length {len} over the limit")));
-        }
-        self.buf.resize(len, 0);
-        file.read_exact_at(&mut self.buf, at.offset + HEADER as u64)
-            .map_err(|e| corrupt(format!("short payload: {e}")))?;
-        if crc32fast::hash(&self.buf) != crc {
-            return Err(corrupt("checksum mismatch".into()));
-        }
-        Ok(&self.buf)
+        })
     }
 }
 
