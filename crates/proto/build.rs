@@ -22,6 +22,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     tonic_prost_build::configure()
         .btree_map(".")
-        .compile_fds(descriptors)?;
+        .compile_fds(descriptors.clone())?;
+    // The node's and the gateway's services once more, with the messages that
+    // carry events swapped for ones that keep each event encoded (module
+    // `encoded`): the same bytes on the wire, no decoding into owned strings
+    // and maps on the way in, no encoding again on the way on.
+    let mut services = descriptors;
+    for file in &mut services.file {
+        if !matches!(
+            file.name(),
+            "dynseg/v1/node.proto" | "dynseg/v1/gateway.proto"
+        ) {
+            file.service.clear();
+        }
+    }
+    let encoded_out = out.join("encoded");
+    std::fs::create_dir_all(&encoded_out)?;
+    tonic_prost_build::configure()
+        .out_dir(&encoded_out)
+        .extern_path(".dynseg.v1", "crate::pb")
+        .extern_path(".dynseg.v1.EventBatch", "crate::encoded::EventBatch")
+        .extern_path(".dynseg.v1.ShardBatches", "crate::encoded::ShardBatches")
+        .extern_path(".dynseg.v1.IngestRequest", "crate::encoded::IngestRequest")
+        .compile_fds(services)?;
     Ok(())
 }

@@ -8,6 +8,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use dynseg_proto::encoded::{self, EventView};
 use dynseg_proto::{BatchRef, pb, shard_for};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -27,41 +29,48 @@ use crate::routing::Routing;
 pub struct Part {
     /// Index in the request of each event.
     pub indexes: Vec<u32>,
-    /// The events.
-    pub events: Vec<pb::Event>,
+    /// The events, encoded as they arrived.
+    pub events: Vec<Bytes>,
 }
 
-/// The key a user is routed by: `user_id`, else `anonymous_id`.
-pub fn user_key(event: &pb::Event) -> Option<&str> {
-    [&event.user_id, &event.anonymous_id]
-        .into_iter()
-        .find(|id| !id.is_empty())
-        .map(String::as_str)
+/// A request's events sorted out: by shard, refused, and the merges asked for.
+#[derive(Debug, Default)]
+pub struct Split {
+    /// The events of each shard, in request order.
+    pub parts: BTreeMap<u32, Part>,
+    /// Events refused here, by index: no user, or not a well-formed event.
+    pub rejected: Vec<pb::RejectedEvent>,
+    /// The identity merges the events ask for, in request order.
+    pub merges: Vec<Merge>,
 }
 
-/// Groups events by shard, keeping request order within each shard; events
-/// with no user are refused here, by index.
-pub fn split(
-    events: Vec<pb::Event>,
-    shard_count: u32,
-) -> (BTreeMap<u32, Part>, Vec<pb::RejectedEvent>) {
-    let mut parts: BTreeMap<u32, Part> = BTreeMap::new();
-    let mut rejected = Vec::new();
+/// Groups encoded events by shard, keeping request order within each shard.
+/// Each event is read in place for its user (and a merge it may ask for);
+/// the events themselves are passed on as they are.
+pub fn split(events: Vec<Bytes>, shard_count: u32) -> Split {
+    let mut split = Split::default();
     for (index, event) in events.into_iter().enumerate() {
         let index = index as u32;
-        match user_key(&event) {
-            Some(user) => {
-                let part = parts.entry(shard_for(user, shard_count)).or_default();
+        let shard = match EventView::parse(&event) {
+            Ok(view) => match view.user_key() {
+                Some(user) => {
+                    split.merges.extend(merge_of(index, &view));
+                    Ok(shard_for(user, shard_count))
+                }
+                None => Err("an event needs a user_id or an anonymous_id".to_owned()),
+            },
+            Err(e) => Err(e.0),
+        };
+        match shard {
+            Ok(shard) => {
+                let part = split.parts.entry(shard).or_default();
                 part.indexes.push(index);
                 part.events.push(event);
             }
-            None => rejected.push(pb::RejectedEvent {
-                index,
-                reason: "an event needs a user_id or an anonymous_id".into(),
-            }),
+            Err(reason) => split.rejected.push(pb::RejectedEvent { index, reason }),
         }
     }
-    (parts, rejected)
+    split
 }
 
 /// Sends events to their shards' owners.
@@ -93,9 +102,9 @@ impl Ingestor {
         }
     }
 
-    /// Ingests `events` and returns the merged reply, rejected indexes as in
-    /// the request.
-    pub async fn ingest(&self, events: Vec<pb::Event>) -> Result<pb::IngestReply, GatewayError> {
+    /// Ingests encoded `events` and returns the merged reply, rejected
+    /// indexes as in the request.
+    pub async fn ingest(&self, events: Vec<Bytes>) -> Result<pb::IngestReply, GatewayError> {
         let started = Instant::now();
         let count = events.len();
         let outcome = self.route(events).await;
@@ -103,14 +112,13 @@ impl Ingestor {
         outcome
     }
 
-    async fn route(&self, events: Vec<pb::Event>) -> Result<pb::IngestReply, GatewayError> {
+    async fn route(&self, events: Vec<Bytes>) -> Result<pb::IngestReply, GatewayError> {
         let shard_count = self.shard_count().await?;
-        let merges: Vec<Merge> = events
-            .iter()
-            .enumerate()
-            .filter_map(|(i, e)| merge_of(i as u32, e))
-            .collect();
-        let (parts, mut rejected) = split(events, shard_count);
+        let Split {
+            parts,
+            mut rejected,
+            merges,
+        } = split(events, shard_count);
         let mut reply = pb::IngestReply::default();
         // One call per owning node carries all its shards' parts; shards with
         // no owner yet (key `None`) and parts a call could not place are
@@ -205,13 +213,14 @@ impl Ingestor {
             );
             Some(local.node.ingest_shards(&batches).instrument(span).await)
         } else if let Some(mut client) =
-            node.and_then(|node| self.routing.borrow().nodes.get(node).cloned())
+            node.and_then(|node| self.routing.borrow().ingest.get(node).cloned())
         {
-            // Copied: a part the node refuses is resent on its own.
-            let batches = pb::ShardBatches {
+            // Shared (each event's bytes are reference-counted): a part the
+            // node refuses is resent on its own.
+            let batches = encoded::ShardBatches {
                 batches: parts
                     .iter()
-                    .map(|(shard, epoch, part)| pb::EventBatch {
+                    .map(|(shard, epoch, part)| encoded::EventBatch {
                         shard: *shard,
                         epoch: *epoch,
                         events: part.events.clone(),
@@ -269,13 +278,10 @@ impl Ingestor {
         }
     }
 
-    async fn send(
-        &self,
-        shard: u32,
-        events: &[pb::Event],
-    ) -> Result<pb::IngestResponse, GatewayError> {
-        self.call_owner(shard, |epoch, mut client| {
-            let batch = pb::EventBatch {
+    async fn send(&self, shard: u32, events: &[Bytes]) -> Result<pb::IngestResponse, GatewayError> {
+        let ingest_client = |table: &Routing, node: &str| table.ingest.get(node).cloned();
+        self.call_owner_with(shard, ingest_client, |epoch, mut client| {
+            let batch = encoded::EventBatch {
                 shard,
                 epoch,
                 events: events.to_vec(),
@@ -293,13 +299,24 @@ impl Ingestor {
     /// not have landed, so only idempotent calls go through here: ingest drops
     /// repeated message ids, merges repeated merge ids). Between attempts it
     /// waits for placement to change, or a moment.
-    pub(crate) async fn call_owner<T, F, Fut>(
+    pub(crate) async fn call_owner<T, F, Fut>(&self, shard: u32, call: F) -> Result<T, GatewayError>
+    where
+        F: FnMut(u64, NodeClient<Conn>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let api_client = |table: &Routing, node: &str| table.nodes.get(node).cloned();
+        self.call_owner_with(shard, api_client, call).await
+    }
+
+    /// [`Ingestor::call_owner`] with the owner's client that `client` picks.
+    async fn call_owner_with<C, T, F, Fut>(
         &self,
         shard: u32,
+        client: impl Fn(&Routing, &str) -> Option<C>,
         mut call: F,
     ) -> Result<T, GatewayError>
     where
-        F: FnMut(u64, NodeClient<Conn>) -> Fut,
+        F: FnMut(u64, C) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let deadline = Instant::now() + self.retry_for;
@@ -308,8 +325,13 @@ impl Ingestor {
             let target = {
                 let table = routing.borrow_and_update();
                 table
-                    .owner(shard)
-                    .map(|(owner, client)| (owner.epoch, owner.node.clone(), client))
+                    .shards
+                    .get(shard as usize)
+                    .and_then(Option::as_ref)
+                    .and_then(|owner| {
+                        let client = client(&table, &owner.node)?;
+                        Some((owner.epoch, owner.node.clone(), client))
+                    })
             };
             let problem = match target {
                 None => format!("shard {shard} has no owner yet"),
@@ -346,12 +368,16 @@ fn retryable(code: Code) -> bool {
 mod tests {
     use super::*;
 
-    fn event(user: &str, anonymous: &str) -> pb::Event {
-        pb::Event {
+    fn event(user: &str, anonymous: &str) -> Bytes {
+        encoded::encode(&pb::Event {
             user_id: user.into(),
             anonymous_id: anonymous.into(),
             ..Default::default()
-        }
+        })
+    }
+
+    fn user_of(event: &[u8]) -> &str {
+        EventView::parse(event).unwrap().user_id
     }
 
     #[test]
@@ -361,10 +387,19 @@ mod tests {
             event("", ""),
             event("", "anon-7"),
             event("alice", "ignored"),
+            Bytes::from_static(&[0x12, 0x05, b'b', b'o', b'b']),
         ];
-        let (parts, rejected) = split(events, 16);
-        assert_eq!(rejected.len(), 1);
+        let Split {
+            parts, rejected, ..
+        } = split(events, 16);
+        assert_eq!(rejected.len(), 2);
         assert_eq!(rejected[0].index, 1);
+        // Cut short: the user id claims five bytes and has three.
+        assert_eq!(rejected[1].index, 4);
+        assert_eq!(
+            rejected[1].reason,
+            "malformed event: the event's bytes end inside a field"
+        );
         let alice = &parts[&shard_for("alice", 16)];
         assert!(alice.indexes.starts_with(&[0]));
         assert!(alice.indexes.contains(&3));
@@ -377,7 +412,7 @@ mod tests {
     /// A node in the same process that records what it is handed and
     /// refuses one shard's batch with `refuse`.
     struct Recording {
-        seen: std::sync::Mutex<Vec<pb::EventBatch>>,
+        seen: std::sync::Mutex<Vec<encoded::EventBatch>>,
         refuse: Option<(u32, Code)>,
     }
 
@@ -404,7 +439,7 @@ mod tests {
                             ..Default::default()
                         },
                     });
-                    self.seen.lock().unwrap().push(pb::EventBatch {
+                    self.seen.lock().unwrap().push(encoded::EventBatch {
                         shard: batch.shard,
                         epoch: batch.epoch,
                         events: batch.events.to_vec(),
@@ -428,9 +463,10 @@ mod tests {
         ];
         // The node's network address refuses connections: whatever reaches
         // it came by the network, not the local handle.
-        let client = crate::routing::node_client("127.0.0.1:9", &routing.credentials)
+        let (api, ingest) = crate::routing::node_clients("127.0.0.1:9", &routing.credentials)
             .expect("a lazy client");
-        routing.nodes.insert(node.into(), client);
+        routing.nodes.insert(node.into(), api);
+        routing.ingest.insert(node.into(), ingest);
         watch::channel(Arc::new(routing)).1
     }
 
@@ -458,13 +494,13 @@ mod tests {
     async fn a_node_in_this_process_is_handed_the_batches_with_their_epochs() {
         let (local, ingestor) = local_ingestor(None);
         let users = ["ann", "bob", "cy", "dee", "eve", "fay"];
-        let events: Vec<pb::Event> = users.iter().map(|u| event(u, "")).collect();
+        let events: Vec<Bytes> = users.iter().map(|u| event(u, "")).collect();
         let reply = ingestor.ingest(events).await.unwrap();
         assert_eq!(reply.accepted, 6);
         let seen = local.seen.lock().unwrap();
         let mut handed: Vec<&str> = seen
             .iter()
-            .flat_map(|b| b.events.iter().map(|e| e.user_id.as_str()))
+            .flat_map(|b| b.events.iter().map(|e| user_of(e)))
             .collect();
         handed.sort_unstable();
         assert_eq!(handed, users);
@@ -474,7 +510,7 @@ mod tests {
                 batch
                     .events
                     .iter()
-                    .all(|e| shard_for(&e.user_id, 4) == batch.shard)
+                    .all(|e| shard_for(user_of(e), 4) == batch.shard)
             );
         }
     }

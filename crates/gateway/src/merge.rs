@@ -8,6 +8,7 @@
 //! the user's shard folds it in (once per merge id, which it keeps with the
 //! user's message ids).
 
+use dynseg_proto::encoded::EventView;
 use dynseg_proto::pb;
 use dynseg_proto::shard_for;
 
@@ -29,19 +30,19 @@ pub struct Merge {
 
 /// The merge `event` asks for, if any: an alias from `previous_id` to
 /// `user_id`, or an identify with both `user_id` and `anonymous_id`.
-pub fn merge_of(index: u32, event: &pb::Event) -> Option<Merge> {
-    let from = match pb::EventType::try_from(event.r#type) {
-        Ok(pb::EventType::Alias) => &event.previous_id,
-        Ok(pb::EventType::Identify) => &event.anonymous_id,
+pub fn merge_of(index: u32, event: &EventView<'_>) -> Option<Merge> {
+    let from = match event.kind() {
+        Some(pb::EventType::Alias) => event.previous_id,
+        Some(pb::EventType::Identify) => event.anonymous_id,
         _ => return None,
     };
-    if event.user_id.is_empty() || from.is_empty() || *from == event.user_id {
+    if event.user_id.is_empty() || from.is_empty() || from == event.user_id {
         return None;
     }
     Some(Merge {
         index,
-        user: event.user_id.clone(),
-        from: from.clone(),
+        user: event.user_id.to_owned(),
+        from: from.to_owned(),
         merge_id: format!("{}\u{1f}{from}\u{1f}{}", event.message_id, event.user_id),
     })
 }
@@ -89,15 +90,19 @@ impl Ingestor {
 mod tests {
     use super::*;
 
-    fn event(kind: pb::EventType, user: &str, anonymous: &str, previous: &str) -> pb::Event {
-        pb::Event {
+    fn event(kind: pb::EventType, user: &str, anonymous: &str, previous: &str) -> bytes::Bytes {
+        dynseg_proto::encoded::encode(&pb::Event {
             message_id: "m1".into(),
             r#type: kind as i32,
             user_id: user.into(),
             anonymous_id: anonymous.into(),
             previous_id: previous.into(),
             ..Default::default()
-        }
+        })
+    }
+
+    fn merge_of(index: u32, event: &[u8]) -> Option<Merge> {
+        super::merge_of(index, &EventView::parse(event).unwrap())
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use dynseg_proto::auth::Credentials;
 use dynseg_proto::client::{self, Conn};
+use dynseg_proto::encoded;
 use dynseg_proto::pb;
 use dynseg_proto::pb::control_client::ControlClient;
 use dynseg_proto::pb::node_client::NodeClient;
@@ -34,6 +35,9 @@ pub struct Routing {
     pub shards: Vec<Option<Owner>>,
     /// A client per node, by node id.
     pub nodes: BTreeMap<String, NodeClient<Conn>>,
+    /// A client per node for ingest, on the same connection, sending events
+    /// encoded as they arrived.
+    pub ingest: BTreeMap<String, IngestClient>,
     /// Each node's address, by node id.
     pub addresses: BTreeMap<String, String>,
     /// What this gateway presents to nodes.
@@ -77,18 +81,24 @@ impl Routing {
 
     fn rebuild(&self, revision: u64, topology: &pb::Topology) -> Routing {
         let mut nodes = BTreeMap::new();
+        let mut ingest = BTreeMap::new();
         for node in &topology.nodes {
-            // Keep an existing client (and its connection) when the address is unchanged.
-            let client = match self.nodes.get(&node.id) {
-                Some(client) if self.addresses.get(&node.id) == Some(&node.address) => {
-                    client.clone()
+            // Keep existing clients (and their connection) when the address is unchanged.
+            let kept = match (self.nodes.get(&node.id), self.ingest.get(&node.id)) {
+                (Some(api), Some(ingest))
+                    if self.addresses.get(&node.id) == Some(&node.address) =>
+                {
+                    Some((api.clone(), ingest.clone()))
                 }
-                _ => match node_client(&node.address, &self.credentials) {
-                    Some(client) => client,
-                    None => continue,
-                },
+                _ => None,
             };
-            nodes.insert(node.id.clone(), client);
+            let Some((api, ingest_client)) =
+                kept.or_else(|| node_clients(&node.address, &self.credentials))
+            else {
+                continue;
+            };
+            nodes.insert(node.id.clone(), api);
+            ingest.insert(node.id.clone(), ingest_client);
         }
         let shards = topology
             .shards
@@ -105,6 +115,7 @@ impl Routing {
             shard_count: topology.shard_count,
             shards,
             nodes,
+            ingest,
             addresses: topology
                 .nodes
                 .iter()
@@ -115,13 +126,23 @@ impl Routing {
     }
 }
 
-pub(crate) fn node_client(address: &str, credentials: &Credentials) -> Option<NodeClient<Conn>> {
+/// A node's client for ingest (see [`Routing::ingest`]).
+pub type IngestClient = encoded::node_client::NodeClient<Conn>;
+
+/// A node's two clients, on one lazily connected channel.
+pub(crate) fn node_clients(
+    address: &str,
+    credentials: &Credentials,
+) -> Option<(NodeClient<Conn>, IngestClient)> {
     let endpoint = client::endpoint(address, credentials).ok()?;
     let channel = client::lazy(
         endpoint.connect_timeout(Duration::from_secs(1)),
         credentials.clone(),
     );
-    Some(NodeClient::new(channel).max_decoding_message_size(64 << 20))
+    Some((
+        NodeClient::new(channel.clone()).max_decoding_message_size(64 << 20),
+        IngestClient::new(channel),
+    ))
 }
 
 /// Registers this gateway, follows the control plane's `Watch` and publishes a new [`Routing`] on every

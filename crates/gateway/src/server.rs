@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dynseg_proto::auth::{Access, AccessLayer, Credentials};
+use dynseg_proto::encoded::gateway_server::GatewayServer as GatewayGrpc;
 use dynseg_proto::pb;
 use dynseg_proto::pb::control_server::ControlServer as ControlGrpc;
-use dynseg_proto::pb::gateway_server::GatewayServer as GatewayGrpc;
 use dynseg_proto::serving;
 use dynseg_telemetry::metrics::ScrapeHook;
 use tokio::net::TcpListener;

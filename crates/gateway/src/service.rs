@@ -5,9 +5,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use dynseg_proto::client::Conn;
+use dynseg_proto::encoded::{self, gateway_server::Gateway};
 use dynseg_proto::history;
 use dynseg_proto::pb;
-use dynseg_proto::pb::gateway_server::Gateway;
 use dynseg_proto::pb::node_client::NodeClient;
 use dynseg_proto::shard_for;
 use tokio::sync::{mpsc, watch};
@@ -73,7 +73,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 impl Gateway for GatewayService {
     async fn ingest(
         &self,
-        request: Request<pb::IngestRequest>,
+        request: Request<encoded::IngestRequest>,
     ) -> Result<Response<pb::IngestReply>, Status> {
         let reply = self.ingestor.ingest(request.into_inner().events).await?;
         Ok(Response::new(reply))
@@ -83,7 +83,7 @@ impl Gateway for GatewayService {
 
     async fn ingest_stream(
         &self,
-        request: Request<Streaming<pb::IngestRequest>>,
+        request: Request<Streaming<encoded::IngestRequest>>,
     ) -> Result<Response<Self::IngestStreamStream>, Status> {
         let mut batches = request.into_inner();
         let ingestor = self.ingestor.clone();
@@ -113,7 +113,8 @@ impl Gateway for GatewayService {
         if event.r#type == pb::EventType::Unspecified as i32 {
             event.r#type = pb::EventType::Track as i32;
         }
-        Ok(Response::new(self.ingestor.ingest(vec![event]).await?))
+        let events = vec![encoded::encode(&event)];
+        Ok(Response::new(self.ingestor.ingest(events).await?))
     }
 
     async fn identify(
@@ -122,7 +123,8 @@ impl Gateway for GatewayService {
     ) -> Result<Response<pb::IngestReply>, Status> {
         let mut event = request.into_inner();
         event.r#type = pb::EventType::Identify as i32;
-        Ok(Response::new(self.ingestor.ingest(vec![event]).await?))
+        let events = vec![encoded::encode(&event)];
+        Ok(Response::new(self.ingestor.ingest(events).await?))
     }
 
     type SubscribeStream = BoxStream<pb::GatewayChange>;

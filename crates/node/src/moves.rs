@@ -742,13 +742,14 @@ fn unavailable_join(e: &tokio::task::JoinError) -> NodeError {
 fn replay(node: &Node, shard: &mut Shard, records: &[Vec<u8>]) -> Result<Vec<Logged>, NodeError> {
     let mut changes = Vec::new();
     for payload in records {
-        let record = WalRecord::decode(payload.as_slice())
+        let payload = bytes::Bytes::copy_from_slice(payload);
+        let record = WalRecord::from_shared(payload.clone())
             .map_err(|e| NodeError::Invalid(format!("undecodable input from the source: {e}")))?;
         if let Some(Input::Rules(request)) = &record.input {
             node.store()
                 .put_rules_version(request.version, &rule_defs(request)?)?;
         }
-        changes.extend(apply_input(shard, &record, payload)?);
+        changes.extend(apply_input(shard, &record, &payload)?);
     }
     Ok(changes)
 }

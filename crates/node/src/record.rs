@@ -1,7 +1,8 @@
 //! What the write-ahead log records: the inputs of a shard, each with the `now` it
 //! was applied at, so that replay applies them exactly as they were applied.
 
-use dynseg_proto::pb;
+use bytes::Bytes;
+use dynseg_proto::{encoded, pb};
 use prost::Message;
 
 /// One log record.
@@ -21,9 +22,9 @@ pub struct WalRecord {
 /// A shard input.
 #[derive(Clone, PartialEq, prost::Oneof)]
 pub enum Input {
-    /// Validated events (rejected ones are not logged).
+    /// Validated events (rejected ones are not logged), each as it arrived.
     #[prost(message, tag = "3")]
-    Batch(pb::EventBatch),
+    Batch(encoded::EventBatch),
     /// Time moved to `now_ms`: due wake-ups fire.
     #[prost(message, tag = "4")]
     Tick(Tick),
@@ -51,11 +52,23 @@ impl WalRecord {
     pub fn to_bytes(&self) -> Vec<u8> {
         self.encode_to_vec()
     }
+
+    /// Decodes a record from its bytes, copied once: a batch's events are
+    /// slices of that copy (decoded from a borrowed slice, each event would
+    /// be copied on its own).
+    pub fn from_slice(payload: &[u8]) -> Result<WalRecord, prost::DecodeError> {
+        WalRecord::from_shared(Bytes::copy_from_slice(payload))
+    }
+
+    /// Decodes a record from bytes it shares.
+    pub fn from_shared(payload: Bytes) -> Result<WalRecord, prost::DecodeError> {
+        WalRecord::decode(payload)
+    }
 }
 
-/// Encodes a `pb::EventBatch` from borrowed events, as prost would encode the
-/// owned message: ingest logs the events it was given without copying them
-/// into a message first.
+/// Encodes an `EventBatch` from borrowed encoded events: ingest logs the
+/// events it was given as they arrived, copied once, never decoded into a
+/// message and encoded again.
 pub struct BatchEncoder {
     buf: Vec<u8>,
 }
@@ -74,24 +87,26 @@ impl BatchEncoder {
         BatchEncoder { buf }
     }
 
-    /// Appends an event.
-    pub fn push(&mut self, event: &pb::Event) {
-        prost::encoding::message::encode(3, event, &mut self.buf);
+    /// Appends an encoded event.
+    pub fn push(&mut self, event: &[u8]) {
+        use prost::encoding::{WireType, encode_key, encode_varint};
+        encode_key(3, WireType::LengthDelimited, &mut self.buf);
+        encode_varint(event.len() as u64, &mut self.buf);
+        self.buf.extend_from_slice(event);
     }
 
-    /// Appends `event`, which has no time, as if its `timestamp_ms` were
-    /// `timestamp_ms`, without copying it to set the field: prost left the
-    /// zero field out, so it is written after the others, and a decoder
-    /// reads the same event either way.
-    pub fn push_at(&mut self, event: &pb::Event, timestamp_ms: i64) {
+    /// Appends encoded `event`, which has no time, as if its `timestamp_ms`
+    /// were `timestamp_ms`, without decoding it to set the field: a field
+    /// written after the others replaces any earlier one, so a decoder reads
+    /// the event with this time.
+    pub fn push_at(&mut self, event: &[u8], timestamp_ms: i64) {
         use prost::encoding::{WireType, encode_key, encode_varint, int64};
         // `Event.timestamp_ms` in proto/dynseg/v1/events.proto.
         const TIMESTAMP_MS: u32 = 6;
-        debug_assert_eq!(event.timestamp_ms, 0);
-        let len = event.encoded_len() + int64::encoded_len(TIMESTAMP_MS, &timestamp_ms);
+        let len = event.len() + int64::encoded_len(TIMESTAMP_MS, &timestamp_ms);
         encode_key(3, WireType::LengthDelimited, &mut self.buf);
         encode_varint(len as u64, &mut self.buf);
-        event.encode_raw(&mut self.buf);
+        self.buf.extend_from_slice(event);
         int64::encode(TIMESTAMP_MS, &timestamp_ms, &mut self.buf);
     }
 
@@ -153,7 +168,7 @@ mod tests {
             let events: Vec<pb::Event> = (0..n).map(|i| event(i, i as i64 * 1000)).collect();
             let mut encoder = BatchEncoder::new(shard, epoch);
             for e in &events {
-                encoder.push(e);
+                encoder.push(&e.encode_to_vec());
             }
             let batch = pb::EventBatch {
                 shard,
@@ -165,11 +180,11 @@ mod tests {
             let record = WalRecord {
                 shard,
                 now_ms,
-                input: Some(Input::Batch(batch)),
+                input: Some(Input::Batch(encoded::EventBatch::from(&batch))),
             };
             let raw = batch_record(shard, now_ms, &encoded);
             assert_eq!(&raw[..], &record.to_bytes()[..], "record of {n}");
-            assert_eq!(WalRecord::decode(&raw[..]).unwrap(), record);
+            assert_eq!(WalRecord::from_slice(&raw[..]).unwrap(), record);
         }
     }
 
@@ -179,9 +194,9 @@ mod tests {
         let mut encoder = BatchEncoder::new(2, 3);
         for (i, e) in events.iter().enumerate() {
             if i % 2 == 0 {
-                encoder.push_at(e, 1_700_000_000_000 + i as i64);
+                encoder.push_at(&e.encode_to_vec(), 1_700_000_000_000 + i as i64);
             } else {
-                encoder.push(e);
+                encoder.push(&e.encode_to_vec());
             }
         }
         let filled = events

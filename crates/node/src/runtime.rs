@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use dynseg_proto::encoded::decode_event;
 use dynseg_proto::pb;
 use dynseg_rules::{
     Event, Explanation, Limits, Plan, RuleVersion, SegmentDef, SegmentId, Timestamp, UserId,
@@ -276,7 +277,7 @@ fn log_needed_from(
 pub(crate) fn apply_input(
     shard: &mut Shard,
     record: &WalRecord,
-    payload: &[u8],
+    payload: &bytes::Bytes,
 ) -> Result<Vec<Logged>, NodeError> {
     let now = Timestamp(record.now_ms);
     match &record.input {
@@ -284,11 +285,9 @@ pub(crate) fn apply_input(
             let events: Vec<Event> = batch
                 .events
                 .iter()
-                .cloned()
-                .filter_map(|e| Event::try_from(e).ok())
+                .filter_map(|e| decode_event(e).ok())
                 .collect();
-            let record = bytes::Bytes::copy_from_slice(payload);
-            Ok(shard.apply_batch(now, &events, record)?.changes)
+            Ok(shard.apply_batch(now, &events, payload.clone())?.changes)
         }
         Some(Input::Tick(_)) => Ok(shard.tick(now)?),
         Some(Input::Rules(request)) => {
@@ -372,7 +371,8 @@ impl Node {
             .unwrap_or_default();
         let mut replayed = 0u64;
         Wal::replay(&wal_dir, from, |at, payload| {
-            let Ok(record) = <WalRecord as prost::Message>::decode(payload) else {
+            let payload = bytes::Bytes::copy_from_slice(payload);
+            let Ok(record) = WalRecord::from_shared(payload.clone()) else {
                 tracing::warn!(?at, "skipping an undecodable write-ahead log record");
                 return Ok(());
             };
@@ -391,7 +391,7 @@ impl Node {
                 && at >= shard.replay_from()
             {
                 let batch = shard.next_batch();
-                if let Err(e) = apply_input(shard, &record, payload) {
+                if let Err(e) = apply_input(shard, &record, &payload) {
                     tracing::error!(shard = record.shard, error = %e, "replaying a record failed");
                 }
                 shard.applied_record(at);

@@ -7,10 +7,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use dynseg_proto::BatchRef;
-use dynseg_proto::pb::{self, node_server};
-use dynseg_rules::{
-    Event, Plan, RuleVersion, SegmentDef, SegmentId, Span, Timestamp, UserId, UserState,
-};
+use dynseg_proto::encoded::{self, decode_event, node_server};
+use dynseg_proto::pb;
+use dynseg_rules::{Plan, RuleVersion, SegmentDef, SegmentId, Span, Timestamp, UserId, UserState};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -212,19 +211,19 @@ impl NodeService {
         let mut accepted = crate::record::BatchEncoder::new(batch.shard, batch.epoch);
         let mut rejected = Vec::new();
         for (index, raw) in batch.events.iter().enumerate() {
-            // No timestamp: the event happened when the node received it
-            // (recorded in the log as filled in, so replay sees the same).
-            let untimed = raw.timestamp_ms == 0;
-            let checked = Event::try_from(raw).map_err(|e| e.0).and_then(|mut event| {
+            let checked = decode_event(raw).map_err(|e| e.0).and_then(|mut event| {
+                // No timestamp: the event happened when the node received it
+                // (recorded in the log as filled in, so replay sees the same).
+                let untimed = event.timestamp.millis() == 0;
                 if untimed {
                     event.timestamp = now;
                 }
                 limits
                     .check(&event, now, batch.shard, shard_count)
-                    .map(|()| event)
+                    .map(|()| (event, untimed))
             });
             match checked {
-                Ok(event) => {
+                Ok((event, untimed)) => {
                     events.push(event);
                     if untimed {
                         accepted.push_at(raw, now.millis());
@@ -324,7 +323,7 @@ fn overlap_segments(plan: &Plan, segments: &[String]) -> Result<Vec<SegmentId>, 
 impl node_server::Node for NodeService {
     async fn ingest(
         &self,
-        request: Request<pb::EventBatch>,
+        request: Request<encoded::EventBatch>,
     ) -> Result<Response<pb::IngestResponse>, Status> {
         let started = Instant::now();
         let batch = request.into_inner();
@@ -338,7 +337,7 @@ impl node_server::Node for NodeService {
 
     async fn ingest_shards(
         &self,
-        request: Request<pb::ShardBatches>,
+        request: Request<encoded::ShardBatches>,
     ) -> Result<Response<pb::ShardBatchResults>, Status> {
         let batches = request.into_inner().batches;
         let refs: Vec<BatchRef<'_>> = batches.iter().map(BatchRef::of).collect();
@@ -349,7 +348,7 @@ impl node_server::Node for NodeService {
 
     async fn ingest_stream(
         &self,
-        request: Request<Streaming<pb::EventBatch>>,
+        request: Request<Streaming<encoded::EventBatch>>,
     ) -> Result<Response<Self::IngestStreamStream>, Status> {
         let mut batches = request.into_inner();
         let (pending_tx, mut pending_rx) =

@@ -11,11 +11,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+use dynseg_proto::encoded::decode_event;
 use dynseg_proto::{convert::change_to_wire, pb};
 use dynseg_rules::{
     Change, Event, Explanation, Plan, SegmentId, Span, Timestamp, UserId, UserState,
 };
-use prost::Message;
 
 use crate::store::{
     ChangeRecords, Checkpoint, MergedOut, Retained, ShardMeta, ShardStore, StoreError, UserRecord,
@@ -497,11 +497,13 @@ impl Shard {
         let mut records = self.store.retained_since(0)?;
         let mut log = LogReader::new(self.store.log_dir());
         for (_, _, retained) in &self.unsaved_events {
-            let bytes = match retained {
-                Retained::Record(bytes) => &bytes[..],
-                Retained::Logged(at) => log.read(*at).map_err(StoreError::from)?,
+            let record = match retained {
+                Retained::Record(bytes) => crate::record::WalRecord::from_shared(bytes.clone())?,
+                Retained::Logged(at) => {
+                    crate::record::WalRecord::from_slice(log.read(*at).map_err(StoreError::from)?)?
+                }
             };
-            records.push(crate::record::WalRecord::decode(bytes)?);
+            records.push(record);
         }
         let mut first_seen: FastMap<(UserId, u128), u32> = FastMap::default();
         let mut retained: FastMap<UserId, Vec<Event>> = FastMap::default();
@@ -512,7 +514,7 @@ impl Shard {
             let now = Timestamp(record.now_ms);
             let (day, oldest_day) = (day_of(now), day_of(now.minus(self.config.dedupe_horizon)));
             for wire in batch.events {
-                let Ok(event) = Event::try_from(wire) else {
+                let Ok(event) = decode_event(&wire) else {
                     continue;
                 };
                 let key = (event.user.clone(), message_hash(event.message_id.as_str()));
@@ -899,6 +901,7 @@ impl Shard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dynseg_proto::encoded;
     use dynseg_rules::{Limits, Properties, RuleVersion, SegmentDef, Value};
 
     fn plan(rules: &[(&str, &str)], version: u64) -> Arc<Plan> {
@@ -924,10 +927,13 @@ mod tests {
         let record = crate::record::WalRecord {
             shard: shard.id(),
             now_ms: now.millis(),
-            input: Some(crate::record::Input::Batch(pb::EventBatch {
+            input: Some(crate::record::Input::Batch(encoded::EventBatch {
                 shard: shard.id(),
                 epoch: shard.epoch(),
-                events: events.iter().map(pb::Event::from).collect(),
+                events: events
+                    .iter()
+                    .map(|e| encoded::encode(&pb::Event::from(e)))
+                    .collect(),
             })),
         };
         shard.apply_batch(now, events, record.to_bytes().into())
@@ -1051,10 +1057,10 @@ mod tests {
         let batch = crate::record::WalRecord {
             shard: 3,
             now_ms: now.millis(),
-            input: Some(crate::record::Input::Batch(pb::EventBatch {
+            input: Some(crate::record::Input::Batch(encoded::EventBatch {
                 shard: 3,
                 epoch: 0,
-                events: vec![pb::Event::from(&order("o1", "anon", now))],
+                events: vec![encoded::encode(&pb::Event::from(&order("o1", "anon", now)))],
             })),
         };
         let out = crate::record::WalRecord {
@@ -1073,7 +1079,7 @@ mod tests {
             let (_store, mut shard) = open(dir.path(), p.clone());
             let mut all = Vec::new();
             for record in [&batch, &out] {
-                let bytes = record.to_bytes();
+                let bytes = record.to_bytes().into();
                 all.extend(summary(
                     &crate::runtime::apply_input(&mut shard, record, &bytes).unwrap(),
                 ));
@@ -1095,7 +1101,7 @@ mod tests {
                     ..Default::default()
                 })),
             };
-            let bytes = into.to_bytes();
+            let bytes = into.to_bytes().into();
             all.extend(summary(
                 &crate::runtime::apply_input(&mut shard, &into, &bytes).unwrap(),
             ));

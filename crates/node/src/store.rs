@@ -929,11 +929,11 @@ impl ShardStore {
         for (_, kind, value) in runs {
             if kind == LOGGED {
                 for (_, at) in decode_logged(&value)? {
-                    out.push(WalRecord::decode(reader.read(at)?)?);
+                    out.push(WalRecord::from_slice(reader.read(at)?)?);
                 }
             } else {
                 for record in block::records(&value) {
-                    out.push(WalRecord::decode(record?)?);
+                    out.push(WalRecord::from_slice(record?)?);
                 }
             }
         }
@@ -1064,11 +1064,13 @@ mod tests {
         WalRecord {
             shard: 7,
             now_ms: 1,
-            input: Some(crate::record::Input::Batch(pb::EventBatch {
-                shard: 7,
-                epoch: 3,
-                events: vec![event],
-            })),
+            input: Some(crate::record::Input::Batch(
+                dynseg_proto::encoded::EventBatch {
+                    shard: 7,
+                    epoch: 3,
+                    events: vec![dynseg_proto::encoded::encode(&event)],
+                },
+            )),
         }
     }
 

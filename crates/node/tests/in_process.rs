@@ -442,6 +442,59 @@ async fn bad_events_are_reported_by_index_and_stale_epochs_redirect() {
     server.shutdown().await;
 }
 
+/// An event whose bytes are not a well-formed `Event` (here a user id that is
+/// not UTF-8) costs only itself: prost would have refused the whole request.
+/// The events around it are kept and retained as they arrived: a rule applied
+/// after a restart is backfilled from them and counts each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_event_is_refused_alone_and_the_rest_are_retained() {
+    use dynseg_proto::encoded;
+    use prost::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _) = start(dir.path(), &[]).await;
+    let now = start_time();
+    let shard = shard_for("alice", SHARDS);
+    let mut broken = track("x2", "alice", "e", now, &[]).encode_to_vec();
+    let at = broken.windows(5).position(|w| w == b"alice").unwrap();
+    broken[at] = 0xff;
+    let events = vec![
+        track("x1", "alice", "e", now, &[]).encode_to_vec().into(),
+        broken.into(),
+        track("x3", "alice", "e", now, &[]).encode_to_vec().into(),
+    ];
+    let mut raw = encoded::node_client::NodeClient::connect(format!("http://{}", server.addr))
+        .await
+        .unwrap();
+    let ack = raw
+        .ingest(encoded::EventBatch {
+            shard,
+            epoch: 1,
+            events,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ack.accepted, 2);
+    let rejected: Vec<(u32, &str)> = ack
+        .rejected
+        .iter()
+        .map(|r| (r.index, r.reason.as_str()))
+        .collect();
+    assert_eq!(
+        rejected,
+        [(1, "malformed event: field 2 is not valid UTF-8")]
+    );
+    server.shutdown().await;
+    let (server, mut node) = start(
+        dir.path(),
+        &[("twice", "count(e) >= 2"), ("thrice", "count(e) >= 3")],
+    )
+    .await;
+    assert_eq!(user(&mut node, "alice").await.segments, ["twice"]);
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rule_updates_backfill_and_carry_their_version() {
     let dir = tempfile::tempdir().unwrap();

@@ -4,6 +4,9 @@
 //!   `proto/dynseg/v1/*.proto` at build time.
 //! - [`convert`]: the one place wire types become domain types (`TryFrom`, which
 //!   rejects malformed input with a reason) and domain types become wire types.
+//! - [`encoded`]: the ingest messages with each event left encoded, the
+//!   servers that take them, and [`encoded::EventView`], which reads an
+//!   encoded event in place.
 //! - [`routing`]: which shard a user belongs to.
 //! - [`history`]: segment size history: intervals, per-shard points, sums.
 //! - [`auth`]: roles, token stores, the access check every server runs, and
@@ -17,6 +20,7 @@ pub mod auth;
 pub mod batch;
 pub mod client;
 pub mod convert;
+pub mod encoded;
 pub mod history;
 pub mod routing;
 pub mod serving;

@@ -185,7 +185,7 @@ async fn receive(
         match api.convert(raw, call, &envelope) {
             Ok(event) => {
                 positions.push(index as u32);
-                events.push(event);
+                events.push(dynseg_proto::encoded::encode(&event));
             }
             Err(reason) => rejected.push(pb::RejectedEvent {
                 index: index as u32,

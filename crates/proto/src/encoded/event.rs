@@ -1,0 +1,317 @@
+//! [`EventView`]: an encoded `dynseg.v1.Event` read in place.
+//!
+//! The gateway routes an event by its user and the node turns it into a domain
+//! [`Event`]; neither needs the owned `pb::Event` prost would build (a `String`
+//! per id, a map node, key and value per property) only to read it once and
+//! drop it. The view reads the ids as `&str` into the event's bytes, and the
+//! node builds the domain event straight from them.
+//!
+//! It decodes exactly as prost would: fields in any order, the last of a
+//! repeated scalar winning, repeated map keys keeping the last value, repeated
+//! embedded messages merged, unknown fields skipped. A property test checks
+//! this against prost and `TryFrom<&pb::Event>`. Where prost would refuse the
+//! whole request (a string that is not UTF-8, a cut field), the view refuses
+//! only that event, so the rest of its batch is kept.
+
+use dynseg_rules::{Event, EventBody, Properties, Timestamp, UserId, Value};
+
+use super::wire::{FIXED64, LEN, Malformed, Reader, expect};
+use crate::ConvertError;
+use crate::pb;
+
+/// Field numbers of `Event` in proto/dynseg/v1/events.proto.
+mod field {
+    pub(super) const MESSAGE_ID: u32 = 1;
+    pub(super) const USER_ID: u32 = 2;
+    pub(super) const ANONYMOUS_ID: u32 = 3;
+    pub(super) const TYPE: u32 = 4;
+    pub(super) const EVENT: u32 = 5;
+    pub(super) const TIMESTAMP_MS: u32 = 6;
+    pub(super) const PROPERTIES: u32 = 7;
+    pub(super) const TRAITS: u32 = 8;
+    pub(super) const PREVIOUS_ID: u32 = 9;
+}
+
+/// Lists may nest, but not without bound: decoding is recursive (the same
+/// bound as the conversion from `pb::Value`).
+const MAX_VALUE_DEPTH: usize = 16;
+
+/// The scalar fields of one encoded event, borrowed from its bytes; the
+/// property and trait maps are read when [`EventView::to_event`] needs them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EventView<'a> {
+    bytes: &'a [u8],
+    /// `message_id` ("" when absent, as in proto3).
+    pub message_id: &'a str,
+    /// `user_id`.
+    pub user_id: &'a str,
+    /// `anonymous_id`.
+    pub anonymous_id: &'a str,
+    /// `type`, as the number on the wire.
+    pub event_type: i32,
+    /// `event`: a track event's name.
+    pub event: &'a str,
+    /// `timestamp_ms` (0: unset).
+    pub timestamp_ms: i64,
+    /// `previous_id`: an alias's other id.
+    pub previous_id: &'a str,
+}
+
+fn malformed(e: Malformed) -> ConvertError {
+    ConvertError(format!("malformed event: {e}"))
+}
+
+impl<'a> EventView<'a> {
+    /// Reads the event's scalar fields, checking that every field is well
+    /// formed and every string UTF-8; the maps' entries are checked by
+    /// [`EventView::to_event`].
+    pub fn parse(bytes: &'a [u8]) -> Result<EventView<'a>, ConvertError> {
+        let mut view = EventView {
+            bytes,
+            message_id: "",
+            user_id: "",
+            anonymous_id: "",
+            event_type: 0,
+            event: "",
+            timestamp_ms: 0,
+            previous_id: "",
+        };
+        let mut reader = Reader::new(bytes);
+        while !reader.is_empty() {
+            let (number, wire_type) = reader.key().map_err(malformed)?;
+            let read = match number {
+                field::MESSAGE_ID => reader
+                    .string(number, wire_type)
+                    .map(|s| view.message_id = s),
+                field::USER_ID => reader.string(number, wire_type).map(|s| view.user_id = s),
+                field::ANONYMOUS_ID => reader
+                    .string(number, wire_type)
+                    .map(|s| view.anonymous_id = s),
+                // Enums and int64 are varints; prost keeps their low bits.
+                field::TYPE => reader
+                    .varint_field(number, wire_type)
+                    .map(|v| view.event_type = v as i32),
+                field::EVENT => reader.string(number, wire_type).map(|s| view.event = s),
+                field::TIMESTAMP_MS => reader
+                    .varint_field(number, wire_type)
+                    .map(|v| view.timestamp_ms = v as i64),
+                field::PROPERTIES | field::TRAITS => reader.message(number, wire_type).map(drop),
+                field::PREVIOUS_ID => reader
+                    .string(number, wire_type)
+                    .map(|s| view.previous_id = s),
+                _ => reader.skip(wire_type),
+            };
+            read.map_err(malformed)?;
+        }
+        Ok(view)
+    }
+
+    /// The encoded event.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+
+    /// The key the event is routed by: `user_id`, else `anonymous_id`.
+    pub fn user_key(&self) -> Option<&'a str> {
+        [self.user_id, self.anonymous_id]
+            .into_iter()
+            .find(|id| !id.is_empty())
+    }
+
+    /// The event's type, if it is one this version knows.
+    pub fn kind(&self) -> Option<pb::EventType> {
+        pb::EventType::try_from(self.event_type).ok()
+    }
+
+    /// The domain event, with the same checks and reasons as
+    /// `Event::try_from(&pb::Event)`. A map the event's type does not use is
+    /// checked to be well formed too (not for its content, which the
+    /// conversion ignores), so an accepted event always decodes as a
+    /// `pb::Event`.
+    pub fn to_event(&self) -> Result<Event, ConvertError> {
+        let Some(user) = self.user_key() else {
+            return Err(ConvertError(
+                "the event has neither user_id nor anonymous_id".into(),
+            ));
+        };
+        if self.message_id.is_empty() {
+            return Err(ConvertError("the event has no message_id".into()));
+        }
+        let body = match self.kind() {
+            Some(pb::EventType::Track) => {
+                if self.event.is_empty() {
+                    return Err(ConvertError("a track event needs an event name".into()));
+                }
+                let properties = self.properties(field::PROPERTIES)?;
+                self.check_map(field::TRAITS)?;
+                EventBody::Track {
+                    name: self.event.into(),
+                    properties,
+                }
+            }
+            Some(pb::EventType::Identify) => {
+                let traits = self.properties(field::TRAITS)?;
+                self.check_map(field::PROPERTIES)?;
+                EventBody::Identify { traits }
+            }
+            Some(pb::EventType::Alias) => {
+                if self.previous_id.is_empty() {
+                    return Err(ConvertError("an alias event needs previous_id".into()));
+                }
+                self.check_map(field::PROPERTIES)?;
+                self.check_map(field::TRAITS)?;
+                EventBody::Alias {
+                    previous_id: self.previous_id.into(),
+                }
+            }
+            Some(pb::EventType::Unspecified) | None => {
+                return Err(ConvertError(
+                    "the event type must be track, identify or alias".into(),
+                ));
+            }
+        };
+        Ok(Event {
+            message_id: self.message_id.into(),
+            user: UserId::new(user),
+            timestamp: Timestamp(self.timestamp_ms),
+            body,
+        })
+    }
+
+    /// The entries of map field `number` (properties or traits).
+    fn properties(&self, number: u32) -> Result<Properties, ConvertError> {
+        let mut props = Properties::new();
+        self.entries(number, |key, value| {
+            props.insert(key, value);
+            Ok(())
+        })?;
+        // Checked once the map is whole, in key order, as the conversion from
+        // prost's map checks it: a repeated key's earlier value does not count.
+        for (key, value) in props.iter() {
+            check_finite(value).map_err(|e| in_key(key, e))?;
+        }
+        Ok(props)
+    }
+
+    /// Checks that the entries of map field `number` are well formed.
+    fn check_map(&self, number: u32) -> Result<(), ConvertError> {
+        self.entries(number, |_, _| Ok(()))
+    }
+
+    fn entries(
+        &self,
+        number: u32,
+        mut each: impl FnMut(&str, Value) -> Result<(), ConvertError>,
+    ) -> Result<(), ConvertError> {
+        let mut reader = Reader::new(self.bytes);
+        while !reader.is_empty() {
+            let (n, wire_type) = reader.key().map_err(malformed)?;
+            if n != number {
+                reader.skip(wire_type).map_err(malformed)?;
+                continue;
+            }
+            let entry = reader.message(n, wire_type).map_err(malformed)?;
+            let (key, value) = map_entry(entry)?;
+            each(key, value)?;
+        }
+        Ok(())
+    }
+}
+
+/// One map entry: `key` = 1, `value` = 2; an absent value is null.
+fn map_entry(entry: &[u8]) -> Result<(&str, Value), ConvertError> {
+    let mut key = "";
+    let mut value = Value::Null;
+    let mut reader = Reader::new(entry);
+    while !reader.is_empty() {
+        let (n, wire_type) = reader.key().map_err(malformed)?;
+        match n {
+            1 => key = reader.string(n, wire_type).map_err(malformed)?,
+            // A repeated embedded message merges into the first.
+            2 => {
+                let bytes = reader.message(n, wire_type).map_err(malformed)?;
+                merge_value(&mut value, bytes, 0).map_err(|e| in_key(key, e))?;
+            }
+            _ => reader.skip(wire_type).map_err(malformed)?,
+        }
+    }
+    Ok((key, value))
+}
+
+/// The reason, prefixed with the property's key as the `pb::Value`
+/// conversion words it. (The key is the one read so far; prost reads the
+/// key first when it is written first, as every encoder writes it.)
+fn in_key(key: &str, e: ConvertError) -> ConvertError {
+    ConvertError(format!("{key}: {}", e.0))
+}
+
+/// Merges one encoded `Value` into `value`: a scalar replaces it, a list
+/// merges into a list (its items appended) and replaces anything else.
+fn merge_value(value: &mut Value, bytes: &[u8], depth: usize) -> Result<(), ConvertError> {
+    if depth > MAX_VALUE_DEPTH {
+        return Err(ConvertError(format!(
+            "values nest deeper than {MAX_VALUE_DEPTH} lists"
+        )));
+    }
+    let mut reader = Reader::new(bytes);
+    while !reader.is_empty() {
+        let (n, wire_type) = reader.key().map_err(malformed)?;
+        match n {
+            1 => {
+                reader.varint_field(n, wire_type).map_err(malformed)?;
+                *value = Value::Null;
+            }
+            2 => *value = Value::Bool(reader.varint_field(n, wire_type).map_err(malformed)? != 0),
+            3 => {
+                expect(n, wire_type, FIXED64).map_err(malformed)?;
+                *value = Value::Number(f64::from_bits(reader.fixed64().map_err(malformed)?));
+            }
+            4 => *value = Value::String(reader.string(n, wire_type).map_err(malformed)?.into()),
+            5 => {
+                let ms = reader.varint_field(n, wire_type).map_err(malformed)? as i64;
+                *value = Value::Timestamp(Timestamp(ms));
+            }
+            6 => {
+                let list = reader.message(n, wire_type).map_err(malformed)?;
+                let mut items = match std::mem::take(value) {
+                    Value::List(items) => items.into_vec(),
+                    _ => Vec::new(),
+                };
+                list_items(&mut items, list, depth)?;
+                *value = Value::List(items.into());
+            }
+            _ => reader.skip(wire_type).map_err(malformed)?,
+        }
+    }
+    Ok(())
+}
+
+/// Appends the items of an encoded `ValueList` (`values` = 1, repeated).
+fn list_items(items: &mut Vec<Value>, list: &[u8], depth: usize) -> Result<(), ConvertError> {
+    let mut reader = Reader::new(list);
+    while !reader.is_empty() {
+        let (n, wire_type) = reader.key().map_err(malformed)?;
+        if n == 1 {
+            expect(n, wire_type, LEN).map_err(malformed)?;
+            let bytes = reader.bytes().map_err(malformed)?;
+            let mut item = Value::Null;
+            merge_value(&mut item, bytes, depth + 1)?;
+            items.push(item);
+        } else {
+            reader.skip(wire_type).map_err(malformed)?;
+        }
+    }
+    Ok(())
+}
+
+/// Numbers are checked after decoding, as the `pb::Value` conversion checks
+/// them: a later field may replace a number that is not finite.
+fn check_finite(value: &Value) -> Result<(), ConvertError> {
+    match value {
+        Value::Number(n) if !n.is_finite() => {
+            Err(ConvertError(format!("number {n} is not finite")))
+        }
+        Value::List(items) => items.iter().try_for_each(check_finite),
+        _ => Ok(()),
+    }
+}

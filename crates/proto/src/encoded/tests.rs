@@ -1,0 +1,207 @@
+//! The encoded messages against prost's: the same bytes on the wire, and the
+//! same domain events (or the same reasons) from [`EventView`] as from prost
+//! followed by `TryFrom<&pb::Event>`.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use dynseg_rules::Event;
+use proptest::prelude::*;
+use prost::Message;
+
+use super::*;
+use crate::ConvertError;
+
+fn via_view(bytes: &[u8]) -> Result<Event, ConvertError> {
+    EventView::parse(bytes)?.to_event()
+}
+
+fn via_prost(bytes: &[u8]) -> Result<Event, ConvertError> {
+    let event = pb::Event::decode(bytes).map_err(|e| ConvertError(e.to_string()))?;
+    Event::try_from(&event)
+}
+
+fn value() -> impl Strategy<Value = pb::Value> {
+    use pb::value::Kind;
+    let leaf = prop_oneof![
+        Just(None),
+        any::<bool>().prop_map(|b| Some(Kind::NullValue(b))),
+        any::<bool>().prop_map(|b| Some(Kind::BoolValue(b))),
+        prop_oneof![
+            -1e6..1e6f64,
+            Just(f64::NAN),
+            Just(f64::INFINITY),
+            Just(0.0),
+            Just(-0.0)
+        ]
+        .prop_map(|n| Some(Kind::NumberValue(n))),
+        "[a-zé]{0,6}".prop_map(|s| Some(Kind::StringValue(s))),
+        any::<i64>().prop_map(|ms| Some(Kind::TimestampMs(ms))),
+    ]
+    .prop_map(|kind| pb::Value { kind });
+    leaf.prop_recursive(3, 12, 4, |inner| {
+        prop::collection::vec(inner, 0..4).prop_map(|values| pb::Value {
+            kind: Some(pb::value::Kind::ListValue(pb::ValueList { values })),
+        })
+    })
+}
+
+fn map() -> impl Strategy<Value = BTreeMap<String, pb::Value>> {
+    prop::collection::btree_map(
+        prop_oneof![Just(String::new()), "[a-d]{1,2}", "[a-z_]{20,30}"],
+        value(),
+        0..4,
+    )
+}
+
+fn id() -> impl Strategy<Value = String> {
+    prop_oneof![Just(String::new()), "[a-z0-9]{1,8}", "[a-z0-9]{23,40}"]
+}
+
+fn event() -> impl Strategy<Value = pb::Event> {
+    (
+        (id(), id(), id(), -1..5i32, id()),
+        (any::<i64>(), map(), map(), id()),
+    )
+        .prop_map(
+            |(
+                (message_id, user_id, anonymous_id, r#type, event),
+                (timestamp_ms, properties, traits, previous_id),
+            )| pb::Event {
+                message_id,
+                user_id,
+                anonymous_id,
+                r#type,
+                event,
+                timestamp_ms,
+                properties,
+                traits,
+                previous_id,
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+    /// Every event, valid or not, gives what prost and the conversion give.
+    #[test]
+    fn the_view_decodes_as_prost_does(event in event()) {
+        let bytes = event.encode_to_vec();
+        prop_assert_eq!(via_view(&bytes), Event::try_from(&event));
+    }
+
+    /// Two encodings one after the other are one message with the fields of
+    /// both merged (the last scalar wins, map entries add up, a repeated key
+    /// keeps its last value): the view merges as prost does.
+    #[test]
+    fn concatenated_events_merge_as_in_prost(a in event(), b in event()) {
+        let mut bytes = a.encode_to_vec();
+        b.encode_raw(&mut bytes);
+        prop_assert_eq!(via_view(&bytes), via_prost(&bytes));
+    }
+
+    /// A batch with encoded events is the same bytes as the typed batch, both ways.
+    #[test]
+    fn encoded_batches_are_typed_batches_on_the_wire(
+        events in prop::collection::vec(event(), 0..4),
+        shard in any::<u32>(),
+        epoch in any::<u64>(),
+    ) {
+        let typed = pb::EventBatch { shard, epoch, events };
+        let encoded = EventBatch::from(&typed);
+        prop_assert_eq!(encoded.encode_to_vec(), typed.encode_to_vec());
+        let decoded = EventBatch::decode(Bytes::from(typed.encode_to_vec())).unwrap();
+        prop_assert_eq!(decoded, encoded);
+    }
+}
+
+fn track(user: &str) -> pb::Event {
+    pb::Event {
+        message_id: "m1".into(),
+        user_id: user.into(),
+        r#type: pb::EventType::Track.into(),
+        event: "order_completed".into(),
+        timestamp_ms: 1_700_000_000_000,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn decoding_a_batch_slices_the_request_instead_of_copying_it() {
+    let typed = pb::EventBatch {
+        shard: 3,
+        epoch: 9,
+        events: vec![track("alice"), track("bob")],
+    };
+    let buffer = Bytes::from(typed.encode_to_vec());
+    let batch = EventBatch::decode(buffer.clone()).unwrap();
+    let within = buffer.as_ptr_range();
+    for event in &batch.events {
+        assert!(within.contains(&event.as_ptr()), "an event was copied");
+    }
+    let users: Vec<_> = batch
+        .events
+        .iter()
+        .map(|e| EventView::parse(e).unwrap().user_key())
+        .collect();
+    assert_eq!(users, [Some("alice"), Some("bob")]);
+}
+
+#[test]
+fn unknown_fields_are_skipped() {
+    let mut bytes = track("alice").encode_to_vec();
+    // Fields 15 (varint), 16 (64-bit), 17 (bytes) and 18 (32-bit).
+    bytes.extend_from_slice(&[0x78, 0x96, 0x01]);
+    bytes.extend_from_slice(&[0x81, 0x01, 1, 2, 3, 4, 5, 6, 7, 8]);
+    bytes.extend_from_slice(&[0x8a, 0x01, 2, b'h', b'i']);
+    bytes.extend_from_slice(&[0x95, 0x01, 1, 2, 3, 4]);
+    assert_eq!(via_view(&bytes), Event::try_from(&track("alice")));
+}
+
+#[test]
+fn a_malformed_event_is_refused_with_a_reason() {
+    let mut not_utf8 = track("alice");
+    not_utf8.user_id = "\u{0}lice".into();
+    let mut bytes = not_utf8.encode_to_vec();
+    let at = bytes.iter().position(|&b| b == 0).unwrap();
+    bytes[at] = 0xff;
+    let reason = via_view(&bytes).unwrap_err().0;
+    assert_eq!(reason, "malformed event: field 2 is not valid UTF-8");
+    // prost refuses such bytes too (the whole request, where this is one event).
+    assert!(pb::Event::decode(&bytes[..]).is_err());
+
+    let whole = track("alice").encode_to_vec();
+    let reason = via_view(&whole[..whole.len() - 1]).unwrap_err().0;
+    assert_eq!(
+        reason,
+        "malformed event: the event's bytes end inside a field"
+    );
+
+    // user_id (field 2) sent as a varint.
+    let reason = via_view(&[0x10, 0x01]).unwrap_err().0;
+    assert_eq!(
+        reason,
+        "malformed event: field 2 has the wrong wire type (0)"
+    );
+}
+
+#[test]
+fn lists_nested_too_deep_are_refused_by_key() {
+    let mut value = pb::Value {
+        kind: Some(pb::value::Kind::BoolValue(true)),
+    };
+    for _ in 0..=16 {
+        value = pb::Value {
+            kind: Some(pb::value::Kind::ListValue(pb::ValueList {
+                values: vec![value],
+            })),
+        };
+    }
+    let mut event = track("alice");
+    event.properties.insert("deep".into(), value);
+    let bytes = event.encode_to_vec();
+    let reason = via_view(&bytes).unwrap_err().0;
+    assert_eq!(reason, "deep: values nest deeper than 16 lists");
+    assert_eq!(Event::try_from(&event).unwrap_err().0, reason);
+}
