@@ -81,39 +81,80 @@ fn event() -> impl Strategy<Value = pb::Event> {
         )
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2_000))]
+/// A runner with a fixed seed (`DYNSEG_SEED` to change it; printed on
+/// failure) and `DYNSEG_CASES` cases, 2,000 by default.
+fn check<S: Strategy>(
+    name: &str,
+    strategy: S,
+    test: impl Fn(S::Value) -> Result<(), TestCaseError>,
+) {
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+    let var = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let seed = var("DYNSEG_SEED", 20_261_130);
+    let mut seed_bytes = [0u8; 32];
+    seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let config = Config {
+        cases: var("DYNSEG_CASES", 2_000) as u32,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let mut runner = TestRunner::new_with_rng(
+        config,
+        TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes),
+    );
+    if let Err(e) = runner.run(&strategy, test) {
+        panic!("{name} failed with DYNSEG_SEED={seed}: {e}");
+    }
+}
 
-    /// Every event, valid or not, gives what prost and the conversion give.
-    #[test]
-    fn the_view_decodes_as_prost_does(event in event()) {
+/// Every event, valid or not, gives what prost and the conversion give.
+#[test]
+fn the_view_decodes_as_prost_does() {
+    check("the view decodes as prost does", event(), |event| {
         let bytes = event.encode_to_vec();
         prop_assert_eq!(via_view(&bytes), Event::try_from(&event));
-    }
+        Ok(())
+    });
+}
 
-    /// Two encodings one after the other are one message with the fields of
-    /// both merged (the last scalar wins, map entries add up, a repeated key
-    /// keeps its last value): the view merges as prost does.
-    #[test]
-    fn concatenated_events_merge_as_in_prost(a in event(), b in event()) {
+/// Two encodings one after the other are one message with the fields of
+/// both merged (the last scalar wins, map entries add up, a repeated key
+/// keeps its last value): the view merges as prost does.
+#[test]
+fn concatenated_events_merge_as_in_prost() {
+    check("concatenated events merge", (event(), event()), |(a, b)| {
         let mut bytes = a.encode_to_vec();
         b.encode_raw(&mut bytes);
         prop_assert_eq!(via_view(&bytes), via_prost(&bytes));
-    }
+        Ok(())
+    });
+}
 
-    /// A batch with encoded events is the same bytes as the typed batch, both ways.
-    #[test]
-    fn encoded_batches_are_typed_batches_on_the_wire(
-        events in prop::collection::vec(event(), 0..4),
-        shard in any::<u32>(),
-        epoch in any::<u64>(),
-    ) {
-        let typed = pb::EventBatch { shard, epoch, events };
+/// A batch with encoded events is the same bytes as the typed batch, both ways.
+#[test]
+fn encoded_batches_are_typed_batches_on_the_wire() {
+    let batch = (
+        prop::collection::vec(event(), 0..4),
+        any::<u32>(),
+        any::<u64>(),
+    );
+    check("encoded batches", batch, |(events, shard, epoch)| {
+        let typed = pb::EventBatch {
+            shard,
+            epoch,
+            events,
+        };
         let encoded = EventBatch::from(&typed);
         prop_assert_eq!(encoded.encode_to_vec(), typed.encode_to_vec());
-        let decoded = EventBatch::decode(Bytes::from(typed.encode_to_vec())).unwrap();
-        prop_assert_eq!(decoded, encoded);
-    }
+        let decoded = EventBatch::decode(Bytes::from(typed.encode_to_vec()));
+        prop_assert_eq!(decoded.ok(), Some(encoded));
+        Ok(())
+    });
 }
 
 fn track(user: &str) -> pb::Event {
