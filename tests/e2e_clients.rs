@@ -1290,8 +1290,9 @@ async fn limits_are_configurable_and_bad_input_changes_nothing() {
         .unwrap_err();
     assert_eq!(too_big.code(), tonic::Code::OutOfRange, "{too_big:?}");
 
-    // Bad UTF-8 in a string field: the message cannot be decoded, the call
-    // fails as gRPC says parse errors do (INTERNAL), and nothing lands.
+    // Bad UTF-8 in a string field: that event is not a well-formed `Event`.
+    // It is refused by index like any bad event (the node reads each event
+    // on its own, so the rest of a batch would be kept), and nothing lands.
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
@@ -1310,16 +1311,25 @@ async fn limits_are_configurable_and_bad_input_changes_nothing() {
         }],
     };
     let codec = tonic_prost::ProstCodec::<RawBatch, pb::IngestResponse>::default();
-    let refused = grpc
+    let answer = grpc
         .unary(
             tonic::Request::new(raw),
             http::uri::PathAndQuery::from_static("/dynseg.v1.Node/Ingest"),
             codec,
         )
         .await
-        .unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::Internal, "{refused:?}");
-    assert!(refused.message().contains("UTF-8"), "{refused:?}");
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.accepted, 0, "{answer:?}");
+    let refused: Vec<_> = answer
+        .rejected
+        .iter()
+        .map(|r| (r.index, r.reason.as_str()))
+        .collect();
+    assert_eq!(
+        refused,
+        [(0, "malformed event: field 5 is not valid UTF-8")]
+    );
     let utf8_user = node
         .get_user(pb::GetUserRequest {
             user_id: "utf8-user".into(),

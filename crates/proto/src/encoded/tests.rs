@@ -157,6 +157,34 @@ fn encoded_batches_are_typed_batches_on_the_wire() {
     });
 }
 
+/// Bytes off the network are anything: valid events cut, with bytes
+/// overwritten or spliced in. The view never panics, and an event it accepts
+/// is one prost decodes to the same domain event.
+#[test]
+fn damaged_events_are_refused_or_read_as_prost_reads_them() {
+    let damage = (
+        event(),
+        prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0..3u8), 1..4),
+        any::<prop::sample::Index>(),
+    );
+    check("damaged events", damage, |(event, edits, cut)| {
+        let mut bytes = event.encode_to_vec();
+        for (at, byte, how) in edits {
+            let at = at.index(bytes.len() + 1);
+            match how {
+                0 if at < bytes.len() => bytes[at] = byte,
+                1 => bytes.insert(at, byte),
+                _ => bytes.truncate(at),
+            }
+        }
+        let bytes = &bytes[..cut.index(bytes.len() + 1)];
+        if let Ok(accepted) = via_view(bytes) {
+            prop_assert_eq!(via_prost(bytes), Ok(accepted));
+        }
+        Ok(())
+    });
+}
+
 fn track(user: &str) -> pb::Event {
     pb::Event {
         message_id: "m1".into(),
