@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use dynseg_proto::BatchRef;
-use dynseg_proto::encoded::{self, decode_event, node_server};
+use dynseg_proto::encoded::{self, EventView, node_server};
 use dynseg_proto::pb;
 use dynseg_rules::{Plan, RuleVersion, SegmentDef, SegmentId, Span, Timestamp, UserId, UserState};
 use tokio::sync::{mpsc, oneshot};
@@ -211,7 +211,8 @@ impl NodeService {
         let mut accepted = crate::record::BatchEncoder::new(batch.shard, batch.epoch);
         let mut rejected = Vec::new();
         for (index, raw) in batch.events.iter().enumerate() {
-            let checked = decode_event(raw).map_err(|e| e.0).and_then(|mut event| {
+            let decoded = EventView::parse(raw).and_then(|view| view.to_event_noting_unknown());
+            let checked = decoded.map_err(|e| e.0).and_then(|(mut event, unknown)| {
                 // No timestamp: the event happened when the node received it
                 // (recorded in the log as filled in, so replay sees the same).
                 let untimed = event.timestamp.millis() == 0;
@@ -220,10 +221,17 @@ impl NodeService {
                 }
                 limits
                     .check(&event, now, batch.shard, shard_count)
-                    .map(|()| (event, untimed))
+                    .map(|()| (event, untimed, unknown))
             });
             match checked {
-                Ok((event, untimed)) => {
+                // Fields this version does not know are not logged and kept
+                // for the retention: the log gets the event as understood,
+                // encoded again (rare: clients send what the schema has).
+                Ok((event, _, true)) => {
+                    accepted.push(&encoded::encode(&pb::Event::from(&event)));
+                    events.push(event);
+                }
+                Ok((event, untimed, false)) => {
                     events.push(event);
                     if untimed {
                         accepted.push_at(raw, now.millis());

@@ -448,8 +448,9 @@ async fn bad_events_are_reported_by_index_and_stale_epochs_redirect() {
 
 /// An event whose bytes are not a well-formed `Event` (here a user id that is
 /// not UTF-8) costs only itself: prost would have refused the whole request.
-/// The events around it are kept and retained as they arrived: a rule applied
-/// after a restart is backfilled from them and counts each once.
+/// The events around it are kept and retained: a rule applied after a restart
+/// is backfilled from them and counts each once. Fields the node does not know
+/// (here 100 KB of them) are not kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_event_is_refused_alone_and_the_rest_are_retained() {
     use dynseg_proto::encoded;
@@ -462,11 +463,24 @@ async fn a_malformed_event_is_refused_alone_and_the_rest_are_retained() {
     let mut broken = track("x2", "alice", "e", now, &[]).encode_to_vec();
     let at = broken.windows(5).position(|w| w == b"alice").unwrap();
     broken[at] = 0xff;
+    let mut padded = track("x4", "alice", "e", now, &[]).encode_to_vec();
+    // Field 100, length-delimited, 100,000 bytes.
+    padded.extend_from_slice(&[0xa2, 0x06]);
+    prost::encoding::encode_varint(100_000, &mut padded);
+    padded.resize(padded.len() + 100_000, b'p');
     let events = vec![
         track("x1", "alice", "e", now, &[]).encode_to_vec().into(),
         broken.into(),
         track("x3", "alice", "e", now, &[]).encode_to_vec().into(),
+        padded.into(),
     ];
+    let log_bytes = || {
+        std::fs::read_dir(dir.path().join("wal"))
+            .unwrap()
+            .map(|f| f.unwrap().metadata().unwrap().len())
+            .sum::<u64>()
+    };
+    let logged_before = log_bytes();
     let mut raw = encoded::node_client::NodeClient::connect(format!("http://{}", server.addr))
         .await
         .unwrap();
@@ -481,15 +495,20 @@ async fn a_malformed_event_is_refused_alone_and_the_rest_are_retained() {
         .into_inner();
     assert_eq!(
         (ack.accepted, rejections(&ack)),
-        (2, vec![(1, "malformed event: field 2 is not valid UTF-8")])
+        (3, vec![(1, "malformed event: field 2 is not valid UTF-8")])
+    );
+    let logged = log_bytes() - logged_before;
+    assert!(
+        logged < 10_000,
+        "{logged} bytes logged for three small events"
     );
     server.shutdown().await;
     let (server, mut node) = start(
         dir.path(),
-        &[("twice", "count(e) >= 2"), ("thrice", "count(e) >= 3")],
+        &[("thrice", "count(e) >= 3"), ("four", "count(e) >= 4")],
     )
     .await;
-    assert_eq!(user(&mut node, "alice").await.segments, ["twice"]);
+    assert_eq!(user(&mut node, "alice").await.segments, ["thrice"]);
     server.shutdown().await;
 }
 

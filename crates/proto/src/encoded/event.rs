@@ -55,6 +55,8 @@ pub struct EventView<'a> {
     pub timestamp_ms: i64,
     /// `previous_id`: an alias's other id.
     pub previous_id: &'a str,
+    /// Whether the event has top-level fields this version does not know.
+    unknown: bool,
 }
 
 fn malformed(e: Malformed) -> ConvertError {
@@ -75,6 +77,7 @@ impl<'a> EventView<'a> {
             event: "",
             timestamp_ms: 0,
             previous_id: "",
+            unknown: false,
         };
         let mut reader = Reader::new(bytes);
         while !reader.is_empty() {
@@ -99,7 +102,10 @@ impl<'a> EventView<'a> {
                 field::PREVIOUS_ID => reader
                     .string(number, wire_type)
                     .map(|s| view.previous_id = s),
-                _ => reader.skip(wire_type),
+                _ => {
+                    view.unknown = true;
+                    reader.skip(wire_type)
+                }
             };
             read.map_err(malformed)?;
         }
@@ -129,6 +135,19 @@ impl<'a> EventView<'a> {
     /// conversion ignores), so an accepted event always decodes as a
     /// `pb::Event`.
     pub fn to_event(&self) -> Result<Event, ConvertError> {
+        self.to_event_noting_unknown().map(|(event, _)| event)
+    }
+
+    /// [`EventView::to_event`], and whether the bytes carry fields, at any
+    /// depth, that this version does not know (and so ignored): such bytes
+    /// are more than the event this node understood.
+    pub fn to_event_noting_unknown(&self) -> Result<(Event, bool), ConvertError> {
+        let mut unknown = self.unknown;
+        let event = self.build(&mut unknown)?;
+        Ok((event, unknown))
+    }
+
+    fn build(&self, unknown: &mut bool) -> Result<Event, ConvertError> {
         let Some(user) = self.user_key() else {
             return Err(ConvertError(
                 "the event has neither user_id nor anonymous_id".into(),
@@ -142,24 +161,24 @@ impl<'a> EventView<'a> {
                 if self.event.is_empty() {
                     return Err(ConvertError("a track event needs an event name".into()));
                 }
-                let properties = self.properties(field::PROPERTIES)?;
-                self.check_map(field::TRAITS)?;
+                let properties = self.properties(field::PROPERTIES, unknown)?;
+                self.check_map(field::TRAITS, unknown)?;
                 EventBody::Track {
                     name: self.event.into(),
                     properties,
                 }
             }
             Some(pb::EventType::Identify) => {
-                let traits = self.properties(field::TRAITS)?;
-                self.check_map(field::PROPERTIES)?;
+                let traits = self.properties(field::TRAITS, unknown)?;
+                self.check_map(field::PROPERTIES, unknown)?;
                 EventBody::Identify { traits }
             }
             Some(pb::EventType::Alias) => {
                 if self.previous_id.is_empty() {
                     return Err(ConvertError("an alias event needs previous_id".into()));
                 }
-                self.check_map(field::PROPERTIES)?;
-                self.check_map(field::TRAITS)?;
+                self.check_map(field::PROPERTIES, unknown)?;
+                self.check_map(field::TRAITS, unknown)?;
                 EventBody::Alias {
                     previous_id: self.previous_id.into(),
                 }
@@ -179,9 +198,9 @@ impl<'a> EventView<'a> {
     }
 
     /// The entries of map field `number` (properties or traits).
-    fn properties(&self, number: u32) -> Result<Properties, ConvertError> {
+    fn properties(&self, number: u32, unknown: &mut bool) -> Result<Properties, ConvertError> {
         let mut props = Properties::new();
-        self.entries(number, |key, value| {
+        self.entries(number, unknown, |key, value| {
             props.insert(key, value);
             Ok(())
         })?;
@@ -194,13 +213,14 @@ impl<'a> EventView<'a> {
     }
 
     /// Checks that the entries of map field `number` are well formed.
-    fn check_map(&self, number: u32) -> Result<(), ConvertError> {
-        self.entries(number, |_, _| Ok(()))
+    fn check_map(&self, number: u32, unknown: &mut bool) -> Result<(), ConvertError> {
+        self.entries(number, unknown, |_, _| Ok(()))
     }
 
     fn entries(
         &self,
         number: u32,
+        unknown: &mut bool,
         mut each: impl FnMut(&str, Value) -> Result<(), ConvertError>,
     ) -> Result<(), ConvertError> {
         let mut reader = Reader::new(self.bytes);
@@ -211,7 +231,7 @@ impl<'a> EventView<'a> {
                 continue;
             }
             let entry = reader.message(n, wire_type).map_err(malformed)?;
-            let (key, value) = map_entry(entry)?;
+            let (key, value) = map_entry(entry, unknown)?;
             each(key, value)?;
         }
         Ok(())
@@ -219,7 +239,7 @@ impl<'a> EventView<'a> {
 }
 
 /// One map entry: `key` = 1, `value` = 2; an absent value is null.
-fn map_entry(entry: &[u8]) -> Result<(&str, Value), ConvertError> {
+fn map_entry<'e>(entry: &'e [u8], unknown: &mut bool) -> Result<(&'e str, Value), ConvertError> {
     let mut key = "";
     let mut value = Value::Null;
     let mut reader = Reader::new(entry);
@@ -230,9 +250,12 @@ fn map_entry(entry: &[u8]) -> Result<(&str, Value), ConvertError> {
             // A repeated embedded message merges into the first.
             2 => {
                 let bytes = reader.message(n, wire_type).map_err(malformed)?;
-                merge_value(&mut value, bytes, 0).map_err(|e| in_key(key, e))?;
+                merge_value(&mut value, bytes, 0, unknown).map_err(|e| in_key(key, e))?;
             }
-            _ => reader.skip(wire_type).map_err(malformed)?,
+            _ => {
+                *unknown = true;
+                reader.skip(wire_type).map_err(malformed)?;
+            }
         }
     }
     Ok((key, value))
@@ -247,7 +270,12 @@ fn in_key(key: &str, e: ConvertError) -> ConvertError {
 
 /// Merges one encoded `Value` into `value`: a scalar replaces it, a list
 /// merges into a list (its items appended) and replaces anything else.
-fn merge_value(value: &mut Value, bytes: &[u8], depth: usize) -> Result<(), ConvertError> {
+fn merge_value(
+    value: &mut Value,
+    bytes: &[u8],
+    depth: usize,
+    unknown: &mut bool,
+) -> Result<(), ConvertError> {
     if depth > MAX_VALUE_DEPTH {
         return Err(ConvertError(format!(
             "values nest deeper than {MAX_VALUE_DEPTH} lists"
@@ -277,17 +305,25 @@ fn merge_value(value: &mut Value, bytes: &[u8], depth: usize) -> Result<(), Conv
                     Value::List(items) => items.into_vec(),
                     _ => Vec::new(),
                 };
-                list_items(&mut items, list, depth)?;
+                list_items(&mut items, list, depth, unknown)?;
                 *value = Value::List(items.into());
             }
-            _ => reader.skip(wire_type).map_err(malformed)?,
+            _ => {
+                *unknown = true;
+                reader.skip(wire_type).map_err(malformed)?;
+            }
         }
     }
     Ok(())
 }
 
 /// Appends the items of an encoded `ValueList` (`values` = 1, repeated).
-fn list_items(items: &mut Vec<Value>, list: &[u8], depth: usize) -> Result<(), ConvertError> {
+fn list_items(
+    items: &mut Vec<Value>,
+    list: &[u8],
+    depth: usize,
+    unknown: &mut bool,
+) -> Result<(), ConvertError> {
     let mut reader = Reader::new(list);
     while !reader.is_empty() {
         let (n, wire_type) = reader.key().map_err(malformed)?;
@@ -295,9 +331,10 @@ fn list_items(items: &mut Vec<Value>, list: &[u8], depth: usize) -> Result<(), C
             expect(n, wire_type, LEN).map_err(malformed)?;
             let bytes = reader.bytes().map_err(malformed)?;
             let mut item = Value::Null;
-            merge_value(&mut item, bytes, depth + 1)?;
+            merge_value(&mut item, bytes, depth + 1, unknown)?;
             items.push(item);
         } else {
+            *unknown = true;
             reader.skip(wire_type).map_err(malformed)?;
         }
     }

@@ -226,6 +226,26 @@ fn unknown_fields_are_skipped() {
     bytes.extend_from_slice(&[0x8a, 0x01, 2, b'h', b'i']);
     bytes.extend_from_slice(&[0x95, 0x01, 1, 2, 3, 4]);
     assert_eq!(via_view(&bytes), Event::try_from(&track("alice")));
+    let noted = |bytes: &[u8]| {
+        let view = EventView::parse(bytes).unwrap();
+        view.to_event_noting_unknown().unwrap().1
+    };
+    assert!(noted(&bytes), "fields 15 to 18 are unknown");
+    assert!(!noted(&track("alice").encode_to_vec()));
+
+    // Inside a property's value: property "n", a Value with number 1.0 and
+    // an unknown field 9 (varint 1).
+    let mut value = vec![0x19];
+    value.extend_from_slice(&1.0f64.to_le_bytes());
+    value.extend_from_slice(&[0x48, 0x01]);
+    let mut entry = vec![0x0a, 1, b'n', 0x12, value.len() as u8];
+    entry.extend_from_slice(&value);
+    let mut nested = track("alice").encode_to_vec();
+    nested.extend_from_slice(&[0x3a, entry.len() as u8]);
+    nested.extend_from_slice(&entry);
+    assert!(noted(&nested));
+    assert_eq!(via_view(&nested), via_prost(&nested));
+    assert!(via_prost(&nested).unwrap() != via_prost(&track("alice").encode_to_vec()).unwrap());
 }
 
 #[test]
