@@ -112,11 +112,6 @@ impl<'a> EventView<'a> {
         Ok(view)
     }
 
-    /// The encoded event.
-    pub fn bytes(&self) -> &'a [u8] {
-        self.bytes
-    }
-
     /// The key the event is routed by: `user_id`, else `anonymous_id`.
     pub fn user_key(&self) -> Option<&'a str> {
         [self.user_id, self.anonymous_id]
