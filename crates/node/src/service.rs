@@ -224,9 +224,10 @@ impl NodeService {
                     .map(|()| (event, untimed, unknown))
             });
             match checked {
-                // Fields this version does not know are not logged and kept
-                // for the retention: the log gets the event as understood,
-                // encoded again (rare: clients send what the schema has).
+                // Fields this version does not know are not logged, where
+                // they would stay for the whole retention: the log gets the
+                // event as understood, encoded again (rare: clients send what
+                // the schema has).
                 Ok((event, _, true)) => {
                     accepted.push(&encoded::encode(&pb::Event::from(&event)));
                     events.push(event);
