@@ -324,14 +324,10 @@ impl Ingestor {
         loop {
             let target = {
                 let table = routing.borrow_and_update();
-                table
-                    .shards
-                    .get(shard as usize)
-                    .and_then(Option::as_ref)
-                    .and_then(|owner| {
-                        let client = client(&table, &owner.node)?;
-                        Some((owner.epoch, owner.node.clone(), client))
-                    })
+                table.placement(shard).and_then(|owner| {
+                    let client = client(&table, &owner.node)?;
+                    Some((owner.epoch, owner.node.clone(), client))
+                })
             };
             let problem = match target {
                 None => format!("shard {shard} has no owner yet"),

@@ -58,9 +58,14 @@ impl Routing {
         self.shard_count > 0 && self.shards.iter().all(Option::is_some)
     }
 
+    /// The owner of `shard`, if placed.
+    pub fn placement(&self, shard: u32) -> Option<&Owner> {
+        self.shards.get(shard as usize)?.as_ref()
+    }
+
     /// The owner of `shard` and a client for it.
     pub fn owner(&self, shard: u32) -> Option<(&Owner, NodeClient<Conn>)> {
-        let owner = self.shards.get(shard as usize)?.as_ref()?;
+        let owner = self.placement(shard)?;
         let client = self.nodes.get(&owner.node)?.clone();
         Some((owner, client))
     }

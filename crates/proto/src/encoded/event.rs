@@ -15,7 +15,7 @@
 
 use dynseg_rules::{Event, EventBody, Properties, Timestamp, UserId, Value};
 
-use super::wire::{FIXED64, LEN, Malformed, Reader, expect};
+use super::wire::{FIXED64, Malformed, Reader, expect};
 use crate::ConvertError;
 use crate::pb;
 
@@ -323,8 +323,7 @@ fn list_items(
     while !reader.is_empty() {
         let (n, wire_type) = reader.key().map_err(malformed)?;
         if n == 1 {
-            expect(n, wire_type, LEN).map_err(malformed)?;
-            let bytes = reader.bytes().map_err(malformed)?;
+            let bytes = reader.message(n, wire_type).map_err(malformed)?;
             let mut item = Value::Null;
             merge_value(&mut item, bytes, depth + 1, unknown)?;
             items.push(item);
