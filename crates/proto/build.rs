@@ -24,7 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .btree_map(".")
         .compile_fds(descriptors.clone())?;
     // The node's and the gateway's services once more, with the messages that
-    // carry events swapped for ones that keep each event encoded (module
+    // carry events or changes swapped for ones that keep each encoded (module
     // `encoded`): the same bytes on the wire, no decoding into owned strings
     // and maps on the way in, no encoding again on the way on.
     let mut services = descriptors;
@@ -44,6 +44,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(".dynseg.v1.EventBatch", "crate::encoded::EventBatch")
         .extern_path(".dynseg.v1.ShardBatches", "crate::encoded::ShardBatches")
         .extern_path(".dynseg.v1.IngestRequest", "crate::encoded::IngestRequest")
+        .extern_path(".dynseg.v1.ChangeBatch", "crate::encoded::ChangeBatch")
+        .extern_path(
+            ".dynseg.v1.MembershipChange",
+            "crate::encoded::EncodedChange",
+        )
         .compile_fds(services)?;
     Ok(())
 }

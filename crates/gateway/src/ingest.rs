@@ -394,7 +394,7 @@ mod tests {
         assert_eq!(rejected[1].index, 4);
         assert_eq!(
             rejected[1].reason,
-            "malformed event: the event's bytes end inside a field"
+            "malformed event: the bytes end inside a field"
         );
         let alice = &parts[&shard_for("alice", 16)];
         assert!(alice.indexes.starts_with(&[0]));

@@ -2,19 +2,26 @@
 //! sequence order, from the store (checkpointed) and from memory (since the last
 //! checkpoint), then live.
 //!
-//! Changes since the last checkpoint are held once, in `recent`; followers copy
-//! what they have not delivered from there and wait on a watch of the last
-//! published sequence for more. A follower tracks the last sequence it
-//! delivered, so it reads the store for what a checkpoint moved out of memory
-//! and never repeats or skips a change. Nothing holds a change after the
-//! checkpoint that stored it: memory is bounded by the changes of one
-//! checkpoint interval, however many followers there are.
+//! Changes since the last checkpoint are held once, in `recent`, encoded once
+//! when published; followers take what they have not delivered from there
+//! (each change a reference-counted slice of its publish's buffer) and wait
+//! on a watch of the last published sequence for more. Followers hand on
+//! those bytes as they are: serving a change costs no decoding and no
+//! encoding, from memory or from the store, however many subscribers there
+//! are. A follower tracks the last sequence it delivered, so it reads the
+//! store for what a checkpoint moved out of memory and never repeats or skips
+//! a change. Nothing holds a change after the checkpoint that stored it:
+//! memory is bounded by the changes of one checkpoint interval, however many
+//! followers there are.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::{Bytes, BytesMut};
+use dynseg_proto::encoded::ChangeView;
 use dynseg_proto::pb;
+use prost::Message;
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::shard::Logged;
@@ -39,6 +46,34 @@ pub struct ChangeLog {
     idle: Notify,
 }
 
+/// The segments a follower wants the changes of; none named: every segment.
+#[derive(Clone, Debug, Default)]
+pub struct SegmentFilter {
+    segments: BTreeSet<String>,
+}
+
+impl SegmentFilter {
+    /// Changes of `segments` only (of all, if there are none).
+    pub fn new(segments: impl IntoIterator<Item = String>) -> SegmentFilter {
+        SegmentFilter {
+            segments: segments.into_iter().collect(),
+        }
+    }
+
+    /// Whether the encoded `change` passes (it is read only if a segment is
+    /// named).
+    fn keeps(&self, change: &[u8]) -> Result<bool, StoreError> {
+        if self.segments.is_empty() {
+            return Ok(true);
+        }
+        let view = ChangeView::parse(change).map_err(|e| StoreError::Corrupt {
+            what: "change",
+            reason: e.0,
+        })?;
+        Ok(self.segments.contains(view.segment))
+    }
+}
+
 /// Registers a follower while it runs.
 struct Following<'a> {
     log: &'a ChangeLog,
@@ -58,25 +93,29 @@ impl Drop for Following<'_> {
     }
 }
 
+/// A published change, encoded as the wire and the store carry it.
+#[derive(Clone, Debug)]
+struct Held {
+    sequence: u64,
+    at_ms: i64,
+    bytes: Bytes,
+}
+
 #[derive(Default)]
 struct Recent {
     /// Published since the last checkpoint, in sequence order.
-    changes: VecDeque<Arc<pb::MembershipChange>>,
+    changes: VecDeque<Held>,
 }
 
 impl Recent {
     /// Up to `limit` changes with a sequence above `after`, and the first
     /// sequence held (`u64::MAX`: none).
-    fn after(&self, after: u64, limit: usize) -> (Vec<Arc<pb::MembershipChange>>, u64) {
-        let first = self.changes.front().map_or(u64::MAX, |c| sequence(c));
-        let start = self.changes.partition_point(|c| sequence(c) <= after);
+    fn after(&self, after: u64, limit: usize) -> (Vec<Held>, u64) {
+        let first = self.changes.front().map_or(u64::MAX, |c| c.sequence);
+        let start = self.changes.partition_point(|c| c.sequence <= after);
         let page = self.changes.range(start..).take(limit).cloned().collect();
         (page, first)
     }
-}
-
-fn sequence(change: &pb::MembershipChange) -> u64 {
-    change.cursor.as_ref().map_or(0, |c| c.sequence)
 }
 
 /// A poisoned lock is still consistent here: every critical section only
@@ -107,18 +146,32 @@ impl ChangeLog {
         lock(&self.recent)
     }
 
-    /// Publishes durable changes: followers see them from now on.
+    /// Publishes durable changes: followers see them from now on. They are
+    /// encoded here, once, into one buffer that every follower shares.
     pub fn publish(&self, changes: &[Logged]) {
         let Some(last) = changes.last() else {
             return;
         };
         crate::metrics::record_changes(changes.iter().map(|l| &l.change));
-        {
-            let mut recent = self.recent();
-            recent
-                .changes
-                .extend(changes.iter().map(|l| Arc::new(l.change.clone())));
+        let mut buffer =
+            BytesMut::with_capacity(changes.iter().map(|l| l.change.encoded_len()).sum());
+        let mut ends = Vec::with_capacity(changes.len());
+        for logged in changes {
+            logged.change.encode_raw(&mut buffer);
+            ends.push(buffer.len());
         }
+        let buffer = buffer.freeze();
+        let mut start = 0;
+        let held = changes.iter().zip(ends).map(|(logged, end)| {
+            let bytes = buffer.slice(start..end);
+            start = end;
+            Held {
+                sequence: logged.sequence,
+                at_ms: logged.change.at_ms,
+                bytes,
+            }
+        });
+        self.recent().changes.extend(held);
         self.published.send_replace(last.sequence);
     }
 
@@ -137,7 +190,7 @@ impl ChangeLog {
         while recent
             .changes
             .front()
-            .is_some_and(|c| sequence(c) <= through)
+            .is_some_and(|c| c.sequence <= through)
         {
             recent.changes.pop_front();
         }
@@ -174,56 +227,64 @@ impl ChangeLog {
     ) -> Result<(), StoreError> {
         // Recent first: a checkpoint taken meanwhile moves changes from memory
         // to the store, never the other way, so store + snapshot covers all.
-        let snapshot: Vec<_> = self.recent().changes.iter().cloned().collect();
-        let first_recent = snapshot.first().map_or(u64::MAX, |c| sequence(c));
+        let snapshot: Vec<Held> = self.recent().changes.iter().cloned().collect();
+        let first_recent = snapshot.first().map_or(u64::MAX, |c| c.sequence);
         self.store.visit_changes_since(
             since_ms,
             first_recent.min(through.saturating_add(1)),
             &mut visit,
         )?;
         for change in snapshot {
-            if sequence(&change) <= through && change.at_ms >= since_ms {
-                visit(&change);
+            if change.sequence <= through && change.at_ms >= since_ms {
+                visit(&pb::MembershipChange::decode(change.bytes)?);
             }
         }
         Ok(())
     }
 
-    /// Follows the log after sequence `after`, sending `wrap(change)` to `out` for
-    /// each change `keep` accepts, until `out` is closed.
+    /// Follows the log after sequence `after`, sending `wrap(change)` to `out`
+    /// for each change of a segment `filter` passes, until `out` is closed.
+    /// Changes are decoded here, one by one (for in-process readers).
     pub async fn follow<T>(
         self: Arc<Self>,
         after: u64,
-        keep: impl Fn(&pb::MembershipChange) -> bool,
+        filter: &SegmentFilter,
         out: &mpsc::Sender<T>,
         wrap: impl Fn(pb::MembershipChange) -> T,
     ) -> Result<(), StoreError> {
         let wrap = &wrap;
-        let deliver = move |batch: Vec<pb::MembershipChange>| async move {
-            for change in batch {
+        let failed = &Mutex::new(None);
+        let deliver = move |batch: Vec<Bytes>| async move {
+            for bytes in batch {
+                let change = match pb::MembershipChange::decode(bytes) {
+                    Ok(change) => change,
+                    Err(e) => {
+                        *lock(failed) = Some(e);
+                        return false;
+                    }
+                };
                 if out.send(wrap(change)).await.is_err() {
                     return false;
                 }
             }
             true
         };
-        self.follow_batches(after, keep, deliver).await
+        self.follow_batches(after, filter, deliver).await?;
+        match lock(failed).take() {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
     }
 
-    /// Follows the log after sequence `after`, handing `deliver` the changes
-    /// `keep` accepts in order, up to [`BATCH`] at a time. Ends when `deliver`
-    /// returns false or the log closes.
+    /// Follows the log after sequence `after`, handing `deliver` the encoded
+    /// changes `filter` passes in order, up to [`BATCH`] at a time. Ends when
+    /// `deliver` returns false or the log closes.
     pub async fn follow_batches<Delivered: Future<Output = bool>>(
         self: Arc<Self>,
         mut after: u64,
-        keep: impl Fn(&pb::MembershipChange) -> bool,
-        mut deliver: impl FnMut(Vec<pb::MembershipChange>) -> Delivered,
+        filter: &SegmentFilter,
+        mut deliver: impl FnMut(Vec<Bytes>) -> Delivered,
     ) -> Result<(), StoreError> {
-        // Changes in memory are shared with the log: a follower copies those
-        // it keeps (prost messages are sent by value).
-        let own = |change: Arc<pb::MembershipChange>| {
-            Arc::try_unwrap(change).unwrap_or_else(|shared| (*shared).clone())
-        };
         let following = Following {
             log: &self,
             id: self.next_follower.fetch_add(1, Ordering::Relaxed),
@@ -244,13 +305,12 @@ impl ChangeLog {
             let caught_up = if after + 1 < first_recent {
                 // Checkpointed history: from the store, up to what memory
                 // holds (a checkpoint may have moved some there meanwhile).
-                for change in self.store.changes_after(after, BATCH)? {
-                    let seq = sequence(&change);
-                    if seq >= first_recent {
+                for (sequence, change) in self.store.changes_after(after, BATCH)? {
+                    if sequence >= first_recent {
                         break;
                     }
-                    after = seq;
-                    if keep(&change) {
+                    after = sequence;
+                    if filter.keeps(&change)? {
                         batch.push(change);
                     }
                 }
@@ -263,9 +323,9 @@ impl ChangeLog {
             } else {
                 let full = page.len() == BATCH;
                 for change in page {
-                    after = sequence(&change);
-                    if keep(&change) {
-                        batch.push(own(change));
+                    after = change.sequence;
+                    if filter.keeps(&change.bytes)? {
+                        batch.push(change.bytes);
                     }
                 }
                 !full
@@ -337,7 +397,11 @@ mod tests {
 
         let (tx, mut rx) = mpsc::channel(16);
         let following = log.clone();
-        let follower = tokio::spawn(async move { following.follow(0, |_| true, &tx, |c| c).await });
+        let follower = tokio::spawn(async move {
+            following
+                .follow(0, &SegmentFilter::default(), &tx, |c| c)
+                .await
+        });
         let mut got = Vec::new();
         while got.len() < all.len() {
             let next = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
@@ -362,7 +426,11 @@ mod tests {
         // channel, the next waits in `deliver`.
         let (tx, mut rx) = mpsc::channel(1);
         let following = log.clone();
-        let follower = tokio::spawn(async move { following.follow(4, |_| true, &tx, |c| c).await });
+        let follower = tokio::spawn(async move {
+            following
+                .follow(4, &SegmentFilter::default(), &tx, |c| c)
+                .await
+        });
         let first = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
             .await
             .expect("the follower sends")
@@ -401,14 +469,18 @@ mod tests {
         let following = log.clone();
         let follower = tokio::spawn(async move {
             let tx = &tx;
-            let deliver =
-                move |batch: Vec<pb::MembershipChange>| async move { tx.send(batch).await.is_ok() };
-            following.follow_batches(0, |_| true, deliver).await
+            let deliver = move |batch: Vec<Bytes>| async move { tx.send(batch).await.is_ok() };
+            following
+                .follow_batches(0, &SegmentFilter::default(), deliver)
+                .await
         });
-        let sequences = |batch: Vec<pb::MembershipChange>| -> Vec<u64> {
-            batch.iter().map(|c| c.cursor.unwrap().sequence).collect()
+        let sequences = |batch: Vec<Bytes>| -> Vec<u64> {
+            batch
+                .iter()
+                .map(|c| ChangeView::parse(c).unwrap().sequence)
+                .collect()
         };
-        let next = async |rx: &mut mpsc::Receiver<Vec<pb::MembershipChange>>| {
+        let next = async |rx: &mut mpsc::Receiver<Vec<Bytes>>| {
             tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
                 .await
                 .expect("a change is missing")

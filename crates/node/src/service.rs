@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use dynseg_proto::BatchRef;
 use dynseg_proto::encoded::{self, EventView, node_server};
 use dynseg_proto::pb;
@@ -15,6 +16,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::changelog::SegmentFilter;
 use crate::error::NodeError;
 use crate::runtime::{Command, Node};
 use crate::{metrics, moves, transfer};
@@ -27,18 +29,18 @@ const STREAM_WINDOW: usize = 64;
 /// Changes in one `SubscribeBatches` message, at most.
 const MAX_CHANGE_BATCH: usize = 1024;
 
-/// Changes of a subscription, in batches as its shards' followers send them
-/// (each shard's in order).
-type ChangeFeed = mpsc::Receiver<Result<Vec<pb::MembershipChange>, Status>>;
+/// Changes of a subscription, encoded, in batches as its shards' followers
+/// send them (each shard's in order).
+type ChangeFeed = mpsc::Receiver<Result<Vec<Bytes>, Status>>;
 
 /// A [`ChangeFeed`]'s changes one at a time (`Subscribe`).
 struct OneByOne {
     feed: ChangeFeed,
-    batch: std::vec::IntoIter<pb::MembershipChange>,
+    batch: std::vec::IntoIter<Bytes>,
 }
 
 impl Stream for OneByOne {
-    type Item = Result<pb::MembershipChange, Status>;
+    type Item = Result<encoded::EncodedChange, Status>;
 
     fn poll_next(
         mut self: Pin<&mut Self>,
@@ -46,7 +48,7 @@ impl Stream for OneByOne {
     ) -> std::task::Poll<Option<Self::Item>> {
         loop {
             if let Some(change) = self.batch.next() {
-                return std::task::Poll::Ready(Some(Ok(change)));
+                return std::task::Poll::Ready(Some(Ok(encoded::EncodedChange(change))));
             }
             match std::task::ready!(self.feed.poll_recv(cx)) {
                 Some(Ok(batch)) => self.batch = batch.into_iter(),
@@ -61,9 +63,9 @@ impl Stream for OneByOne {
 /// [`MAX_CHANGE_BATCH`]; a failure met on the way comes back beside what came
 /// before it.
 fn batch_ready(
-    first: Result<Vec<pb::MembershipChange>, Status>,
+    first: Result<Vec<Bytes>, Status>,
     changes: &mut ChangeFeed,
-) -> (Vec<pb::MembershipChange>, Option<Status>) {
+) -> (Vec<Bytes>, Option<Status>) {
     let mut batch = Vec::new();
     let mut next = Some(first);
     while let Some(item) = next.take() {
@@ -113,7 +115,7 @@ impl NodeService {
                 return Err(NodeError::NotFound(format!("no segment {segment}")).into());
             }
         }
-        let segments: Arc<BTreeSet<String>> = Arc::new(request.segments.iter().cloned().collect());
+        let filter = Arc::new(SegmentFilter::new(request.segments));
         let (tx, rx) = mpsc::channel(STREAM_WINDOW);
         for shard in shards {
             let handle = self.node.handle(shard)?;
@@ -122,16 +124,14 @@ impl NodeService {
                 None if request.from_now => handle.log.last(),
                 None => 0,
             };
-            let (tx, segments) = (tx.clone(), segments.clone());
+            let (tx, filter) = (tx.clone(), filter.clone());
             tokio::spawn(async move {
-                let keep =
-                    |c: &pb::MembershipChange| segments.is_empty() || segments.contains(&c.segment);
                 let tx = &tx;
                 let deliver = move |batch| async move { tx.send(Ok(batch)).await.is_ok() };
                 if let Err(e) = handle
                     .log
                     .clone()
-                    .follow_batches(after, keep, deliver)
+                    .follow_batches(after, &filter, deliver)
                     .await
                 {
                     let _ = tx.send(Err(Status::from(NodeError::from(e)))).await;
@@ -389,7 +389,7 @@ impl node_server::Node for NodeService {
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }
 
-    type SubscribeStream = Stream_<pb::MembershipChange>;
+    type SubscribeStream = Stream_<encoded::EncodedChange>;
 
     async fn subscribe(
         &self,
@@ -402,7 +402,7 @@ impl node_server::Node for NodeService {
         })))
     }
 
-    type SubscribeBatchesStream = Stream_<pb::ChangeBatch>;
+    type SubscribeBatchesStream = Stream_<encoded::ChangeBatch>;
 
     async fn subscribe_batches(
         &self,
@@ -416,7 +416,7 @@ impl node_server::Node for NodeService {
                 let (batch, failed) = batch_ready(first, &mut changes);
                 if !batch.is_empty()
                     && tx
-                        .send(Ok(pb::ChangeBatch { changes: batch }))
+                        .send(Ok(encoded::ChangeBatch { changes: batch }))
                         .await
                         .is_err()
                 {

@@ -38,6 +38,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use bytes::Bytes;
+use dynseg_proto::encoded::ChangeView;
 use dynseg_proto::pb;
 use dynseg_rules::{SegmentDef, StateDecodeError, UserState};
 use prost::Message;
@@ -840,14 +842,11 @@ impl ShardStore {
         Ok(())
     }
 
-    /// Stored changes with sequence > `after`, in order: whole blocks, until
-    /// `limit` is reached or passed (the block that reaches it is finished, so
-    /// that reading on decodes no block twice).
-    pub fn changes_after(
-        &self,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<pb::MembershipChange>, StoreError> {
+    /// Stored changes with sequence > `after`, in order, each with its
+    /// sequence and still encoded (a slice of its block, not a copy): whole
+    /// blocks, until `limit` is reached or passed (the block that reaches it
+    /// is finished, so that reading on reads no block twice).
+    pub fn changes_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, Bytes)>, StoreError> {
         let wanted = after.saturating_add(1);
         // The block holding `wanted` starts at or before it.
         let start = match self
@@ -863,11 +862,19 @@ impl ShardStore {
             .tree
             .range(start..=sled::IVec::from(&changes_key(u64::MAX)[..]))
         {
-            let (_, bytes) = entry?;
-            for record in block::records(&bytes) {
-                let change = pb::MembershipChange::decode(record?)?;
-                if change.cursor.as_ref().is_some_and(|c| c.sequence >= wanted) {
-                    out.push(change);
+            let (_, block) = entry?;
+            // sled's value is reference counted: the changes share it.
+            let block = Bytes::from_owner(block);
+            for record in block::records(&block) {
+                let record = record?;
+                let sequence = ChangeView::parse(record)
+                    .map_err(|e| StoreError::Corrupt {
+                        what: "change",
+                        reason: e.0,
+                    })?
+                    .sequence;
+                if sequence >= wanted {
+                    out.push((sequence, block.slice_ref(record)));
                 }
             }
             if out.len() >= limit {
@@ -1074,6 +1081,19 @@ mod tests {
         }
     }
 
+    /// Stored changes decoded, each checked to carry the sequence it was
+    /// read with.
+    fn typed(stored: Vec<(u64, Bytes)>) -> Vec<pb::MembershipChange> {
+        stored
+            .into_iter()
+            .map(|(sequence, bytes)| {
+                let change = pb::MembershipChange::decode(bytes).unwrap();
+                assert_eq!(change.cursor.unwrap().sequence, sequence);
+                change
+            })
+            .collect()
+    }
+
     fn held(changes: &[pb::MembershipChange]) -> ChangeRecords {
         let mut held = ChangeRecords::default();
         for c in changes {
@@ -1277,14 +1297,14 @@ mod tests {
         let all: Vec<_> = first.iter().chain(&second).cloned().collect();
         for after in 0..=5 {
             assert_eq!(
-                shard.changes_after(after, 10).unwrap(),
+                typed(shard.changes_after(after, 10).unwrap()),
                 all[after as usize..],
                 "after {after}"
             );
         }
-        assert_eq!(shard.changes_after(1, 2).unwrap(), all[1..3]);
+        assert_eq!(typed(shard.changes_after(1, 2).unwrap()), all[1..3]);
         // A limit inside a block finishes the block, and stops there.
-        assert_eq!(shard.changes_after(0, 1).unwrap(), first);
+        assert_eq!(typed(shard.changes_after(0, 1).unwrap()), first);
         assert_eq!(shard.first_change().unwrap(), Some(1));
         assert_eq!(shard.retained_since(19_000).unwrap(), vec![e1, e2.clone()]);
         assert_eq!(shard.retained_since(20_001).unwrap(), vec![e2.clone()]);
@@ -1297,7 +1317,7 @@ mod tests {
         shard.write_checkpoint(&expire).unwrap();
         assert_eq!(shard.retained_since(0).unwrap(), vec![e2]);
         assert_eq!(shard.first_change().unwrap(), Some(4));
-        assert_eq!(shard.changes_after(0, 10).unwrap(), second);
+        assert_eq!(typed(shard.changes_after(0, 10).unwrap()), second);
     }
 
     #[test]

@@ -806,6 +806,81 @@ async fn batched_subscriptions_carry_the_same_changes_in_fewer_messages() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_filter_passes_its_segments_changes_and_no_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = [
+        ("active", "exists(login) in last 1h"),
+        ("buyer", "exists(order_completed) in last 1h"),
+    ];
+    let (server, mut node) = start(dir.path(), &rules).await;
+    let now = start_time();
+    let buyers = pb::SubscribeRequest {
+        segments: vec!["buyer".into()],
+        ..Default::default()
+    };
+    let mut live = node.subscribe(buyers.clone()).await.unwrap().into_inner();
+    // Logins and orders interleaved: 300 `active` enters, 100 `buyer` enters.
+    let events: Vec<pb::Event> = (0..400)
+        .map(|i| {
+            let name = if i % 4 == 0 {
+                "order_completed"
+            } else {
+                "login"
+            };
+            track(&format!("e{i}"), &format!("user-{i}"), name, now, &[])
+        })
+        .collect();
+    ingest(&mut node, events).await;
+    let mut all = node
+        .subscribe(pb::SubscribeRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut expected = per_shard(take(&mut all, 400).await);
+    for changes in expected.values_mut() {
+        changes.retain(|c| c.segment == "buyer");
+    }
+    assert_eq!(expected.values().map(Vec::len).sum::<usize>(), 100);
+
+    let mut history = node.subscribe(buyers.clone()).await.unwrap().into_inner();
+    let mut history_batched = node
+        .subscribe_batches(buyers.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(per_shard(take(&mut live, 100).await), expected);
+    assert_eq!(per_shard(take(&mut history, 100).await), expected);
+    assert_eq!(
+        per_shard(take_batches(&mut history_batched, 100).await.0),
+        expected
+    );
+    // After them, the next change each stream sends is the next `buyer` one.
+    ingest(
+        &mut node,
+        vec![
+            track("late-login", "late", "login", now, &[]),
+            track("late-order", "late", "order_completed", now, &[]),
+        ],
+    )
+    .await;
+    for next in [take(&mut live, 1).await, take(&mut history, 1).await] {
+        assert_eq!(brief(&next), [format!("late enter buyer at {now}")]);
+    }
+    let (next, _) = take_batches(&mut history_batched, 1).await;
+    assert_eq!(brief(&next), [format!("late enter buyer at {now}")]);
+
+    let unknown = node
+        .subscribe(pb::SubscribeRequest {
+            segments: vec!["no-such".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_exported_and_imported_elsewhere_keeps_state_and_cursors() {
     let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = Server::start(config(a_dir.path())).await.unwrap();

@@ -11,7 +11,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Endpoint, StatusBoard, endpoint_id, lock, post};
-use crate::changelog::ChangeLog;
+use crate::changelog::{ChangeLog, SegmentFilter};
 use crate::store::ShardStore;
 
 /// Changes one POST carries at most.
@@ -84,11 +84,8 @@ impl Delivery {
         let (tx, mut rx) = mpsc::channel(MAX_BATCH * 4);
         let follower = {
             let log = self.log.clone();
-            let segment = self.endpoint.segment.clone();
-            tokio::spawn(async move {
-                log.follow(cursor, move |c| c.segment == segment, &tx, |c| c)
-                    .await
-            })
+            let filter = SegmentFilter::new([self.endpoint.segment.clone()]);
+            tokio::spawn(async move { log.follow(cursor, &filter, &tx, |c| c).await })
         };
         loop {
             let first = tokio::select! {

@@ -9,17 +9,24 @@
 //! the gateway forwards those bytes to the nodes and the node logs them.
 //! Events are read with [`EventView`].
 //!
+//! Changes go the other way the same way: the node's `Subscribe` and
+//! `SubscribeBatches` send each change as the bytes it encoded once, when the
+//! change was published ([`EncodedChange`], [`ChangeBatch`]), and read what
+//! they filter by with [`ChangeView`].
+//!
 //! Servers use the services generated here ([`node_server`],
 //! [`gateway_server`]); the gateway sends batches with [`node_client`].
 //! Every other client keeps the typed `pb` messages: both speak the same
 //! protocol.
 
+mod change;
 mod event;
 mod wire;
 
 use bytes::Bytes;
 use prost::Message;
 
+pub use change::{ChangeBatch, ChangeView, EncodedChange};
 pub use event::EventView;
 
 use crate::pb;

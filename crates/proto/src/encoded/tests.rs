@@ -262,10 +262,7 @@ fn a_malformed_event_is_refused_with_a_reason() {
 
     let whole = track("alice").encode_to_vec();
     let reason = via_view(&whole[..whole.len() - 1]).unwrap_err().0;
-    assert_eq!(
-        reason,
-        "malformed event: the event's bytes end inside a field"
-    );
+    assert_eq!(reason, "malformed event: the bytes end inside a field");
 
     // user_id (field 2) sent as a varint.
     let reason = via_view(&[0x10, 0x01]).unwrap_err().0;
@@ -293,4 +290,179 @@ fn lists_nested_too_deep_are_refused_by_key() {
     let reason = via_view(&bytes).unwrap_err().0;
     assert_eq!(reason, "deep: values nest deeper than 16 lists");
     assert_eq!(Event::try_from(&event).unwrap_err().0, reason);
+}
+
+fn change() -> impl Strategy<Value = pb::MembershipChange> {
+    // Zero often: proto3 leaves it off the wire, which a merge must respect.
+    let number = || prop_oneof![Just(0), any::<u64>()];
+    let shard = prop_oneof![Just(0), any::<u32>()];
+    let cursor = prop::option::of((shard, number(), number()));
+    (
+        (id(), id(), 0..4i32, any::<i64>()),
+        (0..5i32, any::<u64>(), cursor),
+    )
+        .prop_map(
+            |((user_id, segment, kind, at_ms), (cause, rule_version, cursor))| {
+                pb::MembershipChange {
+                    user_id,
+                    segment,
+                    kind,
+                    at_ms,
+                    cause,
+                    rule_version,
+                    cursor: cursor.map(|(shard, epoch, sequence)| pb::Cursor {
+                        shard,
+                        epoch,
+                        sequence,
+                    }),
+                }
+            },
+        )
+}
+
+/// What prost reads of the fields a `ChangeView` has.
+fn change_fields(change: &pb::MembershipChange) -> (&str, &str, i64, u32, u64) {
+    let (shard, sequence) = change
+        .cursor
+        .as_ref()
+        .map_or((0, 0), |c| (c.shard, c.sequence));
+    (
+        &change.user_id,
+        &change.segment,
+        change.at_ms,
+        shard,
+        sequence,
+    )
+}
+
+fn view_fields(view: ChangeView<'_>) -> (&str, &str, i64, u32, u64) {
+    (
+        view.user_id,
+        view.segment,
+        view.at_ms,
+        view.shard,
+        view.sequence,
+    )
+}
+
+/// One change, or two encodings one after the other (one message, the
+/// cursors merged): the view reads what prost reads.
+#[test]
+fn the_change_view_reads_what_prost_reads() {
+    check("change view", (change(), change()), |(a, b)| {
+        let one = a.encode_to_vec();
+        let view = ChangeView::parse(&one).map_err(|e| TestCaseError::fail(e.0))?;
+        prop_assert_eq!(view_fields(view), change_fields(&a));
+
+        let mut two = one.clone();
+        b.encode_raw(&mut two);
+        let merged = pb::MembershipChange::decode(&two[..])
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let view = ChangeView::parse(&two).map_err(|e| TestCaseError::fail(e.0))?;
+        prop_assert_eq!(view_fields(view), change_fields(&merged));
+        Ok(())
+    });
+}
+
+/// Damaged changes: the view never panics, and what it reads of a change
+/// prost also accepts is what prost reads; an `EncodedChange` decoded from
+/// them holds a change prost reads as it reads the damaged bytes.
+#[test]
+fn damaged_changes_are_refused_or_read_as_prost_reads_them() {
+    let damage = (
+        change(),
+        prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0..3u8), 1..4),
+    );
+    check("damaged changes", damage, |(change, edits)| {
+        let mut bytes = change.encode_to_vec();
+        for (at, byte, how) in edits {
+            let at = at.index(bytes.len() + 1);
+            match how {
+                0 if at < bytes.len() => bytes[at] = byte,
+                1 => bytes.insert(at, byte),
+                _ => bytes.truncate(at),
+            }
+        }
+        if let (Ok(view), Ok(typed)) = (
+            ChangeView::parse(&bytes),
+            pb::MembershipChange::decode(&bytes[..]),
+        ) {
+            prop_assert_eq!(view_fields(view), change_fields(&typed));
+        }
+        // Kept as it came, it reads as the bytes it came from.
+        if let Ok(kept) = EncodedChange::decode(&bytes[..]) {
+            prop_assert_eq!(
+                pb::MembershipChange::decode(kept.0).ok(),
+                pb::MembershipChange::decode(&bytes[..]).ok()
+            );
+        }
+        Ok(())
+    });
+}
+
+/// An encoded change, alone or in a batch, is the typed change on the wire,
+/// both ways.
+#[test]
+fn encoded_changes_are_typed_changes_on_the_wire() {
+    check(
+        "encoded changes",
+        prop::collection::vec(change(), 0..4),
+        |changes| {
+            let typed = pb::ChangeBatch {
+                changes: changes.clone(),
+            };
+            let encoded = ChangeBatch {
+                changes: changes.iter().map(|c| c.encode_to_vec().into()).collect(),
+            };
+            prop_assert_eq!(encoded.encode_to_vec(), typed.encode_to_vec());
+            let decoded = ChangeBatch::decode(Bytes::from(typed.encode_to_vec()));
+            prop_assert_eq!(decoded.ok(), Some(encoded));
+            for change in changes {
+                let bytes = Bytes::from(change.encode_to_vec());
+                let one = EncodedChange(bytes.clone());
+                prop_assert_eq!(one.encode_to_vec(), bytes.to_vec());
+                let back = EncodedChange::decode(bytes.clone());
+                prop_assert_eq!(back.ok(), Some(one));
+            }
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn a_malformed_change_is_refused_with_a_reason() {
+    let mut bytes = pb::MembershipChange {
+        user_id: "alice".into(),
+        segment: "vip".into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    bytes.truncate(bytes.len() - 1);
+    assert_eq!(
+        ChangeView::parse(&bytes).map(|_| ()),
+        Err(ConvertError(
+            "malformed change: the bytes end inside a field".into()
+        ))
+    );
+    assert!(EncodedChange::decode(&bytes[..]).is_err());
+}
+
+/// Merging into an encoded change appends, as merging encodings does.
+#[test]
+fn merging_into_an_encoded_change_appends_the_fields() {
+    let alice = pb::MembershipChange {
+        user_id: "alice".into(),
+        ..Default::default()
+    };
+    let vip = pb::MembershipChange {
+        segment: "vip".into(),
+        ..Default::default()
+    };
+    let mut change = EncodedChange::decode(&alice.encode_to_vec()[..]).unwrap();
+    change.merge(&vip.encode_to_vec()[..]).unwrap();
+    let merged = pb::MembershipChange::decode(change.0).unwrap();
+    assert_eq!(
+        (merged.user_id.as_str(), merged.segment.as_str()),
+        ("alice", "vip")
+    );
 }

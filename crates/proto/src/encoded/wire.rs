@@ -24,7 +24,7 @@ pub(super) enum Malformed {
 impl fmt::Display for Malformed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Malformed::Truncated => f.write_str("the event's bytes end inside a field"),
+            Malformed::Truncated => f.write_str("the bytes end inside a field"),
             Malformed::VarintOverflow => f.write_str("a varint is longer than 64 bits"),
             Malformed::BadFieldNumber => f.write_str("a field number is out of range"),
             Malformed::WireType { field, wire_type } => {
