@@ -10,7 +10,8 @@
 //! Each prints events/s acknowledged, ack latency p50/p99 per batch and CPU.
 //! Also: changes streamed live per second (as many as the workload causes),
 //! how fast a subscriber catches up on the whole change log from its start
-//! (one change per message, then `SubscribeBatches`),
+//! (one change per message, then `SubscribeBatches`, each reading changes in
+//! place; then `SubscribeBatches` decoded into prost messages),
 //! and the node's resident memory per user.
 //!
 //! `cargo bench -p dynseg-node --bench ingest` (DYNSEG_BENCH_EVENTS: events to
@@ -24,6 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use dynseg_proto::encoded::{self, ChangeView};
 use dynseg_proto::pb::{self, node_client::NodeClient};
 use dynseg_proto::shard_for;
 use tokio_stream::StreamExt;
@@ -42,6 +44,24 @@ fn env(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// Changes read in place, counted, each shard's sequences checked to rise.
+#[derive(Default)]
+struct Order {
+    count: u64,
+    last: std::collections::HashMap<u32, u64>,
+}
+
+impl Order {
+    fn check(&mut self, change: &[u8]) {
+        let view = ChangeView::parse(change).unwrap();
+        assert!(!view.user_id.is_empty() && !view.segment.is_empty() && view.at_ms > 0);
+        let last = self.last.entry(view.shard).or_default();
+        assert!(view.sequence > *last, "shard {} out of order", view.shard);
+        *last = view.sequence;
+        self.count += 1;
+    }
 }
 
 struct Rng(u64);
@@ -262,35 +282,44 @@ async fn main() {
     let rss_ingested = rss_bytes(pid);
     let logged: u64 = status.shards.iter().map(|s| s.last_sequence).sum();
 
-    // A subscriber catching up from the start of every shard's log: how fast
-    // the node streams changes when there are many to send.
+    // Subscribers catching up from the start of every shard's log: how fast
+    // the node streams changes when there are many to send. They read each
+    // change in place (user, segment, time, cursor) and check that every
+    // shard's sequences rise, so that the client's share of the two cores is
+    // small and the rate is the node's; the last one decodes every change
+    // into prost messages, as a typed client does.
+    let mut reader = encoded::node_client::NodeClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+        .max_decoding_message_size(64 << 20);
     let catch_up = Instant::now();
-    let mut history = client
+    let mut history = reader
         .subscribe(pb::SubscribeRequest::default())
         .await
         .unwrap()
         .into_inner();
-    let mut replayed = 0u64;
-    while replayed < logged {
+    let mut order = Order::default();
+    while order.count < logged {
         match history.message().await {
-            Ok(Some(_)) => replayed += 1,
+            Ok(Some(change)) => order.check(&change.0),
             _ => break,
         }
     }
     let catch_up = catch_up.elapsed();
-    // The same with several changes per message.
+    let replayed = order.count;
+
     let batched_cpu = (cpu_seconds(&pid.to_string()), cpu_seconds("self"));
     let batched_catch_up = Instant::now();
-    let mut history = client
+    let mut history = reader
         .subscribe_batches(pb::SubscribeRequest::default())
         .await
         .unwrap()
         .into_inner();
-    let (mut replayed_batched, mut messages) = (0u64, 0u64);
-    while replayed_batched < logged {
+    let (mut order, mut messages) = (Order::default(), 0u64);
+    while order.count < logged {
         match history.message().await {
             Ok(Some(batch)) => {
-                replayed_batched += batch.changes.len() as u64;
+                batch.changes.iter().for_each(|change| order.check(change));
                 messages += 1;
             }
             _ => break,
@@ -301,6 +330,22 @@ async fn main() {
         cpu_seconds(&pid.to_string()) - batched_cpu.0,
         cpu_seconds("self") - batched_cpu.1,
     );
+    let replayed_batched = order.count;
+
+    let typed_catch_up = Instant::now();
+    let mut history = client
+        .subscribe_batches(pb::SubscribeRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut replayed_typed = 0u64;
+    while replayed_typed < logged {
+        match history.message().await {
+            Ok(Some(batch)) => replayed_typed += batch.changes.len() as u64,
+            _ => break,
+        }
+    }
+    let typed_catch_up = typed_catch_up.elapsed();
     let rss = rss_bytes(pid);
     for (name, phase) in [("first sight of users", &warm), ("users known", &steady)] {
         println!("{name}:");
@@ -311,18 +356,23 @@ async fn main() {
         streamed_during as f64 / steady.elapsed.as_secs_f64()
     );
     println!(
-        "changes caught up:     {replayed} of {logged} from the start of the log in {:.1} s ({:.0}/s)",
+        "changes caught up, read in place: {replayed} of {logged} from the start of the log in {:.1} s ({:.0}/s)",
         catch_up.as_secs_f64(),
         replayed as f64 / catch_up.as_secs_f64()
     );
     println!(
-        "changes caught up, batched: {replayed_batched} of {logged} in {messages} messages in {:.1} s ({:.0}/s)",
+        "changes caught up, batched, read in place: {replayed_batched} of {logged} in {messages} messages in {:.1} s ({:.0}/s)",
         batched_catch_up.as_secs_f64(),
         replayed_batched as f64 / batched_catch_up.as_secs_f64()
     );
     println!(
         "  CPU: node {:.1} s, client {:.1} s",
         batched_cpu.0, batched_cpu.1
+    );
+    println!(
+        "changes caught up, batched, decoded into prost messages: {replayed_typed} of {logged} in {:.1} s ({:.0}/s)",
+        typed_catch_up.as_secs_f64(),
+        replayed_typed as f64 / typed_catch_up.as_secs_f64()
     );
     println!("users:                 {users}");
     for (when, rss) in [("after ingest", rss_ingested), ("after catch-up", rss)] {
