@@ -12,6 +12,7 @@
 //! | [`wal`], [`commit`], [`record`] | the write-ahead log, group commit, what it records |
 //! | [`store`] | sled: checkpoints, retained events, change log |
 //! | [`shard`] | the deterministic per-shard state machine |
+//! | `seen` | a user's recent message ids, for dedupe: a small hash table |
 //! | [`changelog`] | published changes and how subscribers follow them |
 //! | [`runtime`] | shard tasks, recovery, checkpoints, the [`Node`] handle |
 //! | `insight` | segment size history from the change logs; explanations of one user |
@@ -34,6 +35,7 @@ pub mod metrics;
 pub mod moves;
 pub mod record;
 pub mod runtime;
+mod seen;
 pub mod server;
 pub mod service;
 pub mod shard;

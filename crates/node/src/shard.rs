@@ -17,6 +17,7 @@ use dynseg_rules::{
     Change, Event, Explanation, Plan, SegmentId, Span, Timestamp, UserId, UserState,
 };
 
+use crate::seen::SeenIds;
 use crate::store::{
     ChangeRecords, Checkpoint, MergedOut, Retained, ShardMeta, ShardStore, StoreError, UserRecord,
 };
@@ -66,8 +67,8 @@ impl Default for ShardConfig {
 /// One active user.
 struct Entry {
     state: UserState,
-    /// Recent message ids: `hash << 32 | day first seen`.
-    seen: Vec<u128>,
+    /// Recent message ids, for dedupe.
+    seen: SeenIds,
     /// Logical time of the last access, for passivation.
     touched: u64,
     /// Changed since the last checkpoint (and listed in `Shard::dirty`).
@@ -282,7 +283,7 @@ impl Shard {
                 let entry = match self.store.load_user(user.as_str())? {
                     Some(record) => Entry {
                         state: record.state,
-                        seen: record.seen,
+                        seen: SeenIds::from_stored(&record.seen),
                         touched,
                         dirty: false,
                     },
@@ -290,7 +291,7 @@ impl Shard {
                         self.user_count += 1;
                         Entry {
                             state: self.plan.new_state(),
-                            seen: Vec::new(),
+                            seen: SeenIds::default(),
                             touched,
                             dirty: false,
                         }
@@ -372,18 +373,10 @@ impl Shard {
         for event in events {
             let hash = message_hash(event.message_id.as_str());
             let entry = self.activate(&event.user)?;
-            // One pass drops expired ids and looks for this one.
-            let mut repeat = false;
-            entry.seen.retain(|s| {
-                let kept = (*s as u32) >= oldest_day;
-                repeat |= kept && (s >> 32) == hash;
-                kept
-            });
-            if repeat {
+            if entry.seen.check_and_insert(hash, day, oldest_day) {
                 outcome.duplicates += 1;
                 continue;
             }
-            entry.seen.push((hash << 32) | u128::from(day));
             let before = entry.state.next_wakeup();
             plan.apply(&mut entry.state, event, now, &mut changes);
             let after = entry.state.next_wakeup();
@@ -474,12 +467,10 @@ impl Shard {
         let hash = message_hash(merge_id);
         let mut changes = std::mem::take(&mut self.scratch);
         let entry = self.activate(user)?;
-        entry.seen.retain(|s| (*s as u32) >= oldest_day);
-        if entry.seen.iter().any(|s| (s >> 32) == hash) {
+        if entry.seen.check_and_insert(hash, day, oldest_day) {
             self.scratch = changes;
             return Ok((false, Vec::new()));
         }
-        entry.seen.push((hash << 32) | u128::from(day));
         let before = entry.state.next_wakeup();
         plan.merge(&mut entry.state, state, user, now, &mut changes);
         let after = entry.state.next_wakeup();
@@ -790,7 +781,7 @@ impl Shard {
                 entry.state.encode(&mut state);
                 users.push((
                     user.as_str().as_bytes().to_vec(),
-                    UserRecord::encode_parts(&state, &entry.seen),
+                    UserRecord::encode_parts(&state, entry.seen.stored()),
                 ));
             }
         }
@@ -884,9 +875,7 @@ impl Shard {
         self.users
             .values()
             .map(|e| {
-                96 + std::mem::size_of::<UserState>()
-                    + e.state.heap_bytes()
-                    + 16 * e.seen.capacity()
+                96 + std::mem::size_of::<UserState>() + e.state.heap_bytes() + e.seen.heap_bytes()
             })
             .sum::<usize>()
             + 64 * self.timers.len()

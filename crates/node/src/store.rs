@@ -107,12 +107,13 @@ impl UserRecord {
     pub fn encode(&self) -> Vec<u8> {
         let mut state = Vec::with_capacity(64);
         self.state.encode(&mut state);
-        UserRecord::encode_parts(&state, &self.seen)
+        UserRecord::encode_parts(&state, self.seen.iter().copied())
     }
 
     /// [`UserRecord::encode`] from an already encoded state.
-    pub fn encode_parts(state: &[u8], seen: &[u128]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(4 + state.len() + 16 * seen.len());
+    pub fn encode_parts(state: &[u8], seen: impl Iterator<Item = u128>) -> Vec<u8> {
+        let ids = seen.size_hint().1.unwrap_or(0);
+        let mut out = Vec::with_capacity(4 + state.len() + 16 * ids);
         // A state is a few hundred bytes; u32 is far from its bound.
         out.extend_from_slice(&(state.len() as u32).to_le_bytes());
         out.extend_from_slice(state);
