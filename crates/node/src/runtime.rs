@@ -694,7 +694,13 @@ impl Node {
         if self.inner.clock.is_manual() {
             self.inner.store.set_clock(self.now().millis())?;
         }
-        self.inner.store.sync()?;
+        // Flushing sled and syncing its files takes a while under load: off
+        // the async workers, which meanwhile go on serving ingest (with two
+        // workers, one blocked here halved the node for as long).
+        let store = self.inner.store.clone();
+        tokio::task::spawn_blocking(move || store.sync())
+            .await
+            .map_err(|e| NodeError::Unavailable(format!("syncing the store failed: {e}")))??;
         for (handle, through) in written {
             handle.log.checkpointed(through);
         }
