@@ -19,7 +19,8 @@
 const EMPTY: u128 = 0;
 
 /// Tables of up to this many slots may fill up (a lookup reads them whole:
-/// two cache lines); larger ones are kept at most three quarters full.
+/// two cache lines); larger ones are kept at most three quarters full. The
+/// smallest table has four slots.
 const SMALL: usize = 8;
 
 /// A user's recent message ids.
@@ -51,7 +52,7 @@ impl SeenIds {
     /// The ids a user's record holds.
     pub(crate) fn from_stored(ids: &[u128]) -> SeenIds {
         let mut seen = SeenIds::default();
-        seen.rebuild(ids, 0);
+        seen.rebuild(ids, None, 0);
         seen
     }
 
@@ -97,12 +98,8 @@ impl SeenIds {
                 self.occupied += 1;
             }
             _ => {
-                let live: Vec<u128> = self
-                    .stored()
-                    .filter(|&id| self::day(id) >= oldest_day)
-                    .chain([id])
-                    .collect();
-                self.rebuild(&live, oldest_day);
+                let old = std::mem::take(&mut self.slots);
+                self.rebuild(&old, Some(id), oldest_day);
             }
         }
         false
@@ -117,23 +114,20 @@ impl SeenIds {
         }
     }
 
-    /// A table of the distinct `ids` not expired by `oldest_day`, with room
-    /// for more.
-    fn rebuild(&mut self, ids: &[u128], oldest_day: u32) {
-        let count = ids.len();
-        let len = if count <= SMALL {
-            count
-                .next_power_of_two()
-                .max(if count == 0 { 0 } else { 2 })
-        } else {
-            (count * 4).div_ceil(3).next_power_of_two()
+    /// A table of the distinct `ids` (and `extra`) not expired by
+    /// `oldest_day`, with room for more: one allocation.
+    fn rebuild(&mut self, ids: &[u128], extra: Option<u128>, oldest_day: u32) {
+        let live = |id: &u128| *id != EMPTY && self::day(*id) >= oldest_day;
+        let count = ids.iter().filter(|id| live(id)).count() + usize::from(extra.is_some());
+        let len = match count {
+            0 => 0,
+            // Four slots at least: as a list of ids first allocated.
+            1..=SMALL => count.next_power_of_two().max(4),
+            _ => (count * 4).div_ceil(3).next_power_of_two(),
         };
         self.slots = vec![EMPTY; len].into_boxed_slice();
         self.occupied = 0;
-        for &id in ids {
-            if id == EMPTY || self::day(id) < oldest_day {
-                continue;
-            }
+        for id in ids.iter().copied().filter(live).chain(extra) {
             let mask = len - 1;
             let mut i = start(self::hash(id), len);
             while self.slots[i] != EMPTY {
