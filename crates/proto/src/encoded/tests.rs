@@ -157,26 +157,34 @@ fn encoded_batches_are_typed_batches_on_the_wire() {
     });
 }
 
+/// Edits that damage an encoding: a byte overwritten, a byte spliced in, or
+/// the rest cut off, at a place chosen along it.
+type Edit = (prop::sample::Index, u8, u8);
+
+fn edits() -> impl Strategy<Value = Vec<Edit>> {
+    prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0..3u8), 1..4)
+}
+
+fn damage(bytes: &mut Vec<u8>, edits: Vec<Edit>) {
+    for (at, byte, how) in edits {
+        let at = at.index(bytes.len() + 1);
+        match how {
+            0 if at < bytes.len() => bytes[at] = byte,
+            1 => bytes.insert(at, byte),
+            _ => bytes.truncate(at),
+        }
+    }
+}
+
 /// Bytes off the network are anything: valid events cut, with bytes
 /// overwritten or spliced in. The view never panics, and an event it accepts
 /// is one prost decodes to the same domain event.
 #[test]
 fn damaged_events_are_refused_or_read_as_prost_reads_them() {
-    let damage = (
-        event(),
-        prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0..3u8), 1..4),
-        any::<prop::sample::Index>(),
-    );
-    check("damaged events", damage, |(event, edits, cut)| {
+    let cases = (event(), edits(), any::<prop::sample::Index>());
+    check("damaged events", cases, |(event, edits, cut)| {
         let mut bytes = event.encode_to_vec();
-        for (at, byte, how) in edits {
-            let at = at.index(bytes.len() + 1);
-            match how {
-                0 if at < bytes.len() => bytes[at] = byte,
-                1 => bytes.insert(at, byte),
-                _ => bytes.truncate(at),
-            }
-        }
+        damage(&mut bytes, edits);
         let bytes = &bytes[..cut.index(bytes.len() + 1)];
         if let Ok(accepted) = via_view(bytes) {
             prop_assert_eq!(via_prost(bytes), Ok(accepted));
@@ -369,20 +377,10 @@ fn the_change_view_reads_what_prost_reads() {
 /// them holds a change prost reads as it reads the damaged bytes.
 #[test]
 fn damaged_changes_are_refused_or_read_as_prost_reads_them() {
-    let damage = (
-        change(),
-        prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0..3u8), 1..4),
-    );
-    check("damaged changes", damage, |(change, edits)| {
+    let cases = (change(), edits());
+    check("damaged changes", cases, |(change, edits)| {
         let mut bytes = change.encode_to_vec();
-        for (at, byte, how) in edits {
-            let at = at.index(bytes.len() + 1);
-            match how {
-                0 if at < bytes.len() => bytes[at] = byte,
-                1 => bytes.insert(at, byte),
-                _ => bytes.truncate(at),
-            }
-        }
+        damage(&mut bytes, edits);
         if let (Ok(view), Ok(typed)) = (
             ChangeView::parse(&bytes),
             pb::MembershipChange::decode(&bytes[..]),
