@@ -66,10 +66,7 @@ impl SegmentFilter {
         if self.segments.is_empty() {
             return Ok(true);
         }
-        let view = ChangeView::parse(change).map_err(|e| StoreError::Corrupt {
-            what: "change",
-            reason: e.0,
-        })?;
+        let view = ChangeView::parse(change).map_err(StoreError::corrupt_change)?;
         Ok(self.segments.contains(view.segment))
     }
 }
@@ -253,33 +250,22 @@ impl ChangeLog {
         wrap: impl Fn(pb::MembershipChange) -> T,
     ) -> Result<(), StoreError> {
         let wrap = &wrap;
-        let failed = &Mutex::new(None);
         let deliver = move |batch: Vec<Bytes>| async move {
             for bytes in batch {
-                let change = match pb::MembershipChange::decode(bytes) {
-                    Ok(change) => change,
-                    Err(e) => {
-                        *lock(failed) = Some(e);
-                        return false;
-                    }
-                };
+                let change = pb::MembershipChange::decode(bytes)?;
                 if out.send(wrap(change)).await.is_err() {
-                    return false;
+                    return Ok(false);
                 }
             }
-            true
+            Ok(true)
         };
-        self.follow_batches(after, filter, deliver).await?;
-        match lock(failed).take() {
-            Some(e) => Err(e.into()),
-            None => Ok(()),
-        }
+        self.follow_batches(after, filter, deliver).await
     }
 
     /// Follows the log after sequence `after`, handing `deliver` the encoded
     /// changes `filter` passes in order, up to [`BATCH`] at a time. Ends when
-    /// `deliver` returns false or the log closes.
-    pub async fn follow_batches<Delivered: Future<Output = bool>>(
+    /// `deliver` returns false (or fails) or the log closes.
+    pub async fn follow_batches<Delivered: Future<Output = Result<bool, StoreError>>>(
         self: Arc<Self>,
         mut after: u64,
         filter: &SegmentFilter,
@@ -333,7 +319,7 @@ impl ChangeLog {
             if batch.is_empty() {
                 // Nothing delivered may mean nothing awaited: let others run.
                 tokio::task::yield_now().await;
-            } else if !deliver(batch).await {
+            } else if !deliver(batch).await? {
                 return Ok(());
             }
             if after != start {
@@ -469,7 +455,7 @@ mod tests {
         let following = log.clone();
         let follower = tokio::spawn(async move {
             let tx = &tx;
-            let deliver = move |batch: Vec<Bytes>| async move { tx.send(batch).await.is_ok() };
+            let deliver = move |batch: Vec<Bytes>| async move { Ok(tx.send(batch).await.is_ok()) };
             following
                 .follow_batches(0, &SegmentFilter::default(), deliver)
                 .await

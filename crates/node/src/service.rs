@@ -127,7 +127,7 @@ impl NodeService {
             let (tx, filter) = (tx.clone(), filter.clone());
             tokio::spawn(async move {
                 let tx = &tx;
-                let deliver = move |batch| async move { tx.send(Ok(batch)).await.is_ok() };
+                let deliver = move |batch| async move { Ok(tx.send(Ok(batch)).await.is_ok()) };
                 if let Err(e) = handle
                     .log
                     .clone()

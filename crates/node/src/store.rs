@@ -83,6 +83,16 @@ impl From<StateDecodeError> for StoreError {
     }
 }
 
+impl StoreError {
+    /// A stored change that does not read as one.
+    pub(crate) fn corrupt_change(e: dynseg_proto::ConvertError) -> StoreError {
+        StoreError::Corrupt {
+            what: "change",
+            reason: e.0,
+        }
+    }
+}
+
 impl From<prost::DecodeError> for StoreError {
     fn from(e: prost::DecodeError) -> Self {
         StoreError::Corrupt {
@@ -869,10 +879,7 @@ impl ShardStore {
             for record in block::records(&block) {
                 let record = record?;
                 let sequence = ChangeView::parse(record)
-                    .map_err(|e| StoreError::Corrupt {
-                        what: "change",
-                        reason: e.0,
-                    })?
+                    .map_err(StoreError::corrupt_change)?
                     .sequence;
                 if sequence >= wanted {
                     out.push((sequence, block.slice_ref(record)));
