@@ -45,6 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(".dynseg.v1.ShardBatches", "crate::encoded::ShardBatches")
         .extern_path(".dynseg.v1.IngestRequest", "crate::encoded::IngestRequest")
         .extern_path(".dynseg.v1.ChangeBatch", "crate::encoded::ChangeBatch")
+        .extern_path(".dynseg.v1.GatewayChange", "crate::encoded::GatewayChange")
         .extern_path(
             ".dynseg.v1.MembershipChange",
             "crate::encoded::EncodedChange",

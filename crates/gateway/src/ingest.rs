@@ -213,7 +213,7 @@ impl Ingestor {
             );
             Some(local.node.ingest_shards(&batches).instrument(span).await)
         } else if let Some(mut client) =
-            node.and_then(|node| self.routing.borrow().ingest.get(node).cloned())
+            node.and_then(|node| self.routing.borrow().encoded.get(node).cloned())
         {
             // Shared (each event's bytes are reference-counted): a part the
             // node refuses is resent on its own.
@@ -279,7 +279,7 @@ impl Ingestor {
     }
 
     async fn send(&self, shard: u32, events: &[Bytes]) -> Result<pb::IngestResponse, GatewayError> {
-        let ingest_client = |table: &Routing, node: &str| table.ingest.get(node).cloned();
+        let ingest_client = |table: &Routing, node: &str| table.encoded.get(node).cloned();
         self.call_owner_with(shard, ingest_client, |epoch, mut client| {
             let batch = encoded::EventBatch {
                 shard,
@@ -462,7 +462,7 @@ mod tests {
         let (api, ingest) = crate::routing::node_clients("127.0.0.1:9", &routing.credentials)
             .expect("a lazy client");
         routing.nodes.insert(node.into(), api);
-        routing.ingest.insert(node.into(), ingest);
+        routing.encoded.insert(node.into(), ingest);
         watch::channel(Arc::new(routing)).1
     }
 

@@ -35,9 +35,10 @@ pub struct Routing {
     pub shards: Vec<Option<Owner>>,
     /// A client per node, by node id.
     pub nodes: BTreeMap<String, NodeClient<Conn>>,
-    /// A client per node for ingest, on the same connection, sending events
-    /// encoded as they arrived.
-    pub ingest: BTreeMap<String, IngestClient>,
+    /// A client per node on the same connection for ingest and change
+    /// streams, where events and changes stay encoded: events go on as they
+    /// arrived, changes come back as the node encoded them.
+    pub encoded: BTreeMap<String, EncodedClient>,
     /// Each node's address, by node id.
     pub addresses: BTreeMap<String, String>,
     /// What this gateway presents to nodes.
@@ -86,24 +87,24 @@ impl Routing {
 
     fn rebuild(&self, revision: u64, topology: &pb::Topology) -> Routing {
         let mut nodes = BTreeMap::new();
-        let mut ingest = BTreeMap::new();
+        let mut encoded = BTreeMap::new();
         for node in &topology.nodes {
             // Keep existing clients (and their connection) when the address is unchanged.
-            let kept = match (self.nodes.get(&node.id), self.ingest.get(&node.id)) {
-                (Some(api), Some(ingest))
+            let kept = match (self.nodes.get(&node.id), self.encoded.get(&node.id)) {
+                (Some(api), Some(encoded))
                     if self.addresses.get(&node.id) == Some(&node.address) =>
                 {
-                    Some((api.clone(), ingest.clone()))
+                    Some((api.clone(), encoded.clone()))
                 }
                 _ => None,
             };
-            let Some((api, ingest_client)) =
+            let Some((api, encoded_client)) =
                 kept.or_else(|| node_clients(&node.address, &self.credentials))
             else {
                 continue;
             };
             nodes.insert(node.id.clone(), api);
-            ingest.insert(node.id.clone(), ingest_client);
+            encoded.insert(node.id.clone(), encoded_client);
         }
         let shards = topology
             .shards
@@ -120,7 +121,7 @@ impl Routing {
             shard_count: topology.shard_count,
             shards,
             nodes,
-            ingest,
+            encoded,
             addresses: topology
                 .nodes
                 .iter()
@@ -131,14 +132,14 @@ impl Routing {
     }
 }
 
-/// A node's client for ingest (see [`Routing::ingest`]).
-pub type IngestClient = encoded::node_client::NodeClient<Conn>;
+/// A node's client for encoded events and changes (see [`Routing::encoded`]).
+pub type EncodedClient = encoded::node_client::NodeClient<Conn>;
 
 /// A node's two clients, on one lazily connected channel.
 pub(crate) fn node_clients(
     address: &str,
     credentials: &Credentials,
-) -> Option<(NodeClient<Conn>, IngestClient)> {
+) -> Option<(NodeClient<Conn>, EncodedClient)> {
     let endpoint = client::endpoint(address, credentials).ok()?;
     let channel = client::lazy(
         endpoint.connect_timeout(Duration::from_secs(1)),
@@ -146,7 +147,7 @@ pub(crate) fn node_clients(
     );
     Some((
         NodeClient::new(channel.clone()).max_decoding_message_size(64 << 20),
-        IngestClient::new(channel),
+        EncodedClient::new(channel),
     ))
 }
 

@@ -20,8 +20,9 @@ use crate::ingest::Ingestor;
 use crate::routing::Routing;
 use crate::subscribe::{self, Position};
 
-/// Changes buffered per subscriber before the merge waits for the client.
-const SUBSCRIBE_BUFFER: usize = 1024;
+/// Node batches of changes buffered per subscriber before the merge waits for
+/// the client.
+const SUBSCRIBE_BUFFER: usize = 16;
 
 /// The gateway's service.
 #[derive(Clone)]
@@ -127,7 +128,7 @@ impl Gateway for GatewayService {
         Ok(Response::new(self.ingestor.ingest(events).await?))
     }
 
-    type SubscribeStream = BoxStream<pb::GatewayChange>;
+    type SubscribeStream = subscribe::Unbatched;
 
     async fn subscribe(
         &self,
@@ -143,7 +144,7 @@ impl Gateway for GatewayService {
             position,
             tx,
         ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(subscribe::Unbatched::new(rx)))
     }
 
     async fn get_user(

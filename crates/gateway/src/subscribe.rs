@@ -5,20 +5,30 @@
 //! any change it received, on any gateway: each shard continues after its
 //! cursor, nothing repeats, nothing is skipped. When placement changes or a node
 //! stream fails, the merge resubscribes every node from the position.
+//!
+//! Changes pass through as their node encoded them; the merge reads only each
+//! one's cursor. They move between the tasks here a node's batch at a time:
+//! each hop through a channel costs a turn of the scheduler, and at one change
+//! per hop a busy gateway delivered a few tens of thousands of changes a
+//! second, seconds behind the nodes (docs/performance.md).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dynseg_proto::client::Conn;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use dynseg_proto::encoded::{self, ChangeView, EncodedChange};
 use dynseg_proto::pb;
-use dynseg_proto::pb::node_client::NodeClient;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
+use tokio_stream::Stream;
 use tonic::Status;
 
 use crate::error::GatewayError;
-use crate::routing::Routing;
+use crate::routing::{EncodedClient, Routing};
 
 const TOKEN_PREFIX: &str = "v1:";
 
@@ -72,11 +82,11 @@ impl Position {
         Ok(position)
     }
 
-    /// Records a delivered change.
-    pub fn advance(&mut self, cursor: &pb::Cursor) {
-        let last = self.last.get(&cursor.shard).copied().unwrap_or(0);
-        if cursor.sequence > last {
-            self.set(cursor.shard, cursor.sequence);
+    /// Records a delivered change: `sequence` on `shard`.
+    pub fn advance(&mut self, shard: u32, sequence: u64) {
+        let last = self.last.get(&shard).copied().unwrap_or(0);
+        if sequence > last {
+            self.set(shard, sequence);
         }
     }
 
@@ -94,13 +104,17 @@ impl Position {
     }
 }
 
+/// What the merge sends its client at a time: the changes of one node batch,
+/// each with its token.
+pub type Sent = Vec<Result<encoded::GatewayChange, Status>>;
+
 /// Feeds `out` with the merged changes for `request` until the client goes
 /// away or the gateway stops (the routing channel closes).
 pub async fn merge(
     mut routing: watch::Receiver<Arc<Routing>>,
     request: pb::GatewaySubscribeRequest,
     mut position: Position,
-    out: mpsc::Sender<Result<pb::GatewayChange, Status>>,
+    out: mpsc::Sender<Sent>,
 ) {
     let Ok(first) = routing
         .wait_for(|r| r.shard_count > 0)
@@ -127,10 +141,10 @@ pub async fn merge(
     loop {
         let table = routing.borrow_and_update().clone();
         let layout = table.shards_by_node();
-        let (tx, mut changes) = mpsc::channel(1024);
+        let (tx, mut changes) = mpsc::channel(NODE_BATCHES);
         let mut readers = JoinSet::new();
         for (node, shards) in &layout {
-            let Some(client) = table.nodes.get(node) else {
+            let Some(client) = table.encoded.get(node) else {
                 continue;
             };
             let node_request = pb::SubscribeRequest {
@@ -154,13 +168,18 @@ pub async fn merge(
                     }
                 }
                 item = changes.recv() => match item {
-                    Some(Ok(change)) => {
-                        if let Some(cursor) = &change.cursor {
-                            position.advance(cursor);
-                        }
-                        let token = position.token();
-                        let sent = out.send(Ok(pb::GatewayChange { change: Some(change), resume_token: token })).await;
-                        if sent.is_err() {
+                    Some(Ok(batch)) => {
+                        let sent = batch
+                            .into_iter()
+                            .map(|(shard, sequence, change)| {
+                                position.advance(shard, sequence);
+                                Ok(encoded::GatewayChange {
+                                    change: Some(EncodedChange(change)),
+                                    resume_token: position.token(),
+                                })
+                            })
+                            .collect();
+                        if out.send(sent).await.is_err() {
                             return;
                         }
                     }
@@ -182,10 +201,49 @@ pub async fn merge(
     }
 }
 
+/// Node batches buffered between the node readers and the merge.
+const NODE_BATCHES: usize = 16;
+
+/// A node's batch of changes, each with the shard and sequence of its cursor.
+type NodeBatch = Vec<(u32, u64, Bytes)>;
+
+/// The client's stream: what [`merge`] sends, one change at a time.
+pub struct Unbatched {
+    rx: mpsc::Receiver<Sent>,
+    ready: std::vec::IntoIter<Result<encoded::GatewayChange, Status>>,
+}
+
+impl Unbatched {
+    /// The changes `rx` receives, in order.
+    pub fn new(rx: mpsc::Receiver<Sent>) -> Unbatched {
+        Unbatched {
+            rx,
+            ready: Vec::new().into_iter(),
+        }
+    }
+}
+
+impl Stream for Unbatched {
+    type Item = Result<encoded::GatewayChange, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if let Some(change) = self.ready.next() {
+                return Poll::Ready(Some(change));
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(batch)) => self.ready = batch.into_iter(),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
 async fn read_node(
-    mut client: NodeClient<Conn>,
+    mut client: EncodedClient,
     request: pb::SubscribeRequest,
-    tx: mpsc::Sender<Result<pb::MembershipChange, Status>>,
+    tx: mpsc::Sender<Result<NodeBatch, Status>>,
 ) {
     // Batches: a message carries whatever the node has ready, so a busy
     // stream costs one message per many changes rather than one each.
@@ -199,10 +257,16 @@ async fn read_node(
     loop {
         match stream.message().await {
             Ok(Some(batch)) => {
-                for change in batch.changes {
-                    if tx.send(Ok(change)).await.is_err() {
-                        return;
-                    }
+                let read = batch.changes.into_iter().map(|change| {
+                    let (shard, sequence) = ChangeView::parse(&change)
+                        .map(|view| (view.shard, view.sequence))
+                        .map_err(|e| Status::data_loss(format!("a node sent {e}")))?;
+                    Ok((shard, sequence, change))
+                });
+                let read: Result<NodeBatch, Status> = read.collect();
+                let failed = read.is_err();
+                if tx.send(read).await.is_err() || failed {
+                    return;
                 }
             }
             Ok(None) => {
@@ -223,17 +287,36 @@ async fn read_node(
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn the_client_stream_gives_each_batchs_changes_in_order_then_ends() {
+        use tokio_stream::StreamExt;
+        let change = |token: &str| {
+            Ok(encoded::GatewayChange {
+                change: None,
+                resume_token: token.into(),
+            })
+        };
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(vec![change("a"), change("b")]).await.unwrap();
+        tx.send(Vec::new()).await.unwrap();
+        tx.send(vec![change("c"), Err(Status::data_loss("d"))])
+            .await
+            .unwrap();
+        drop(tx);
+        let got: Vec<String> = Unbatched::new(rx)
+            .map(|item| item.map_or_else(|s| s.message().to_owned(), |c| c.resume_token))
+            .collect()
+            .await;
+        assert_eq!(got, ["a", "b", "c", "d"]);
+    }
+
     #[test]
     fn tokens_round_trip_and_malformed_ones_are_refused() {
         let mut position = Position::default();
         assert_eq!(position.token(), "v1:");
         assert_eq!(Position::parse("").unwrap(), position);
-        for (shard, sequence) in [(3, 10), (250, 7), (3, 12)] {
-            position.advance(&pb::Cursor {
-                shard,
-                epoch: 1,
-                sequence,
-            });
+        for (shard, sequence) in [(3, 10), (250, 7), (3, 12), (3, 11)] {
+            position.advance(shard, sequence);
         }
         assert_eq!(position.token(), "v1:3.12-250.7");
         assert_eq!(Position::parse(&position.token()).unwrap(), position);

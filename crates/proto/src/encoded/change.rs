@@ -114,6 +114,18 @@ pub struct ChangeBatch {
     pub changes: Vec<Bytes>,
 }
 
+/// `dynseg.v1.GatewayChange` with its change encoded: a gateway hands on the
+/// bytes a node sent, adding only the resume token.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GatewayChange {
+    /// The change, as its node encoded it.
+    #[prost(message, optional, tag = "1")]
+    pub change: Option<EncodedChange>,
+    /// Resumes right after this change (see `pb::GatewayChange`).
+    #[prost(string, tag = "2")]
+    pub resume_token: String,
+}
+
 /// One `dynseg.v1.MembershipChange` as its encoding: what the node's
 /// `Subscribe` stream sends, written to the wire as it is.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -12,7 +12,8 @@
 //! Changes go the other way the same way: the node's `Subscribe` and
 //! `SubscribeBatches` send each change as the bytes it encoded once, when the
 //! change was published ([`EncodedChange`], [`ChangeBatch`]), and read what
-//! they filter by with [`ChangeView`].
+//! they filter by with [`ChangeView`]; the gateway's `Subscribe` passes those
+//! bytes on ([`GatewayChange`]), reading only each change's cursor.
 //!
 //! Servers use the services generated here ([`node_server`],
 //! [`gateway_server`]); the gateway sends batches with [`node_client`].
@@ -26,7 +27,7 @@ mod wire;
 use bytes::Bytes;
 use prost::Message;
 
-pub use change::{ChangeBatch, ChangeView, EncodedChange};
+pub use change::{ChangeBatch, ChangeView, EncodedChange, GatewayChange};
 pub use event::EventView;
 
 use crate::pb;

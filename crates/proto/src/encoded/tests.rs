@@ -398,8 +398,8 @@ fn damaged_changes_are_refused_or_read_as_prost_reads_them() {
     });
 }
 
-/// An encoded change, alone or in a batch, is the typed change on the wire,
-/// both ways.
+/// An encoded change, alone, in a batch or in a gateway's change, is the
+/// typed change on the wire, both ways.
 #[test]
 fn encoded_changes_are_typed_changes_on_the_wire() {
     check(
@@ -420,7 +420,18 @@ fn encoded_changes_are_typed_changes_on_the_wire() {
                 let one = EncodedChange(bytes.clone());
                 prop_assert_eq!(one.encode_to_vec(), bytes.to_vec());
                 let back = EncodedChange::decode(bytes.clone());
-                prop_assert_eq!(back.ok(), Some(one));
+                prop_assert_eq!(back.ok(), Some(one.clone()));
+                let typed = pb::GatewayChange {
+                    change: Some(change),
+                    resume_token: "v1:3.12-250.7".into(),
+                };
+                let encoded = GatewayChange {
+                    change: Some(one),
+                    resume_token: typed.resume_token.clone(),
+                };
+                prop_assert_eq!(encoded.encode_to_vec(), typed.encode_to_vec());
+                let decoded = GatewayChange::decode(Bytes::from(typed.encode_to_vec()));
+                prop_assert_eq!(decoded.ok(), Some(encoded));
             }
             Ok(())
         },
