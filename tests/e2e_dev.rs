@@ -153,6 +153,59 @@ async fn the_dev_cluster_matches_the_reference_through_ingest_and_clock_moves() 
 
 /// Applies one segment through the control API at `addr` (a control member or
 /// a gateway).
+/// `dynseg bench` against a dev cluster on the system clock: it reports the
+/// load and the changes it caused, counting only what follows its warm-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bench_counts_only_what_follows_its_warm_up() {
+    let dev = start_dev("system");
+    let mut control = ControlClient::connect(format!("http://{}", dev.control))
+        .await
+        .unwrap();
+    let mut gateway = GatewayClient::connect(format!("http://{}", dev.gateway))
+        .await
+        .unwrap();
+    let (segments, _) = apply_spec_segments(&mut control).await;
+    wait_for_rules(&mut gateway, &segments[segments.len() - 1]).await;
+    let bench = |warmup: &str| {
+        support::run_cli(&[
+            "bench",
+            "--addr",
+            &dev.gateway,
+            "--users",
+            "500",
+            "--rate",
+            "2000",
+            "--duration",
+            "3",
+            "--warmup",
+            warmup,
+            "--batch",
+            "100",
+            "--connections",
+            "2",
+            "--output",
+            "json",
+        ])
+    };
+
+    let (code, _) = bench("3");
+    assert_eq!(code, 1, "a warm-up as long as the run is the user's error");
+
+    let (code, printed) = bench("1");
+    assert_eq!(code, 0, "{printed}");
+    let report: serde_json::Value = serde_json::from_str(&printed).unwrap();
+    // Two seconds at 2,000 events/s are counted: about 4,000 events. With
+    // the warm-up's second counted too there would be about 6,000.
+    let events = report["events"].as_u64().unwrap();
+    assert!((2_000..=5_000).contains(&events), "{report}");
+    assert_eq!(report["warmup_s"].as_f64(), Some(1.0), "{report}");
+    let seconds = report["seconds"].as_f64().unwrap();
+    assert!((1.9..3.0).contains(&seconds), "{report}");
+    // Fresh users enter segments on their first events; those that enter
+    // after the warm-up are timed.
+    assert!(report["changes"].as_u64().unwrap() > 0, "{report}");
+}
+
 async fn apply_segment(addr: &str, id: &str, rule: &str) {
     ControlClient::connect(format!("http://{addr}"))
         .await

@@ -1,7 +1,8 @@
 //! `dynseg bench`: a load generator against a gateway. Connections send batches
 //! of generated events (the demo's mix) as fast as acknowledgements allow, or at
 //! a target rate; a subscriber measures how long each event-caused change takes
-//! from the ingest call to the subscriber. Prints events/s and percentiles.
+//! from the ingest call to the subscriber. Prints events/s and percentiles,
+//! counting from the end of an optional warm-up.
 
 #![allow(clippy::print_stdout)]
 
@@ -32,8 +33,12 @@ pub struct BenchConfig {
     pub users: u64,
     /// Events per second in total (0: as fast as acknowledgements allow).
     pub rate: u64,
-    /// How long to send.
+    /// How long to send, warm-up included.
     pub duration: Duration,
+    /// How long the load runs before anything is counted: a fresh cluster's
+    /// first second or so is every user's first events, each entering
+    /// segments (several times the steady rate of changes).
+    pub warmup: Duration,
     /// Events per batch.
     pub batch: usize,
     /// Concurrent connections, each with one batch in flight.
@@ -55,6 +60,12 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// Runs the load and prints what it measured.
 pub async fn run(config: BenchConfig, out: Output) -> Result<(), CliError> {
+    if config.warmup >= config.duration {
+        return Err(CliError::User(format!(
+            "the warm-up ({:?}) must be shorter than the duration ({:?})",
+            config.warmup, config.duration
+        )));
+    }
     let connect = || client::connect(&config.addr, config.credentials.clone());
     let mut watcher = GatewayClient::new(connect().await?);
     let mut feed = watcher
@@ -65,6 +76,7 @@ pub async fn run(config: BenchConfig, out: Output) -> Result<(), CliError> {
         .await?
         .into_inner();
     let done = Arc::new(AtomicBool::new(false));
+    let measured_from_ms = now_ms() + config.warmup.as_millis() as i64;
     let changes_task = {
         let done = done.clone();
         tokio::spawn(async move {
@@ -76,6 +88,7 @@ pub async fn run(config: BenchConfig, out: Output) -> Result<(), CliError> {
                     Ok(Ok(Some(item))) => {
                         if let Some(change) = item.change
                             && change.cause == pb::ChangeCause::Event as i32
+                            && change.at_ms >= measured_from_ms
                         {
                             let ms = (now_ms() - change.at_ms).max(0) as u64;
                             latencies.push(Duration::from_millis(ms));
@@ -102,6 +115,7 @@ pub async fn run(config: BenchConfig, out: Output) -> Result<(), CliError> {
             let mut traffic = Traffic::new(config.users, seed);
             let mut acks = Vec::new();
             let mut sent = 0u64;
+            let mut measured = 0u64;
             // Connections take turns, evenly spaced: started together, they
             // would send their batches in bursts of one per connection, and
             // the latency measured would be the burst's queue, not the rate's.
@@ -121,10 +135,13 @@ pub async fn run(config: BenchConfig, out: Output) -> Result<(), CliError> {
                     .ingest(pb::IngestRequest { events })
                     .await?
                     .into_inner();
-                acks.push(t.elapsed());
                 sent += u64::from(reply.accepted);
+                if t.duration_since(started) >= config.warmup {
+                    acks.push(t.elapsed());
+                    measured += u64::from(reply.accepted);
+                }
             }
-            Ok::<_, CliError>((sent, acks))
+            Ok::<_, CliError>((measured, acks))
         });
     }
     let mut sent = 0u64;
@@ -134,7 +151,7 @@ pub async fn run(config: BenchConfig, out: Output) -> Result<(), CliError> {
         sent += n;
         acks.append(&mut a);
     }
-    let elapsed = started.elapsed();
+    let elapsed = started.elapsed().saturating_sub(config.warmup);
     // Let the last changes arrive, then stop the subscriber.
     tokio::time::sleep(Duration::from_millis(500)).await;
     done.store(true, Ordering::Relaxed);
@@ -146,17 +163,22 @@ pub async fn run(config: BenchConfig, out: Output) -> Result<(), CliError> {
     let rate = sent as f64 / elapsed.as_secs_f64();
     match out {
         Output::Json => output::json(&json!({
-            "events": sent, "seconds": elapsed.as_secs_f64(), "events_per_s": rate,
+            "events": sent, "seconds": elapsed.as_secs_f64(), "warmup_s": config.warmup.as_secs_f64(), "events_per_s": rate,
             "ack_ms": {"p50": percentile(&acks, 0.5).as_secs_f64() * 1e3, "p99": percentile(&acks, 0.99).as_secs_f64() * 1e3},
             "changes": change_latencies.len(),
             "change_ms": {"p50": percentile(&change_latencies, 0.5).as_secs_f64() * 1e3, "p99": percentile(&change_latencies, 0.99).as_secs_f64() * 1e3},
         })),
         Output::Table => {
             say!(
-                "{sent} events in {:.1} s: {rate:.0} events/s ({} connections, batches of {})",
+                "{sent} events in {:.1} s: {rate:.0} events/s ({} connections, batches of {}{})",
                 elapsed.as_secs_f64(),
                 config.connections,
-                config.batch
+                config.batch,
+                if config.warmup.is_zero() {
+                    String::new()
+                } else {
+                    format!(", after a warm-up of {:?}", config.warmup)
+                }
             );
             say!(
                 "ack latency per batch: p50 {:?}, p99 {:?}, max {:?}",

@@ -49,7 +49,7 @@ Data (gateway, --addr default 127.0.0.1:7102):
   dynseg explain USER SEGMENT       the rule's tree with every value for the user, and its next change
   dynseg members SEGMENT [--limit N]
   dynseg clock advance DURATION | --to RFC3339     (manual clock)
-  dynseg bench [--users N] [--rate EVENTS_PER_S|0=max] [--duration SECS] [--batch N] [--connections N]
+  dynseg bench [--users N] [--rate EVENTS_PER_S|0=max] [--duration SECS] [--warmup SECS] [--batch N] [--connections N]
 
 Access (docs/operations.md):
   dynseg auth token NAME ROLE[,ROLE]  a new random token, and its line for a tokens file
@@ -226,12 +226,20 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, CliError> {
             result?;
         }
         "bench" => {
-            known(&["users", "rate", "duration", "batch", "connections"])?;
+            known(&[
+                "users",
+                "rate",
+                "duration",
+                "warmup",
+                "batch",
+                "connections",
+            ])?;
             let config = bench::BenchConfig {
                 addr: commands::addr(&args),
                 users: args.number("users", 100_000)?,
                 rate: args.number("rate", 0)?,
                 duration: Duration::from_secs(args.number("duration", 10)?),
+                warmup: Duration::from_secs(args.number("warmup", 0)?),
                 batch: args.number("batch", 1_000)?,
                 connections: args.number("connections", 8)?,
                 credentials: commands::credentials(&args)?,
