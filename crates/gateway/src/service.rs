@@ -20,9 +20,11 @@ use crate::ingest::Ingestor;
 use crate::routing::Routing;
 use crate::subscribe::{self, Position};
 
-/// Node batches of changes buffered per subscriber before the merge waits for
-/// the client.
-const SUBSCRIBE_BUFFER: usize = 16;
+/// Node batches of changes (each at most about 2,000) buffered per subscriber
+/// before the merge waits for the client: a slow client holds a few MiB here
+/// at most, whatever the number of shards (tokens are written as changes go
+/// out).
+const SUBSCRIBE_BUFFER: usize = 8;
 
 /// The gateway's service.
 #[derive(Clone)]
@@ -128,7 +130,7 @@ impl Gateway for GatewayService {
         Ok(Response::new(self.ingestor.ingest(events).await?))
     }
 
-    type SubscribeStream = subscribe::Unbatched;
+    type SubscribeStream = subscribe::ChangeStream;
 
     async fn subscribe(
         &self,
@@ -144,7 +146,7 @@ impl Gateway for GatewayService {
             position,
             tx,
         ));
-        Ok(Response::new(subscribe::Unbatched::new(rx)))
+        Ok(Response::new(subscribe::ChangeStream::new(rx)))
     }
 
     async fn get_user(

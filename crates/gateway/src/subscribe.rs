@@ -10,7 +10,10 @@
 //! one's cursor. They move between the tasks here a node's batch at a time:
 //! each hop through a channel costs a turn of the scheduler, and at one change
 //! per hop a busy gateway delivered a few tens of thousands of changes a
-//! second, seconds behind the nodes (docs/performance.md).
+//! second, seconds behind the nodes (docs/performance.md). Tokens are written
+//! by the client's stream ([`ChangeStream`]) as each change goes out, so what
+//! waits for a slow client is the changes alone, not a token of every shard's
+//! position each.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -104,9 +107,14 @@ impl Position {
     }
 }
 
-/// What the merge sends its client at a time: the changes of one node batch,
-/// each with its token.
-pub type Sent = Vec<Result<encoded::GatewayChange, Status>>;
+/// What the merge sends the client's stream.
+#[derive(Debug)]
+pub enum Merged {
+    /// The position the stream starts from (sent first).
+    From(Position),
+    /// A node's batch of changes, in the order to deliver them.
+    Changes(NodeBatch),
+}
 
 /// Feeds `out` with the merged changes for `request` until the client goes
 /// away or the gateway stops (the routing channel closes).
@@ -114,7 +122,7 @@ pub async fn merge(
     mut routing: watch::Receiver<Arc<Routing>>,
     request: pb::GatewaySubscribeRequest,
     mut position: Position,
-    out: mpsc::Sender<Sent>,
+    out: mpsc::Sender<Merged>,
 ) {
     let Ok(first) = routing
         .wait_for(|r| r.shard_count > 0)
@@ -137,6 +145,9 @@ pub async fn merge(
                 }
             }
         }
+    }
+    if out.send(Merged::From(position.clone())).await.is_err() {
+        return;
     }
     loop {
         let table = routing.borrow_and_update().clone();
@@ -169,17 +180,10 @@ pub async fn merge(
                 }
                 item = changes.recv() => match item {
                     Some(Ok(batch)) => {
-                        let sent = batch
-                            .into_iter()
-                            .map(|(shard, sequence, change)| {
-                                position.advance(shard, sequence);
-                                Ok(encoded::GatewayChange {
-                                    change: Some(EncodedChange(change)),
-                                    resume_token: position.token(),
-                                })
-                            })
-                            .collect();
-                        if out.send(sent).await.is_err() {
+                        for (shard, sequence, _) in &batch {
+                            position.advance(*shard, *sequence);
+                        }
+                        if out.send(Merged::Changes(batch)).await.is_err() {
                             return;
                         }
                     }
@@ -202,37 +206,45 @@ pub async fn merge(
 }
 
 /// Node batches buffered between the node readers and the merge.
-const NODE_BATCHES: usize = 16;
+const NODE_BATCHES: usize = 8;
 
 /// A node's batch of changes, each with the shard and sequence of its cursor.
-type NodeBatch = Vec<(u32, u64, Bytes)>;
+pub type NodeBatch = Vec<(u32, u64, Bytes)>;
 
-/// The client's stream: what [`merge`] sends, one change at a time.
-pub struct Unbatched {
-    rx: mpsc::Receiver<Sent>,
-    ready: std::vec::IntoIter<Result<encoded::GatewayChange, Status>>,
+/// The client's stream: the changes [`merge`] sends, one at a time, each with
+/// the token of the position right after it.
+pub struct ChangeStream {
+    rx: mpsc::Receiver<Merged>,
+    position: Position,
+    ready: std::vec::IntoIter<(u32, u64, Bytes)>,
 }
 
-impl Unbatched {
+impl ChangeStream {
     /// The changes `rx` receives, in order.
-    pub fn new(rx: mpsc::Receiver<Sent>) -> Unbatched {
-        Unbatched {
+    pub fn new(rx: mpsc::Receiver<Merged>) -> ChangeStream {
+        ChangeStream {
             rx,
+            position: Position::default(),
             ready: Vec::new().into_iter(),
         }
     }
 }
 
-impl Stream for Unbatched {
+impl Stream for ChangeStream {
     type Item = Result<encoded::GatewayChange, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
-            if let Some(change) = self.ready.next() {
-                return Poll::Ready(Some(change));
+            if let Some((shard, sequence, change)) = self.ready.next() {
+                self.position.advance(shard, sequence);
+                return Poll::Ready(Some(Ok(encoded::GatewayChange {
+                    change: Some(EncodedChange(change)),
+                    resume_token: self.position.token(),
+                })));
             }
             match self.rx.poll_recv(cx) {
-                Poll::Ready(Some(batch)) => self.ready = batch.into_iter(),
+                Poll::Ready(Some(Merged::From(position))) => self.position = position,
+                Poll::Ready(Some(Merged::Changes(batch))) => self.ready = batch.into_iter(),
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
             }
@@ -288,26 +300,40 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn the_client_stream_gives_each_batchs_changes_in_order_then_ends() {
+    async fn the_client_stream_gives_each_change_in_order_with_its_token_then_ends() {
         use tokio_stream::StreamExt;
-        let change = |token: &str| {
-            Ok(encoded::GatewayChange {
-                change: None,
-                resume_token: token.into(),
-            })
-        };
         let (tx, rx) = mpsc::channel(4);
-        tx.send(vec![change("a"), change("b")]).await.unwrap();
-        tx.send(Vec::new()).await.unwrap();
-        tx.send(vec![change("c"), Err(Status::data_loss("d"))])
+        tx.send(Merged::From(Position::parse("v1:3.10-7.2").unwrap()))
             .await
             .unwrap();
+        let batch = |changes: &[(u32, u64, &'static str)]| {
+            Merged::Changes(
+                changes
+                    .iter()
+                    .map(|&(shard, sequence, bytes)| (shard, sequence, Bytes::from(bytes)))
+                    .collect(),
+            )
+        };
+        tx.send(batch(&[(3, 11, "a"), (5, 1, "b")])).await.unwrap();
+        tx.send(batch(&[])).await.unwrap();
+        tx.send(batch(&[(7, 3, "c")])).await.unwrap();
         drop(tx);
-        let got: Vec<String> = Unbatched::new(rx)
-            .map(|item| item.map_or_else(|s| s.message().to_owned(), |c| c.resume_token))
+        let got: Vec<(Bytes, String)> = ChangeStream::new(rx)
+            .map(|item| {
+                let change = item.unwrap();
+                (change.change.unwrap().0, change.resume_token)
+            })
             .collect()
             .await;
-        assert_eq!(got, ["a", "b", "c", "d"]);
+        let want = [
+            ("a", "v1:3.11-7.2"),
+            ("b", "v1:3.11-5.1-7.2"),
+            ("c", "v1:3.11-5.1-7.3"),
+        ];
+        assert_eq!(
+            got,
+            want.map(|(bytes, token)| (Bytes::from(bytes), token.to_owned()))
+        );
     }
 
     #[test]
