@@ -147,7 +147,7 @@ pub(crate) fn node_clients(
     );
     Some((
         NodeClient::new(channel.clone()).max_decoding_message_size(64 << 20),
-        EncodedClient::new(channel),
+        EncodedClient::new(channel).max_decoding_message_size(64 << 20),
     ))
 }
 

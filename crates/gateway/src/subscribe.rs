@@ -16,11 +16,10 @@
 //! position each.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
-
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use dynseg_proto::encoded::{self, ChangeView, EncodedChange};
