@@ -76,6 +76,9 @@ pub async fn run(config: BenchConfig, out: Output) -> Result<(), CliError> {
         .await?
         .into_inner();
     let done = Arc::new(AtomicBool::new(false));
+    // One moment starts the run, and so ends the warm-up, for the changes
+    // (by the node's clock) and the batches (by this process's).
+    let started = Instant::now();
     let measured_from_ms = now_ms() + config.warmup.as_millis() as i64;
     let changes_task = {
         let done = done.clone();
@@ -101,7 +104,6 @@ pub async fn run(config: BenchConfig, out: Output) -> Result<(), CliError> {
             latencies
         })
     };
-    let started = Instant::now();
     let per_connection_rate = config.rate as f64 / config.connections.max(1) as f64;
     let mut senders = JoinSet::new();
     for connection in 0..config.connections.max(1) {

@@ -25,8 +25,9 @@ mod field {
 }
 
 /// What a node (or a client) reads of an encoded `dynseg.v1.MembershipChange`,
-/// borrowed from its bytes: all but the kind, cause, rule version and epoch. Fields are read as prost reads them (the last of a scalar wins;
-/// a repeated cursor is merged).
+/// borrowed from its bytes: all but the kind, cause, rule version and epoch.
+/// Fields are read as prost reads them (the last of a scalar wins; a repeated
+/// cursor is merged).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChangeView<'a> {
     /// `user_id`.
