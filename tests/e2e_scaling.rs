@@ -175,7 +175,7 @@ async fn shards_move_under_load_through_kills_and_a_drain_and_nothing_is_lost() 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    // 1. A third node joins; kill it in the middle of its first move.
+    // 1. A third node joins; kill it in the middle of its first moves.
     let mut node2 = Process::start(&node_args(2), "listening on");
     let t = wait_topology(&mut control, "a move into node-2", 30, |t| {
         t.moves.iter().any(|m| m.to_node == "node-2")
@@ -187,7 +187,8 @@ async fn shards_move_under_load_through_kills_and_a_drain_and_nothing_is_lost() 
         .filter(|m| m.to_node == "node-2")
         .map(|m| m.shard)
         .collect();
-    assert!(owned(&t, "node-2").is_empty());
+    // (A small shard's move may already have committed by the time the
+    // topology is read: `first` is the moves still copying.)
     node2.kill9();
     eprintln!("killed node-2 while it copied shards {first:?}");
     node2.restart_with(&node_args(2), "listening on");

@@ -528,6 +528,19 @@ fn meta_key(name: &str) -> Vec<u8> {
     key
 }
 
+/// Meta entries that record a move as this node sees it: whether its copy is
+/// incomplete (`incoming`), awaits a commit (`pending`), or is fenced
+/// (`fenced`). They never travel with the shard. A source's values loaded over
+/// a destination's would mark an incomplete copy complete, and a restart would
+/// then serve it at the source's epoch while the source still owned it.
+const MOVE_MARKS: [&str; 3] = ["incoming", "pending", "fenced"];
+
+fn is_move_mark(key: &[u8]) -> bool {
+    MOVE_MARKS
+        .iter()
+        .any(|name| key.first() == Some(&META) && &key[1..] == name.as_bytes())
+}
+
 fn page_key(page: u32) -> [u8; 5] {
     let mut key = [PAGE; 5];
     key[1..].copy_from_slice(&page.to_be_bytes());
@@ -988,7 +1001,8 @@ impl ShardStore {
     /// Every (key, value) of the shard, for export. Batches left in this
     /// node's log travel as blocks of their records (`e`, at most
     /// [`block::BLOCK_BYTES`] each, keyed by day and first sequence):
-    /// positions would mean nothing to another node.
+    /// positions would mean nothing to another node. The move marks
+    /// ([`MOVE_MARKS`]) stay here.
     pub fn dump(&self) -> impl Iterator<Item = Result<KeyValue, StoreError>> + '_ {
         let mut reader = LogReader::new(&self.log_dir);
         self.tree.iter().flat_map(move |entry| {
@@ -996,6 +1010,7 @@ impl ShardStore {
                 Ok((k, v)) if k.first() == Some(&LOGGED) => {
                     self.logged_as_blocks(&mut reader, &k, &v)
                 }
+                Ok((k, _)) if is_move_mark(&k) => Ok(Vec::new()),
                 Ok((k, v)) => Ok(vec![(k.to_vec(), v.to_vec())]),
                 Err(e) => Err(e.into()),
             };
@@ -1027,13 +1042,17 @@ impl ShardStore {
             .collect())
     }
 
-    /// Writes one exported (key, value).
+    /// Writes one exported (key, value). Move marks from the exporting node
+    /// (one that exports them) are skipped: this node's own stay as they are.
     pub fn load(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         if !matches!(
             key.first(),
             Some(&(META | PAGE | EVENTS | CHANGES | MERGED))
         ) {
             return Err(corrupt("shard export", "a key of unknown kind"));
+        }
+        if is_move_mark(key) {
+            return Ok(());
         }
         self.tree.insert(key, value)?;
         Ok(())
@@ -1234,6 +1253,40 @@ mod tests {
         // A position the log no longer has is an error, not an empty answer.
         wal.truncate_before(at[3]).unwrap();
         assert!(matches!(shard.retained_since(0), Err(StoreError::Log(_))));
+    }
+
+    #[test]
+    fn a_copy_keeps_its_own_move_marks_whatever_the_source_had() {
+        // The source holds the shard after a move of its own: its marks say
+        // complete, committed, not fenced.
+        let dir = tempfile::tempdir().unwrap();
+        let source = Store::open(dir.path(), 1 << 20, &dir.path().join("wal")).unwrap();
+        let shard = source.shard(5).unwrap();
+        shard.set_epoch(2).unwrap();
+        shard.set_incoming(false).unwrap();
+        shard.set_pending(0).unwrap();
+        shard.set_fenced(0).unwrap();
+        let dumped: Vec<_> = shard.dump().map(Result::unwrap).collect();
+        assert!(dumped.iter().all(|(k, _)| !is_move_mark(k)), "{dumped:?}");
+        assert!(dumped.iter().any(|(k, _)| *k == meta_key("epoch")));
+
+        // A destination copying it, then one an older node sends marks to.
+        let elsewhere = tempfile::tempdir().unwrap();
+        let other = Store::open(elsewhere.path(), 1 << 20, &elsewhere.path().join("wal")).unwrap();
+        let copy = other.shard(5).unwrap();
+        copy.set_incoming(true).unwrap();
+        copy.set_pending(9).unwrap();
+        copy.set_fenced(3).unwrap();
+        for (key, value) in &dumped {
+            copy.load(key, value).unwrap();
+        }
+        for name in MOVE_MARKS {
+            copy.load(&meta_key(name), &0u64.to_le_bytes()).unwrap();
+        }
+        assert!(copy.incoming().unwrap(), "still an incomplete copy");
+        assert_eq!(copy.pending().unwrap(), 9);
+        assert_eq!(copy.fenced().unwrap(), 3);
+        assert_eq!(copy.meta().unwrap().epoch, 2, "the epoch travels");
     }
 
     #[test]
