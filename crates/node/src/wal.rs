@@ -89,9 +89,16 @@ pub struct Wal {
     dir: PathBuf,
     segment_size: u64,
     segment: u64,
+    /// Where the next record goes: the file's length plus `unwritten`.
     offset: u64,
     file: File,
+    /// Records appended since the last write to the file. A group of
+    /// records goes to the file in one `write`, just before its sync.
+    unwritten: Vec<u8>,
 }
+
+/// Unwritten bytes past which an append writes them out (it does not sync).
+const WRITE_AT: usize = 1 << 20;
 
 fn segment_path(dir: &Path, segment: u64) -> PathBuf {
     dir.join(format!("wal-{segment:020}.log"))
@@ -194,6 +201,7 @@ impl Wal {
                 segment,
                 offset,
                 file,
+                unwritten: Vec::new(),
             },
             recovery,
         ))
@@ -268,8 +276,8 @@ impl Wal {
         }
     }
 
-    /// Appends a record (not yet durable: see [`Wal::sync`]) and returns its
-    /// position.
+    /// Appends a record (not yet durable, and not yet in the file: see
+    /// [`Wal::sync`]) and returns its position.
     pub fn append(&mut self, payload: &[u8]) -> Result<Lsn, WalError> {
         if payload.len() > MAX_RECORD {
             return Err(WalError::TooLarge(payload.len()));
@@ -278,18 +286,41 @@ impl Wal {
             self.roll()?;
         }
         let at = self.tail();
-        let mut record = Vec::with_capacity(HEADER + payload.len());
-        record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        record.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-        record.extend_from_slice(payload);
-        let path = segment_path(&self.dir, self.segment);
-        self.file.write_all(&record).map_err(io_err(&path))?;
-        self.offset += record.len() as u64;
+        self.unwritten
+            .extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        self.unwritten
+            .extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        self.unwritten.extend_from_slice(payload);
+        self.offset += (HEADER + payload.len()) as u64;
+        if self.unwritten.len() >= WRITE_AT {
+            self.write_out()?;
+        }
         Ok(at)
     }
 
-    /// Makes everything appended so far durable (`fdatasync`).
+    /// Writes the records appended since the last write to the file. If the
+    /// write fails they are dropped (none was acknowledged: that waits for the
+    /// sync) and the file is cut back to where they began, so that the next
+    /// record's position is still where it lands.
+    fn write_out(&mut self) -> Result<(), WalError> {
+        if self.unwritten.is_empty() {
+            return Ok(());
+        }
+        let path = segment_path(&self.dir, self.segment);
+        let start = self.offset - self.unwritten.len() as u64;
+        let written = self.file.write_all(&self.unwritten).map_err(io_err(&path));
+        self.unwritten.clear();
+        if written.is_err() {
+            let _ = self.file.set_len(start);
+            self.offset = start;
+        }
+        written
+    }
+
+    /// Makes everything appended so far durable: one `write` of what is not
+    /// in the file yet, then `fdatasync`.
     pub fn sync(&mut self) -> Result<(), WalError> {
+        self.write_out()?;
         let path = segment_path(&self.dir, self.segment);
         self.file.sync_data().map_err(io_err(&path))
     }
@@ -415,6 +446,34 @@ mod tests {
             2,
             "replay starts at a position"
         );
+    }
+
+    #[test]
+    fn a_group_of_records_reaches_the_file_in_one_write_at_its_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), 1 << 30).unwrap();
+        let path = segment_path(dir.path(), 0);
+        let file_len = || fs::metadata(&path).unwrap().len();
+        let first = wal.append(b"one").unwrap();
+        let second = wal.append(b"two").unwrap();
+        assert_eq!(second.offset, first.offset + (HEADER + 3) as u64);
+        assert_eq!(file_len(), 0, "appends wait for the sync");
+        wal.sync().unwrap();
+        assert_eq!(file_len(), 2 * (HEADER + 3) as u64);
+        assert_eq!(wal.tail().offset, file_len());
+        // A group past the write threshold is written before its sync, in
+        // whole records, and positions still match the file.
+        let big = vec![9u8; WRITE_AT];
+        let at = wal.append(&big).unwrap();
+        assert_eq!(file_len(), at.offset + (HEADER + WRITE_AT) as u64);
+        let after = wal.append(b"three").unwrap();
+        wal.sync().unwrap();
+        let records = read_all(dir.path(), Lsn::default());
+        assert_eq!(
+            records.iter().map(|r| r.0).collect::<Vec<_>>(),
+            vec![first, second, at, after]
+        );
+        assert_eq!(records[3].1, b"three");
     }
 
     #[test]
