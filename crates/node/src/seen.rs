@@ -61,6 +61,14 @@ impl SeenIds {
         self.slots.iter().copied().filter(|&id| id != EMPTY)
     }
 
+    /// Hints the CPU to load the slot a lookup of `hash` starts at.
+    pub(crate) fn prefetch(&self, hash: u128) {
+        let len = self.slots.len();
+        if len > 0 {
+            dynseg_rules::prefetch_line(&self.slots[start(hash, len)]);
+        }
+    }
+
     /// Bytes the table holds on the heap.
     pub(crate) fn heap_bytes(&self) -> usize {
         16 * self.slots.len()

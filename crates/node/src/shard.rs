@@ -34,6 +34,11 @@ fn day_of(t: Timestamp) -> u32 {
 /// A message id's identity for dedupe: 96 bits of FNV-1a-128 of the id (a fixed
 /// function, so stored ids stay valid across versions). Two different ids of one
 /// user collide with probability about n²/2⁹⁷ for n ids in the horizon.
+/// Events whose users are looked up (and their data prefetched) together
+/// before they are applied: enough to overlap a batch's cache misses, few
+/// enough that what is prefetched is still in L1 when its event comes.
+const PREFETCH_RUN: usize = 16;
+
 fn message_hash(message_id: &str) -> u128 {
     const OFFSET: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
     const PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013b;
@@ -370,22 +375,43 @@ impl Shard {
         let oldest_day = day_of(now.minus(self.config.dedupe_horizon));
         let plan = self.plan.clone();
         let mut changes = std::mem::take(&mut self.scratch);
-        for event in events {
-            let hash = message_hash(event.message_id.as_str());
-            let entry = self.activate(&event.user)?;
-            if entry.seen.check_and_insert(hash, day, oldest_day) {
-                outcome.duplicates += 1;
-                continue;
+        let mut hashes = [0u128; PREFETCH_RUN];
+        for run in events.chunks(PREFETCH_RUN) {
+            for (event, hash) in run.iter().zip(&mut hashes) {
+                *hash = message_hash(event.message_id.as_str());
             }
-            let before = entry.state.next_wakeup();
-            plan.apply(&mut entry.state, event, now, &mut changes);
-            let after = entry.state.next_wakeup();
-            self.retime(&event.user, before, after);
-            outcome.applied += 1;
-            self.log(&mut changes, &mut outcome.changes);
+            self.prefetch(run, &hashes);
+            for (event, &hash) in run.iter().zip(&hashes) {
+                let entry = self.activate(&event.user)?;
+                if entry.seen.check_and_insert(hash, day, oldest_day) {
+                    outcome.duplicates += 1;
+                    continue;
+                }
+                let before = entry.state.next_wakeup();
+                plan.apply(&mut entry.state, event, now, &mut changes);
+                let after = entry.state.next_wakeup();
+                self.retime(&event.user, before, after);
+                outcome.applied += 1;
+                self.log(&mut changes, &mut outcome.changes);
+            }
         }
         self.scratch = changes;
         Ok(outcome)
+    }
+
+    /// Starts loading what applying `run` will read: each active user's map
+    /// slot, its message-id slot and its state. The lookups here do not depend
+    /// on each other, so the CPU overlaps their cache misses, where applying
+    /// the events one by one waits for each in turn (in the dev cluster's
+    /// profile the user's entry and its message ids were 13% of the process,
+    /// cache misses mostly).
+    fn prefetch(&self, run: &[Event], hashes: &[u128]) {
+        for (event, &hash) in run.iter().zip(hashes) {
+            if let Some(entry) = self.users.get(&event.user) {
+                entry.seen.prefetch(hash);
+                entry.state.prefetch();
+            }
+        }
     }
 
     /// Identity merge, step 1: takes `user`'s profile out of the shard at
@@ -1187,6 +1213,40 @@ mod tests {
             ]
         );
         assert_eq!(shard.next_timer(), None);
+    }
+
+    #[test]
+    fn a_batch_of_several_prefetch_runs_applies_as_its_events_one_by_one() {
+        let rules = [("buyer", "count(order_completed) in last 1d >= 2")];
+        let now = t("2026-01-01T00:00:00Z");
+        // 50 events over 7 users: more than three runs, with repeats of a
+        // message id inside a run, across runs, and of a user's first event.
+        let events: Vec<Event> = (0..50u32)
+            .map(|i| {
+                let id = if i % 9 == 8 { i - 5 } else { i };
+                order(&format!("m{id}"), &format!("user{}", id % 7), now)
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, mut whole) = open(dir.path(), plan(&rules, 1));
+        let together = apply(&mut whole, now, &events).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let (_store, mut single) = open(other.path(), plan(&rules, 1));
+        let (mut applied, mut duplicates, mut changes) = (0, 0, Vec::new());
+        for event in &events {
+            let out = apply(&mut single, now, std::slice::from_ref(event)).unwrap();
+            applied += out.applied;
+            duplicates += out.duplicates;
+            changes.extend(out.changes);
+        }
+        assert!(events.len() > 3 * PREFETCH_RUN);
+        assert_eq!(
+            (together.applied, together.duplicates),
+            (applied, duplicates)
+        );
+        assert_eq!(duplicates, 5);
+        assert_eq!(summary(&together.changes), summary(&changes));
+        assert_eq!(whole.counts(), single.counts());
     }
 
     #[test]
