@@ -55,7 +55,21 @@ impl<'a> Reader<'a> {
         self.buf.is_empty()
     }
 
+    /// The next varint. Tags and lengths are nearly all one byte: that case
+    /// is inlined into the callers; the general loop is not.
+    #[inline]
     pub(super) fn varint(&mut self) -> Result<u64, Malformed> {
+        if let Some((&byte, rest)) = self.buf.split_first()
+            && byte < 0x80
+        {
+            self.buf = rest;
+            return Ok(u64::from(byte));
+        }
+        self.varint_long()
+    }
+
+    #[inline(never)]
+    fn varint_long(&mut self) -> Result<u64, Malformed> {
         let mut value = 0u64;
         for (i, &byte) in self.buf.iter().enumerate().take(10) {
             // The tenth byte holds bit 63 only.
@@ -76,6 +90,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The next field's number and wire type.
+    #[inline]
     pub(super) fn key(&mut self) -> Result<(u32, u8), Malformed> {
         let key = self.varint()?;
         let field = key >> 3;
