@@ -68,6 +68,16 @@ impl From<String> for IdStr {
     }
 }
 
+impl From<Box<str>> for IdStr {
+    fn from(s: Box<str>) -> Self {
+        if s.len() <= INLINE {
+            IdStr::from(&*s)
+        } else {
+            IdStr(Repr::Shared(s.into()))
+        }
+    }
+}
+
 impl From<Arc<str>> for IdStr {
     fn from(s: Arc<str>) -> Self {
         if s.len() <= INLINE {
