@@ -2,19 +2,22 @@
 
 use std::fmt;
 
-use crate::id::IdStr;
+use crate::id::{IdStr, MessageStr};
 use crate::time::Timestamp;
 use crate::value::Value;
 
 macro_rules! string_id {
     ($(#[$doc:meta])* $name:ident) => {
+        string_id!($(#[$doc])* $name, IdStr);
+    };
+    ($(#[$doc:meta])* $name:ident, $repr:ty) => {
         $(#[$doc])*
         #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-        pub struct $name(IdStr);
+        pub struct $name($repr);
 
         impl $name {
             /// Wraps a string.
-            pub fn new(id: impl Into<IdStr>) -> Self {
+            pub fn new(id: impl Into<$repr>) -> Self {
                 $name(id.into())
             }
 
@@ -57,8 +60,10 @@ string_id!(
     EventName
 );
 string_id!(
-    /// The client's idempotency key for one event.
-    MessageId
+    /// The client's idempotency key for one event (up to 46 bytes inline:
+    /// see [`MessageStr`]).
+    MessageId,
+    MessageStr
 );
 
 /// One accepted event of one user.

@@ -1,29 +1,38 @@
-//! [`IdStr`]: an immutable string that stores up to 22 bytes inline.
+//! [`InlineStr`]: an immutable string that stores up to `N` bytes inline, and
+//! [`IdStr`], the one of 24 bytes that stores up to 22.
 //!
 //! User ids, event names and segment ids are short and are hashed and compared
 //! on every event. Stored inline they need no allocation and no pointer chase:
 //! in a map of millions of users, looking a user up touches the map's bucket
 //! and not also a separately allocated key. Longer strings share one `Arc<str>`.
+//!
+//! Message ids are longer (a UUID is 36 bytes; analytics.js sends 40 to 41)
+//! and live only while their event is applied: [`MessageStr`] keeps up to 46
+//! inline, in 48 bytes, so that converting an event allocates nothing for it.
 
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-const INLINE: usize = 22;
-
-/// An immutable string; see the module documentation. Strings of at most 22
-/// bytes are always inline and longer ones always shared, so equal strings have
-/// equal representations.
+/// An immutable string; see the module documentation. Strings of at most `N`
+/// bytes (`N` below 256) are always inline and longer ones always shared, so
+/// equal strings have equal representations.
 #[derive(Clone)]
-pub struct IdStr(Repr);
+pub struct InlineStr<const N: usize>(Repr<N>);
+
+/// Ids: up to 22 bytes inline, 24 bytes in all.
+pub type IdStr = InlineStr<22>;
+
+/// Message ids: up to 46 bytes inline, 48 bytes in all.
+pub type MessageStr = InlineStr<46>;
 
 #[derive(Clone)]
-enum Repr {
-    Inline { len: u8, bytes: [u8; INLINE] },
+enum Repr<const N: usize> {
+    Inline { len: u8, bytes: [u8; N] },
     Shared(Arc<str>),
 }
 
-impl IdStr {
+impl<const N: usize> InlineStr<N> {
     /// The string.
     #[allow(unsafe_code)] // One block; see its SAFETY comment.
     pub fn as_str(&self) -> &str {
@@ -43,52 +52,53 @@ impl IdStr {
     }
 }
 
-impl From<&str> for IdStr {
+impl<const N: usize> From<&str> for InlineStr<N> {
     fn from(s: &str) -> Self {
-        if s.len() <= INLINE {
-            let mut bytes = [0u8; INLINE];
+        const { assert!(N < 256, "the inline length is a u8") };
+        if s.len() <= N {
+            let mut bytes = [0u8; N];
             bytes[..s.len()].copy_from_slice(s.as_bytes());
-            IdStr(Repr::Inline {
+            InlineStr(Repr::Inline {
                 len: s.len() as u8,
                 bytes,
             })
         } else {
-            IdStr(Repr::Shared(s.into()))
+            InlineStr(Repr::Shared(s.into()))
         }
     }
 }
 
-impl From<String> for IdStr {
+impl<const N: usize> From<String> for InlineStr<N> {
     fn from(s: String) -> Self {
-        if s.len() <= INLINE {
-            IdStr::from(s.as_str())
+        if s.len() <= N {
+            InlineStr::from(s.as_str())
         } else {
-            IdStr(Repr::Shared(s.into()))
+            InlineStr(Repr::Shared(s.into()))
         }
     }
 }
 
-impl From<Box<str>> for IdStr {
+impl<const N: usize> From<Box<str>> for InlineStr<N> {
     fn from(s: Box<str>) -> Self {
-        if s.len() <= INLINE {
-            IdStr::from(&*s)
+        if s.len() <= N {
+            InlineStr::from(&*s)
         } else {
-            IdStr(Repr::Shared(s.into()))
+            InlineStr(Repr::Shared(s.into()))
         }
     }
 }
 
-impl From<Arc<str>> for IdStr {
+impl<const N: usize> From<Arc<str>> for InlineStr<N> {
     fn from(s: Arc<str>) -> Self {
-        if s.len() <= INLINE {
-            IdStr::from(&*s)
+        if s.len() <= N {
+            InlineStr::from(&*s)
         } else {
-            IdStr(Repr::Shared(s))
+            InlineStr(Repr::Shared(s))
         }
     }
 }
 
-impl PartialEq for IdStr {
+impl<const N: usize> PartialEq for InlineStr<N> {
     fn eq(&self, other: &Self) -> bool {
         match (&self.0, &other.0) {
             (Repr::Inline { len: a, bytes: x }, Repr::Inline { len: b, bytes: y }) => {
@@ -100,9 +110,9 @@ impl PartialEq for IdStr {
     }
 }
 
-impl Eq for IdStr {}
+impl<const N: usize> Eq for InlineStr<N> {}
 
-impl IdStr {
+impl<const N: usize> InlineStr<N> {
     fn bytes(&self) -> &[u8] {
         match &self.0 {
             Repr::Inline { len, bytes } => &bytes[..usize::from(*len)],
@@ -111,7 +121,7 @@ impl IdStr {
     }
 }
 
-impl Hash for IdStr {
+impl<const N: usize> Hash for InlineStr<N> {
     /// Hashes as `str` does (its bytes, then `0xff`), so that maps keyed by ids can
     /// be queried with `&str`; written out to skip re-checking UTF-8 on every hash.
     fn hash<H: Hasher>(&self, state: &mut H) {
@@ -120,20 +130,20 @@ impl Hash for IdStr {
     }
 }
 
-impl PartialOrd for IdStr {
+impl<const N: usize> PartialOrd for InlineStr<N> {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
     }
 }
 
-impl Ord for IdStr {
+impl<const N: usize> Ord for InlineStr<N> {
     /// Byte order, which for UTF-8 is the order of `str`.
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         self.bytes().cmp(other.bytes())
     }
 }
 
-impl fmt::Debug for IdStr {
+impl<const N: usize> fmt::Debug for InlineStr<N> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self.as_str(), f)
     }
@@ -162,6 +172,14 @@ mod tests {
         assert_ne!(IdStr::from("a"), IdStr::from("b"));
         assert!(IdStr::from("a") < IdStr::from("b"));
         assert_eq!(std::mem::size_of::<IdStr>(), 24);
+        assert_eq!(std::mem::size_of::<MessageStr>(), 48);
+        let uuid = "9b2f6a7e-3c1d-4f8a-b5e2-0d4c6e8f1a3b";
+        assert!(matches!(MessageStr::from(uuid).0, Repr::Inline { .. }));
+        assert!(matches!(IdStr::from(uuid).0, Repr::Shared(_)));
+        assert_eq!(MessageStr::from(uuid).as_str(), uuid);
+        let long = "m".repeat(47);
+        assert!(matches!(MessageStr::from(long.as_str()).0, Repr::Shared(_)));
+        assert_eq!(MessageStr::from(long.as_str()).as_str(), long);
     }
 
     #[test]

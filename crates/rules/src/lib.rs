@@ -78,7 +78,7 @@ pub use change::{Cause, Change, ChangeKind};
 pub use error::{Error, RuleError, RuleErrorKind};
 pub use event::{Event, EventBody, EventName, MessageId, Properties, SegmentId, UserId};
 pub use explain::{Clause, Explanation, NextChange, OperandValue};
-pub use id::IdStr;
+pub use id::{IdStr, InlineStr, MessageStr};
 pub use limits::Limits;
 pub use migrate::Migration;
 pub use plan::Plan;
