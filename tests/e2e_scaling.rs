@@ -5,7 +5,8 @@
 //!
 //! 1. a third node joins and shards move to it (its copies are throttled, so
 //!    each move takes a while); it is killed with SIGKILL mid-move and
-//!    restarted, then the source of another move is killed the same way;
+//!    restarted, then the source of another move is killed the same way
+//!    (node-2's weight is doubled first if it already has its share);
 //! 2. while that source is down, `dynseg cluster status` reports it down and
 //!    its shards unavailable, and the placement keeps them on it;
 //! 3. `dynseg cluster drain` empties a node; SIGTERM on it waits for its moves;
@@ -206,7 +207,23 @@ async fn shards_move_under_load_through_kills_and_a_drain_and_nothing_is_lost() 
     );
 
     // Now kill the source of a move in flight, and keep it down until the
-    // control plane reports it.
+    // control plane reports it. Small shards copy fast: if node-2 already has
+    // its share, a double weight gives it more to take.
+    if !topology(&mut control)
+        .await
+        .moves
+        .iter()
+        .any(|m| m.to_node == "node-2")
+    {
+        control
+            .add_node(pb::AddNodeRequest {
+                node: "node-2".into(),
+                weight: 2,
+            })
+            .await
+            .unwrap();
+        eprintln!("node-2 had its share: its weight is now 2");
+    }
     let t = wait_topology(&mut control, "another move into node-2", 60, |t| {
         t.moves.iter().any(|m| m.to_node == "node-2")
     })
