@@ -95,6 +95,9 @@ pub struct Wal {
     /// Records appended since the last write to the file. A group of
     /// records goes to the file in one `write`, just before its sync.
     unwritten: Vec<u8>,
+    /// A write since the last sync failed: records appended before it were
+    /// dropped, so the next sync must fail too rather than vouch for them.
+    lost: Option<String>,
 }
 
 /// Unwritten bytes past which an append writes them out (it does not sync).
@@ -202,6 +205,7 @@ impl Wal {
                 offset,
                 file,
                 unwritten: Vec::new(),
+                lost: None,
             },
             recovery,
         ))
@@ -310,24 +314,38 @@ impl Wal {
         let start = self.offset - self.unwritten.len() as u64;
         let written = self.file.write_all(&self.unwritten).map_err(io_err(&path));
         self.unwritten.clear();
-        if written.is_err() {
+        if let Err(e) = &written {
             let _ = self.file.set_len(start);
             self.offset = start;
+            self.lost = Some(e.to_string());
         }
         written
     }
 
     /// Makes everything appended so far durable: one `write` of what is not
-    /// in the file yet, then `fdatasync`.
+    /// in the file yet, then `fdatasync`. Fails if any record appended since
+    /// the last sync was dropped by a failed write.
     pub fn sync(&mut self) -> Result<(), WalError> {
-        self.write_out()?;
+        let written = self.write_out();
+        if let Some(reason) = self.lost.take() {
+            return Err(WalError::Io {
+                path: segment_path(&self.dir, self.segment),
+                source: io::Error::other(format!(
+                    "records since the last sync were lost: {reason}"
+                )),
+            });
+        }
+        written?;
         let path = segment_path(&self.dir, self.segment);
         self.file.sync_data().map_err(io_err(&path))
     }
 
-    /// Starts the next segment (after making the current one durable).
+    /// Starts the next segment (after making the current one durable). A
+    /// failed write leaves `lost` set for the sync of the group it cut short.
     fn roll(&mut self) -> Result<(), WalError> {
-        self.sync()?;
+        self.write_out()?;
+        let path = segment_path(&self.dir, self.segment);
+        self.file.sync_data().map_err(io_err(&path))?;
         self.segment += 1;
         self.offset = 0;
         let path = segment_path(&self.dir, self.segment);
@@ -474,6 +492,30 @@ mod tests {
             vec![first, second, at, after]
         );
         assert_eq!(records[3].1, b"three");
+    }
+
+    #[test]
+    fn a_failed_write_fails_the_sync_of_every_record_it_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), 1 << 30).unwrap();
+        wal.append(b"kept").unwrap();
+        wal.sync().unwrap();
+        let path = segment_path(dir.path(), 0);
+        let writable = std::mem::replace(&mut wal.file, File::open(&path).unwrap());
+        // Buffered, then dropped by the failed write of the next one.
+        let dropped = wal.append(b"dropped").unwrap();
+        assert!(wal.append(&vec![1u8; WRITE_AT]).is_err());
+        wal.file = writable;
+        assert!(wal.sync().is_err(), "the dropped record was never written");
+        assert_eq!(wal.tail(), dropped, "the next record goes where it began");
+        let after = wal.append(b"after").unwrap();
+        wal.sync().unwrap();
+        let records = read_all(dir.path(), Lsn::default());
+        assert_eq!(
+            records.iter().map(|r| r.1.as_slice()).collect::<Vec<_>>(),
+            [&b"kept"[..], b"after"]
+        );
+        assert_eq!(records[1].0, after);
     }
 
     #[test]
