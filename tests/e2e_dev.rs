@@ -151,8 +151,6 @@ async fn the_dev_cluster_matches_the_reference_through_ingest_and_clock_moves() 
     }
 }
 
-/// Applies one segment through the control API at `addr` (a control member or
-/// a gateway).
 /// `dynseg bench` against a dev cluster on the system clock: it reports the
 /// load and the changes it caused, counting only what follows its warm-up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,6 +204,8 @@ async fn the_bench_counts_only_what_follows_its_warm_up() {
     assert!(report["changes"].as_u64().unwrap() > 0, "{report}");
 }
 
+/// Applies one segment through the control API at `addr` (a control member or
+/// a gateway).
 async fn apply_segment(addr: &str, id: &str, rule: &str) {
     ControlClient::connect(format!("http://{addr}"))
         .await

@@ -31,14 +31,14 @@ fn day_of(t: Timestamp) -> u32 {
     t.millis().div_euclid(DAY_MS).clamp(0, i64::from(u32::MAX)) as u32
 }
 
-/// A message id's identity for dedupe: 96 bits of FNV-1a-128 of the id (a fixed
-/// function, so stored ids stay valid across versions). Two different ids of one
-/// user collide with probability about n²/2⁹⁷ for n ids in the horizon.
 /// Events whose users are looked up (and their data prefetched) together
 /// before they are applied: enough to overlap a batch's cache misses, few
 /// enough that what is prefetched is still in L1 when its event comes.
 const PREFETCH_RUN: usize = 16;
 
+/// A message id's identity for dedupe: 96 bits of FNV-1a-128 of the id (a fixed
+/// function, so stored ids stay valid across versions). Two different ids of one
+/// user collide with probability about n²/2⁹⁷ for n ids in the horizon.
 fn message_hash(message_id: &str) -> u128 {
     const OFFSET: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
     const PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013b;

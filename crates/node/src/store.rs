@@ -536,9 +536,9 @@ fn meta_key(name: &str) -> Vec<u8> {
 const MOVE_MARKS: [&str; 3] = ["incoming", "pending", "fenced"];
 
 fn is_move_mark(key: &[u8]) -> bool {
-    MOVE_MARKS
-        .iter()
-        .any(|name| key.first() == Some(&META) && &key[1..] == name.as_bytes())
+    key.split_first().is_some_and(|(&kind, name)| {
+        kind == META && MOVE_MARKS.iter().any(|mark| mark.as_bytes() == name)
+    })
 }
 
 fn page_key(page: u32) -> [u8; 5] {
@@ -1042,8 +1042,8 @@ impl ShardStore {
             .collect())
     }
 
-    /// Writes one exported (key, value). Move marks from the exporting node
-    /// (one that exports them) are skipped: this node's own stay as they are.
+    /// Writes one exported (key, value). Move marks ([`MOVE_MARKS`]) are
+    /// skipped, should an exporting node send them: this node's own stay.
     pub fn load(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         if !matches!(
             key.first(),
