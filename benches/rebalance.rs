@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use dynseg_cli::demo::Traffic;
+use dynseg_cli::traffic::Traffic;
 use dynseg_proto::pb;
 use dynseg_proto::pb::gateway_client::GatewayClient;
 use dynseg_proto::pb::node_client::NodeClient;

@@ -1,8 +1,6 @@
 //! `dynseg demo`: the dev cluster, the nine SPEC segments, generated e-commerce
 //! and SaaS traffic, and a live view of segment sizes and enters and exits.
-//!
-//! Some events are dated just inside a window's edge, so time-driven exits
-//! (carts abandoned for 24 hours, for instance) happen live during the demo.
+//! The traffic is [`crate::traffic`]'s.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -17,137 +15,7 @@ use dynseg_proto::pb::gateway_client::GatewayClient;
 use crate::commands::change_line;
 use crate::error::CliError;
 use crate::say;
-
-/// Deterministic generator (xorshift64*), seeded per demo run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[self.below(items.len() as u64) as usize]
-    }
-}
-
-const HOUR_MS: i64 = 3_600_000;
-const DAY_MS: i64 = 24 * HOUR_MS;
-
-fn value_string(s: &str) -> pb::Value {
-    pb::Value {
-        kind: Some(pb::value::Kind::StringValue(s.into())),
-    }
-}
-
-fn value_number(n: f64) -> pb::Value {
-    pb::Value {
-        kind: Some(pb::value::Kind::NumberValue(n)),
-    }
-}
-
-fn value_bool(b: bool) -> pb::Value {
-    pb::Value {
-        kind: Some(pb::value::Kind::BoolValue(b)),
-    }
-}
-
-/// The traffic generator: users, the event mix, and timestamps.
-pub struct Traffic {
-    rng: Rng,
-    users: u64,
-    sequence: u64,
-    run: u64,
-}
-
-impl Traffic {
-    /// Traffic over `users` users, seeded with `seed`.
-    pub fn new(users: u64, seed: u64) -> Traffic {
-        Traffic {
-            rng: Rng(seed.max(1)),
-            users: users.max(1),
-            sequence: 0,
-            run: seed,
-        }
-    }
-
-    /// The next event, at wall-clock time `now_ms`.
-    pub fn next_event(&mut self, now_ms: i64) -> pb::Event {
-        let rng = &mut self.rng;
-        // A skewed choice of user: a few are very active, most are not.
-        let spread = rng.below(self.users) + 1;
-        let user = format!("user{}", rng.below(spread));
-        self.sequence += 1;
-        let message_id = format!("demo-{}-{}", self.run, self.sequence);
-        let mut event = pb::Event {
-            message_id,
-            user_id: user,
-            r#type: pb::EventType::Track as i32,
-            timestamp_ms: now_ms - rng.below(20 * DAY_MS as u64) as i64,
-            ..Default::default()
-        };
-        let roll = rng.below(100);
-        let name = match roll {
-            0..=7 => {
-                event.r#type = pb::EventType::Identify as i32;
-                event.traits.insert(
-                    "plan".into(),
-                    value_string(rng.pick(&["trial", "trial", "pro", "free"])),
-                );
-                event
-                    .traits
-                    .insert("setup_completed".into(), value_bool(rng.below(3) == 0));
-                event.timestamp_ms = now_ms;
-                return event;
-            }
-            8..=27 => {
-                event.properties.insert(
-                    "category".into(),
-                    value_string(rng.pick(&["shoes", "hats", "shirts"])),
-                );
-                "product_viewed"
-            }
-            28..=35 => {
-                // Just inside the 24 h window: these carts expire during the demo.
-                event.timestamp_ms = now_ms - DAY_MS + 5_000 + rng.below(120_000) as i64;
-                "product_added"
-            }
-            36..=39 => "checkout_completed",
-            40..=49 => {
-                event
-                    .properties
-                    .insert("revenue".into(), value_number(10.0 + rng.below(400) as f64));
-                event.properties.insert(
-                    "category".into(),
-                    value_string(rng.pick(&["shoes", "hats", "shirts"])),
-                );
-                "order_completed"
-            }
-            50..=59 => "email_opened",
-            60..=64 => "campaign_sent",
-            65..=74 => "session_started",
-            75..=87 => "login",
-            _ => {
-                event.properties.insert(
-                    "feature".into(),
-                    value_string(rng.pick(&[
-                        "search", "export", "alerts", "sharing", "api", "reports", "billing",
-                    ])),
-                );
-                "feature_used"
-            }
-        };
-        event.event = name.into();
-        event
-    }
-}
+use crate::traffic::Traffic;
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -12,6 +12,7 @@
 //! | [`cluster`] | cluster status, add-node, drain, remove, rebalance |
 //! | [`insight`] | segment overlap |
 //! | [`bench`] | the load generator |
+//! | [`traffic`] | the generated traffic of the demo and the load generator |
 //! | [`event_json`], [`segments_file`] | input files: Segment-shaped events, segment lists |
 //! | [`args`], [`output`], [`error`] | flags, tables and JSON, exit codes |
 
@@ -26,3 +27,4 @@ pub mod event_json;
 pub mod insight;
 pub mod output;
 pub mod segments_file;
+pub mod traffic;

@@ -16,19 +16,22 @@
 //! bytes on ([`GatewayChange`]), reading only each change's cursor.
 //!
 //! Servers use the services generated here ([`node_server`],
-//! [`gateway_server`]); the gateway sends batches with [`node_client`].
-//! Every other client keeps the typed `pb` messages: both speak the same
-//! protocol.
+//! [`gateway_server`]); the gateway sends batches with [`node_client`], and
+//! `dynseg bench` sends events it wrote with [`EventWriter`] through
+//! [`gateway_client`]. Every other client keeps the typed `pb` messages: both
+//! speak the same protocol.
 
 mod change;
 mod event;
 mod wire;
+mod writer;
 
 use bytes::Bytes;
 use prost::Message;
 
 pub use change::{ChangeBatch, ChangeView, EncodedChange, GatewayChange};
 pub use event::EventView;
+pub use writer::{EventWriter, ScalarRef};
 
 use crate::pb;
 
@@ -37,7 +40,7 @@ mod generated {
     include!(concat!(env!("OUT_DIR"), "/encoded/dynseg.v1.rs"));
 }
 
-pub use generated::{gateway_server, node_client, node_server};
+pub use generated::{gateway_client, gateway_server, node_client, node_server};
 
 /// `dynseg.v1.EventBatch` with its events encoded.
 #[derive(Clone, PartialEq, prost::Message)]
