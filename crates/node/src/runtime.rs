@@ -966,6 +966,13 @@ struct ShardTask {
 
 impl ShardTask {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>, mut shutdown: watch::Receiver<bool>) {
+        // One timer for the task's life, moved only to an earlier deadline: a
+        // new `sleep` per loop (a timer-wheel entry made and dropped for
+        // every batch) cost more than the loop's own work at full rate. A
+        // timer that fires early finds nothing due and is set again.
+        let timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(timer);
+        let mut armed: Option<tokio::time::Instant> = None;
         loop {
             let fenced = self.move_out.as_ref().is_some_and(|m| m.fenced);
             let next_timer = if self.clock.is_manual() || fenced {
@@ -978,6 +985,13 @@ impl ShardTask {
                     .clamp(0, self.tick_every.as_millis() as i64);
                 Duration::from_millis(ms as u64)
             });
+            if let Some(wait) = wait {
+                let deadline = tokio::time::Instant::now() + wait;
+                if armed.is_none_or(|at| deadline < at) {
+                    timer.as_mut().reset(deadline);
+                    armed = Some(deadline);
+                }
+            }
             self.finish_unlogged();
             let front = self.inflight.front_mut().and_then(|f| f.durable.as_mut());
             let has_front = front.is_some();
@@ -996,7 +1010,8 @@ impl ShardTask {
                     Some(command) => self.handle(command).await,
                     None => break,
                 },
-                _ = tokio::time::sleep(wait.unwrap_or(Duration::from_secs(3600))), if wait.is_some() => {
+                _ = &mut timer, if wait.is_some() && armed.is_some() => {
+                    armed = None;
                     let now = self.clock.now();
                     if self.shard.next_timer().is_some_and(|t| t <= now) {
                         self.tick(now, None).await;

@@ -685,6 +685,70 @@ async fn many_users_expiring_at_one_instant() {
     server.shutdown().await;
 }
 
+/// On the wall clock, a shard's timer fires each user's time-driven exit at
+/// its instant with no input to wake it: the earlier of two exits due on one
+/// shard arrives after the later one, so the timer is moved earlier, then set
+/// again for the second exit once the first has fired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_wall_clock_exits_fire_at_their_instant_without_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.clock = Clock::System;
+    let server = Server::start(config).await.unwrap();
+    let mut node = client(&server).await;
+    apply_rules(&mut node, 1, &[("active", "exists(login) in last 1h")]).await;
+    // Two users of one shard.
+    let first = "user-0";
+    let second = (1..)
+        .map(|i| format!("user-{i}"))
+        .find(|u| shard_for(u, SHARDS) == shard_for(first, SHARDS))
+        .unwrap();
+    let now = Clock::System.now();
+    let mut feed = subscribe_from_now(&mut node).await;
+    // The later exit is logged first.
+    let hour = Span::hours(1).millis();
+    let late = Timestamp(now.millis() - hour + 1_500);
+    let early = Timestamp(now.millis() - hour + 700);
+    ingest(&mut node, vec![track("l2", &second, "login", late, &[])]).await;
+    ingest(&mut node, vec![track("l1", first, "login", early, &[])]).await;
+    let enters = take(&mut feed, 2).await;
+    assert!(
+        enters
+            .iter()
+            .all(|c| c.kind == pb::ChangeKind::Enter as i32)
+    );
+    let mut exits = Vec::new();
+    for _ in 0..2 {
+        let exit = take(&mut feed, 1).await.remove(0);
+        let received = Clock::System.now();
+        assert!(
+            exit.at_ms <= received.millis(),
+            "an exit due at {} came at {received}",
+            Timestamp(exit.at_ms)
+        );
+        exits.push(exit);
+    }
+    assert_eq!(
+        exits
+            .iter()
+            .map(|c| (c.user_id.as_str(), c.kind, c.at_ms))
+            .collect::<Vec<_>>(),
+        vec![
+            (
+                first,
+                pb::ChangeKind::Exit as i32,
+                early.plus(Span::hours(1)).millis()
+            ),
+            (
+                second.as_str(),
+                pb::ChangeKind::Exit as i32,
+                late.plus(Span::hours(1)).millis()
+            ),
+        ]
+    );
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_without_a_time_happened_when_the_node_received_it() {
     let dir = tempfile::tempdir().unwrap();
