@@ -76,7 +76,13 @@ pub struct BatchEncoder {
 impl BatchEncoder {
     /// A batch for `shard` at `epoch`, with no events yet.
     pub fn new(shard: u32, epoch: u64) -> BatchEncoder {
-        let mut buf = Vec::new();
+        BatchEncoder::with_capacity(shard, epoch, 0)
+    }
+
+    /// A batch for `shard` at `epoch` with room for `event_bytes` of events
+    /// (their keys and lengths included), so pushing them never regrows it.
+    pub fn with_capacity(shard: u32, epoch: u64, event_bytes: usize) -> BatchEncoder {
+        let mut buf = Vec::with_capacity(16 + event_bytes);
         // Fields in tag order and zero values left out, as prost does.
         if shard != 0 {
             prost::encoding::uint32::encode(1, &shard, &mut buf);

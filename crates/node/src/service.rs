@@ -208,7 +208,12 @@ impl NodeService {
         let now = self.node.now();
         let shard_count = self.node.config().shard_count;
         let mut events = Vec::with_capacity(batch.events.len());
-        let mut accepted = crate::record::BatchEncoder::new(batch.shard, batch.epoch);
+        // Room for every event and its key and length (at most 6 bytes for
+        // any event a gRPC message can carry), so the record is one
+        // allocation; refused events only leave room unused.
+        let event_bytes = batch.events.iter().map(|e| e.len() + 6).sum();
+        let mut accepted =
+            crate::record::BatchEncoder::with_capacity(batch.shard, batch.epoch, event_bytes);
         let mut rejected = Vec::new();
         for (index, raw) in batch.events.iter().enumerate() {
             let decoded = EventView::parse(raw).and_then(|view| view.to_event_noting_unknown());

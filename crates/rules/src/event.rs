@@ -152,6 +152,11 @@ impl Properties {
         Properties(Vec::new())
     }
 
+    /// No properties, with room for `capacity` keys.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Properties(Vec::with_capacity(capacity))
+    }
+
     /// The value of `key`; a missing key reads as null.
     pub fn get(&self, key: &str) -> &Value {
         const NULL: &Value = &Value::Null;

@@ -57,6 +57,11 @@ pub struct EventView<'a> {
     pub previous_id: &'a str,
     /// Whether the event has top-level fields this version does not know.
     unknown: bool,
+    /// How many `properties` entries the bytes hold (repeated keys counted
+    /// each time): a map that is absent is not looked for again.
+    property_entries: usize,
+    /// How many `traits` entries the bytes hold.
+    trait_entries: usize,
 }
 
 fn malformed(e: Malformed) -> ConvertError {
@@ -78,6 +83,8 @@ impl<'a> EventView<'a> {
             timestamp_ms: 0,
             previous_id: "",
             unknown: false,
+            property_entries: 0,
+            trait_entries: 0,
         };
         let mut reader = Reader::new(bytes);
         while !reader.is_empty() {
@@ -98,7 +105,12 @@ impl<'a> EventView<'a> {
                 field::TIMESTAMP_MS => reader
                     .varint_field(number, wire_type)
                     .map(|v| view.timestamp_ms = v as i64),
-                field::PROPERTIES | field::TRAITS => reader.message(number, wire_type).map(drop),
+                field::PROPERTIES => reader
+                    .message(number, wire_type)
+                    .map(|_| view.property_entries += 1),
+                field::TRAITS => reader
+                    .message(number, wire_type)
+                    .map(|_| view.trait_entries += 1),
                 field::PREVIOUS_ID => reader
                     .string(number, wire_type)
                     .map(|s| view.previous_id = s),
@@ -192,9 +204,22 @@ impl<'a> EventView<'a> {
         })
     }
 
+    /// How many entries of map field `number` the bytes hold.
+    fn entry_count(&self, number: u32) -> usize {
+        if number == field::PROPERTIES {
+            self.property_entries
+        } else {
+            self.trait_entries
+        }
+    }
+
     /// The entries of map field `number` (properties or traits).
     fn properties(&self, number: u32, unknown: &mut bool) -> Result<Properties, ConvertError> {
-        let mut props = Properties::new();
+        let count = self.entry_count(number);
+        if count == 0 {
+            return Ok(Properties::new());
+        }
+        let mut props = Properties::with_capacity(count);
         self.entries(number, unknown, |key, value| {
             props.insert(key, value);
             Ok(())
@@ -209,6 +234,9 @@ impl<'a> EventView<'a> {
 
     /// Checks that the entries of map field `number` are well formed.
     fn check_map(&self, number: u32, unknown: &mut bool) -> Result<(), ConvertError> {
+        if self.entry_count(number) == 0 {
+            return Ok(());
+        }
         self.entries(number, unknown, |_, _| Ok(()))
     }
 
