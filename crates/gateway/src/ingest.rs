@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use dynseg_proto::encoded::{self, EventView};
-use dynseg_proto::{BatchRef, pb, shard_for};
+use dynseg_proto::encoded::{self, EventView, RouteView};
+use dynseg_proto::{BatchRef, pb, shard_for_bytes};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tonic::Code;
@@ -21,7 +21,7 @@ use dynseg_proto::pb::node_client::NodeClient;
 
 use crate::error::GatewayError;
 use crate::local::LocalNodeHandle;
-use crate::merge::{Merge, merge_of};
+use crate::merge::{Merge, may_merge, merge_of};
 use crate::routing::Routing;
 
 /// The events of one request bound for one shard, with their request indexes.
@@ -46,16 +46,24 @@ pub struct Split {
 
 /// Groups encoded events by shard, keeping request order within each shard.
 /// Each event is read in place for its user (and a merge it may ask for);
-/// the events themselves are passed on as they are.
+/// the events themselves are passed on as they are, and their nodes check
+/// the rest (see [`RouteView`]).
 pub fn split(events: Vec<Bytes>, shard_count: u32) -> Split {
     let mut split = Split::default();
     for (index, event) in events.into_iter().enumerate() {
         let index = index as u32;
-        let shard = match EventView::parse(&event) {
+        let shard = match RouteView::parse(&event) {
             Ok(view) => match view.user_key() {
                 Some(user) => {
-                    split.merges.extend(merge_of(index, &view));
-                    Ok(shard_for(user, shard_count))
+                    if may_merge(&view) {
+                        // Rare: read in full for the ids a merge names (an
+                        // event that is not UTF-8 asks for none; its node
+                        // refuses it).
+                        if let Ok(full) = EventView::parse(&event) {
+                            split.merges.extend(merge_of(index, &full));
+                        }
+                    }
+                    Ok(shard_for_bytes(user, shard_count))
                 }
                 None => Err("an event needs a user_id or an anonymous_id".to_owned()),
             },
@@ -362,6 +370,8 @@ fn retryable(code: Code) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use dynseg_proto::shard_for;
+
     use super::*;
 
     fn event(user: &str, anonymous: &str) -> Bytes {
@@ -384,6 +394,9 @@ mod tests {
             event("", "anon-7"),
             event("alice", "ignored"),
             Bytes::from_static(&[0x12, 0x05, b'b', b'o', b'b']),
+            // A message id that is not UTF-8: routed by its user; its node
+            // refuses it (the gateway does not read what routing needs not).
+            Bytes::from_static(&[0x0a, 0x02, 0xff, 0xfe, 0x12, 0x03, b'c', b'a', b't']),
         ];
         let Split {
             parts, rejected, ..
@@ -401,8 +414,10 @@ mod tests {
         assert!(alice.indexes.contains(&3));
         let anon = &parts[&shard_for("anon-7", 16)];
         assert!(anon.indexes.contains(&2));
+        let cat = &parts[&shard_for("cat", 16)];
+        assert!(cat.indexes.contains(&5));
         let total: usize = parts.values().map(|p| p.events.len()).sum();
-        assert_eq!(total, 3);
+        assert_eq!(total, 4);
     }
 
     /// A node in the same process that records what it is handed and

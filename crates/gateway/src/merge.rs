@@ -8,7 +8,7 @@
 //! the user's shard folds it in (once per merge id, which it keeps with the
 //! user's message ids).
 
-use dynseg_proto::encoded::EventView;
+use dynseg_proto::encoded::{EventView, RouteView};
 use dynseg_proto::pb;
 use dynseg_proto::shard_for;
 
@@ -26,6 +26,19 @@ pub struct Merge {
     pub from: String,
     /// Names the merge: the same event always gives the same id.
     pub merge_id: String,
+}
+
+/// Whether `event` may ask for a merge: an alias, or an identify with two
+/// different ids. Only those are read in full ([`merge_of`] decides).
+pub fn may_merge(event: &RouteView<'_>) -> bool {
+    match event.kind() {
+        Some(pb::EventType::Alias) => true,
+        Some(pb::EventType::Identify) => {
+            let (user, anonymous) = event.ids();
+            !user.is_empty() && !anonymous.is_empty() && user != anonymous
+        }
+        _ => false,
+    }
 }
 
 /// The merge `event` asks for, if any: an alias from `previous_id` to
@@ -101,8 +114,13 @@ mod tests {
         })
     }
 
+    /// The merge `event` asks for, checking that the gateway would read it
+    /// in full to find it: `may_merge` picks every event that asks.
     fn merge_of(index: u32, event: &[u8]) -> Option<Merge> {
-        super::merge_of(index, &EventView::parse(event).unwrap())
+        let merge = super::merge_of(index, &EventView::parse(event).unwrap());
+        let picked = may_merge(&RouteView::parse(event).unwrap());
+        assert!(merge.is_none() || picked, "{merge:?} not picked");
+        merge
     }
 
     #[test]
@@ -123,6 +141,14 @@ mod tests {
             event(pb::EventType::Alias, "", "x", "anon-1"),
         ] {
             assert_eq!(merge_of(0, &none), None, "{none:?}");
+        }
+        // Tracks and identifies with one id are not read in full.
+        for skipped in [
+            event(pb::EventType::Track, "ann", "anon-1", ""),
+            event(pb::EventType::Identify, "ann", "", ""),
+            event(pb::EventType::Identify, "ann", "ann", ""),
+        ] {
+            assert!(!may_merge(&RouteView::parse(&skipped).unwrap()));
         }
     }
 }

@@ -34,4 +34,4 @@ pub mod pb {
 
 pub use batch::BatchRef;
 pub use convert::ConvertError;
-pub use routing::shard_for;
+pub use routing::{shard_for, shard_for_bytes};

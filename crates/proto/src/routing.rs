@@ -5,11 +5,17 @@
 /// UTF-8 bytes, modulo the count. FNV is fixed by its constants, so the mapping is
 /// the same in every process, on every platform, in every version.
 pub fn shard_for(user: &str, shard_count: u32) -> u32 {
+    shard_for_bytes(user.as_bytes(), shard_count)
+}
+
+/// [`shard_for`] of a user id's bytes, read off the wire before anyone
+/// checked that they are UTF-8.
+pub fn shard_for_bytes(user: &[u8], shard_count: u32) -> u32 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     let hash = user
-        .bytes()
-        .fold(OFFSET, |h, b| (h ^ u64::from(b)).wrapping_mul(PRIME));
+        .iter()
+        .fold(OFFSET, |h, &b| (h ^ u64::from(b)).wrapping_mul(PRIME));
     (hash % u64::from(shard_count.max(1))) as u32
 }
 

@@ -30,7 +30,7 @@ use bytes::Bytes;
 use prost::Message;
 
 pub use change::{ChangeBatch, ChangeView, EncodedChange, GatewayChange};
-pub use event::EventView;
+pub use event::{EventView, RouteView};
 pub use writer::{EventWriter, ScalarRef};
 
 use crate::pb;

@@ -193,6 +193,43 @@ fn damaged_events_are_refused_or_read_as_prost_reads_them() {
     });
 }
 
+/// Routing reads the user key and type the full view reads, and refuses
+/// what it refuses with the same reason, except strings that are not UTF-8:
+/// those it leaves to the node, which refuses the event then.
+#[test]
+fn the_route_view_reads_what_the_view_reads_but_leaves_utf8_to_the_node() {
+    let cases = (
+        event(),
+        edits(),
+        any::<prop::sample::Index>(),
+        any::<bool>(),
+    );
+    check("route view", cases, |(event, edits, cut, damaged)| {
+        let mut bytes = event.encode_to_vec();
+        if damaged {
+            damage(&mut bytes, edits);
+            bytes.truncate(cut.index(bytes.len() + 1));
+        }
+        let route = RouteView::parse(&bytes);
+        match EventView::parse(&bytes) {
+            Ok(view) => {
+                let route = route.map_err(|e| TestCaseError::fail(e.0))?;
+                prop_assert_eq!(route.user_key(), view.user_key().map(str::as_bytes));
+                prop_assert_eq!(route.kind(), view.kind());
+            }
+            // The first fault the view met; routing passes over it and may
+            // meet a later, structural one.
+            Err(e) if e.0.contains("not valid UTF-8") => {
+                if let Err(r) = route {
+                    prop_assert!(!r.0.contains("UTF-8"), "{}", r.0);
+                }
+            }
+            Err(e) => prop_assert_eq!(route.err(), Some(e)),
+        }
+        Ok(())
+    });
+}
+
 fn track(user: &str) -> pb::Event {
     pb::Event {
         message_id: "m1".into(),
