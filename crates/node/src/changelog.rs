@@ -26,6 +26,7 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use crate::shard::Logged;
 use crate::store::{ShardStore, StoreError};
+use crate::tail_search::partition_point_from_end;
 
 /// Changes handed to a follower together, at most: a page of history, or of
 /// what was published since it last looked.
@@ -109,7 +110,9 @@ impl Recent {
     /// sequence held (`u64::MAX`: none).
     fn after(&self, after: u64, limit: usize) -> (Vec<Held>, u64) {
         let first = self.changes.front().map_or(u64::MAX, |c| c.sequence);
-        let start = self.changes.partition_point(|c| c.sequence <= after);
+        // Followers are nearly caught up: their cursor is in the warm tail.
+        let changes = &self.changes;
+        let start = partition_point_from_end(changes.len(), |i| changes[i].sequence <= after);
         let page = self.changes.range(start..).take(limit).cloned().collect();
         (page, first)
     }

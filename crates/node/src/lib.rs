@@ -13,6 +13,7 @@
 //! | [`store`] | sled: checkpoints, retained events, change log |
 //! | [`shard`] | the deterministic per-shard state machine |
 //! | `seen` | a user's recent message ids, for dedupe: a small hash table |
+//! | `tail_search` | searching sorted runs from their warm end |
 //! | [`changelog`] | published changes and how subscribers follow them |
 //! | [`runtime`] | shard tasks, recovery, checkpoints, the [`Node`] handle |
 //! | `insight` | segment size history from the change logs; explanations of one user |
@@ -40,6 +41,7 @@ pub mod server;
 pub mod service;
 pub mod shard;
 pub mod store;
+mod tail_search;
 pub mod transfer;
 pub mod validate;
 pub mod wal;

@@ -11,7 +11,7 @@ use dynseg_proto::history::DEFAULT_VOLATILITY_THRESHOLD;
 use dynseg_proto::pb;
 use dynseg_telemetry::metrics::{ScrapeHook, on_scrape};
 use prometheus::{
-    GaugeVec, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     register_gauge_vec, register_histogram, register_int_counter_vec, register_int_gauge,
     register_int_gauge_vec,
 };
@@ -29,6 +29,13 @@ static EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["outcome"]
     )
     .expect(DEFINED)
+});
+
+/// `EVENTS` by outcome (accepted, duplicate, rejected), looked up once: a
+/// label lookup hashes the label and takes a lock, and every shard batch
+/// counts all three.
+static EVENT_OUTCOMES: LazyLock<[IntCounter; 3]> = LazyLock::new(|| {
+    ["accepted", "duplicate", "rejected"].map(|outcome| EVENTS.with_label_values(&[outcome]))
 });
 
 static INGEST_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
@@ -140,15 +147,10 @@ static SUBSCRIBER_LAG: LazyLock<IntGauge> = LazyLock::new(|| {
 pub(crate) fn record_ingest(started: Instant, outcome: &Result<pb::IngestResponse, NodeError>) {
     INGEST_SECONDS.observe(started.elapsed().as_secs_f64());
     if let Ok(response) = outcome {
-        EVENTS
-            .with_label_values(&["accepted"])
-            .inc_by(u64::from(response.accepted));
-        EVENTS
-            .with_label_values(&["duplicate"])
-            .inc_by(u64::from(response.duplicates));
-        EVENTS
-            .with_label_values(&["rejected"])
-            .inc_by(response.rejected.len() as u64);
+        let [accepted, duplicate, rejected] = &*EVENT_OUTCOMES;
+        accepted.inc_by(u64::from(response.accepted));
+        duplicate.inc_by(u64::from(response.duplicates));
+        rejected.inc_by(response.rejected.len() as u64);
     }
 }
 
@@ -220,9 +222,7 @@ fn churn_last_hour(now_ms: i64) -> HashMap<String, u64> {
 /// Refreshes the node's gauges at every scrape, until the hook is dropped.
 pub(crate) fn hook(node: Node) -> ScrapeHook {
     // Counters show from the start, at zero.
-    for outcome in ["accepted", "duplicate", "rejected"] {
-        EVENTS.with_label_values(&[outcome]);
-    }
+    LazyLock::force(&EVENT_OUTCOMES);
     LazyLock::force(&INGEST_SECONDS);
     LazyLock::force(&CHANGES);
     on_scrape(move || {

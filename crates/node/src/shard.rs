@@ -21,6 +21,7 @@ use crate::seen::SeenIds;
 use crate::store::{
     ChangeRecords, Checkpoint, MergedOut, Retained, ShardMeta, ShardStore, StoreError, UserRecord,
 };
+use crate::tail_search::partition_point_from_end;
 use crate::wal::{LogReader, Lsn};
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -268,11 +269,13 @@ impl Shard {
     /// the write-ahead log at `at`: the log's copy becomes the retained one,
     /// and the shard lets go of the record's bytes.
     pub fn batch_logged(&mut self, batch: u64, at: Lsn) {
-        if let Ok(i) = self
-            .unsaved_events
-            .binary_search_by_key(&batch, |(_, sequence, _)| *sequence)
+        // The batch is among the last few (it was in flight until now).
+        let events = &mut self.unsaved_events;
+        let i = partition_point_from_end(events.len(), |i| events[i].1 < batch);
+        if let Some((_, sequence, retained)) = events.get_mut(i)
+            && *sequence == batch
         {
-            self.unsaved_events[i].2 = Retained::Logged(at);
+            *retained = Retained::Logged(at);
         }
     }
 
