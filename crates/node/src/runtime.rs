@@ -973,6 +973,10 @@ impl ShardTask {
         let timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(timer);
         let mut armed: Option<tokio::time::Instant> = None;
+        // Likewise one wait for shutdown: a new one per loop joined and left
+        // the watch's waiter list (a lock each way) for every batch.
+        let stopping = shutdown.changed();
+        tokio::pin!(stopping);
         loop {
             let fenced = self.move_out.as_ref().is_some_and(|m| m.fenced);
             let next_timer = if self.clock.is_manual() || fenced {
@@ -1017,7 +1021,7 @@ impl ShardTask {
                         self.tick(now, None).await;
                     }
                 }
-                _ = shutdown.changed() => break,
+                _ = &mut stopping => break,
             }
             if !self.checkpoints.is_empty() && self.inflight.is_empty() {
                 self.checkpoint_now().await;
