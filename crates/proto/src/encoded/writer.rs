@@ -212,6 +212,11 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(proptest::test_runner::Config {
+            rng_seed: proptest::test_runner::RngSeed::Fixed(20_261_130),
+            failure_persistence: None,
+            ..proptest::test_runner::Config::default()
+        })]
         /// What a sender writes field by field is the event prost decodes:
         /// long strings and ids (two-byte lengths), every scalar kind, both maps.
         #[test]
