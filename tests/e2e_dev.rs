@@ -330,6 +330,38 @@ async fn track(
     gateway.ingest(pb::IngestRequest { events }).await.unwrap();
 }
 
+/// Runs `dynseg ARGS` to its exit: its code (`None`: still running after
+/// `timeout`, then killed) and what it wrote to stderr.
+fn run_to_exit(args: &[&str], timeout: Duration) -> (Option<i32>, String) {
+    use std::io::Read;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dynseg"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + timeout;
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (code, stderr)
+}
+
 fn entered(tail: &mut Process) -> String {
     let line = tail
         .next_line(Duration::from_secs(30))
@@ -353,6 +385,16 @@ async fn tail_resumes_by_itself_across_a_cluster_restart() {
         .await
         .unwrap();
     wait_for_rules(&mut client, "buyers").await;
+    // A segment no node has: the nodes refuse it for what it asks, so after
+    // the gateway's grace (a new segment may still be reaching them) the
+    // stream ends with their answer, and tail says so and exits 1 instead of
+    // resuming without end.
+    let (code, stderr) = run_to_exit(
+        &["tail", "--addr", &gateway, "--segment", "no_such_segment"],
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("no segment no_such_segment"), "{stderr}");
     let tail_args: Vec<String> = ["tail", "--addr", &gateway, "--output", "json"]
         .map(String::from)
         .to_vec();

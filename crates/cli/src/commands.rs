@@ -7,7 +7,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::time::Instant;
 
 use dynseg_proto::auth::Credentials;
-use dynseg_proto::client::{self, Conn};
+use dynseg_proto::client::{self, Conn, is_refusal};
 use dynseg_proto::pb;
 use dynseg_proto::pb::control_client::ControlClient;
 use dynseg_proto::pb::gateway_client::GatewayClient;
@@ -452,6 +452,10 @@ pub async fn tail(args: &Args, out: Output) -> Result<(), CliError> {
         };
         let item = match next {
             Ok(Some(item)) => item,
+            // Refused for what it asks (an unknown segment, a malformed
+            // token, missing rights, a change no node can read): asking
+            // again gets the same answer.
+            Err(status) if is_refusal(status.code()) => return Err(status.into()),
             // The stream never ends by itself: the gateway went away (or shut
             // down). Resume after the last change printed, on whichever gateway
             // answers at --addr, until Ctrl-C.
@@ -468,8 +472,10 @@ pub async fn tail(args: &Args, out: Output) -> Result<(), CliError> {
                     let Ok(mut client) = gateway(args).await else {
                         continue;
                     };
-                    if let Ok(resumed) = client.subscribe(request(&last_token)).await {
-                        break resumed.into_inner();
+                    match client.subscribe(request(&last_token)).await {
+                        Ok(resumed) => break resumed.into_inner(),
+                        Err(status) if is_refusal(status.code()) => return Err(status.into()),
+                        Err(_) => {}
                     }
                 };
                 continue;

@@ -168,6 +168,54 @@ pub enum Merged {
     From(Position),
     /// A node's batch of changes, in the order to deliver them.
     Changes(NodeBatch),
+    /// The nodes keep refusing the subscription: the stream ends with this.
+    Failed(Status),
+}
+
+/// How long nodes may refuse a subscription (see
+/// [`dynseg_proto::client::is_refusal`]) before the client's stream ends with
+/// their answer: long enough for a segment just created to reach every node.
+const REFUSAL_GRACE: Duration = Duration::from_secs(5);
+
+/// The first wait before resubscribing after a node's stream failed; it
+/// doubles while failures follow each other, up to [`MOST_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MOST_BACKOFF: Duration = Duration::from_secs(2);
+
+/// When to resubscribe after failures, and when to give up: transient ones
+/// are retried without end, less and less often; refusals that persist past
+/// [`REFUSAL_GRACE`] end the stream. A subscription that ran for the grace
+/// without failing starts afresh.
+#[derive(Debug, Default)]
+struct Retry {
+    backoff: Duration,
+    refused_since: Option<std::time::Instant>,
+}
+
+impl Retry {
+    /// What to do after a subscription that ran for `ran` ended with
+    /// `failure` at `now`: wait this long, or give up with this status.
+    fn after(
+        &mut self,
+        failure: Status,
+        ran: Duration,
+        now: std::time::Instant,
+    ) -> Result<Duration, Status> {
+        if ran >= REFUSAL_GRACE {
+            *self = Retry::default();
+        }
+        if dynseg_proto::client::is_refusal(failure.code()) {
+            let since = *self.refused_since.get_or_insert(now);
+            if now.duration_since(since) >= REFUSAL_GRACE {
+                return Err(failure);
+            }
+            tracing::warn!(status = %failure, "a node refused a subscription; retrying");
+        } else {
+            tracing::debug!(status = %failure, "node change stream failed; resubscribing");
+        }
+        self.backoff = (self.backoff * 2).clamp(FIRST_BACKOFF, MOST_BACKOFF);
+        Ok(self.backoff)
+    }
 }
 
 /// Feeds `out` with the merged changes for `request` until the client goes
@@ -203,7 +251,9 @@ pub async fn merge(
     if out.send(Merged::From(position.clone())).await.is_err() {
         return;
     }
+    let mut retry = Retry::default();
     loop {
+        let started = std::time::Instant::now();
         let table = routing.borrow_and_update().clone();
         let layout = table.shards_by_node();
         let (tx, mut changes) = mpsc::channel(NODE_BATCHES);
@@ -242,10 +292,15 @@ pub async fn merge(
                         }
                     }
                     Some(Err(status)) => {
-                        tracing::debug!(%status, "node change stream failed; resubscribing");
-                        break Duration::from_millis(200);
+                        match retry.after(status, started.elapsed(), std::time::Instant::now()) {
+                            Ok(wait) => break wait,
+                            Err(status) => {
+                                let _ = out.send(Merged::Failed(status)).await;
+                                return;
+                            }
+                        }
                     }
-                    None => break Duration::from_millis(200),
+                    None => break FIRST_BACKOFF,
                 },
             }
         };
@@ -271,6 +326,8 @@ pub struct ChangeStream {
     rx: mpsc::Receiver<Merged>,
     position: Position,
     ready: std::vec::IntoIter<(u32, u64, Bytes)>,
+    /// Set once the stream gave its failure: it ends there.
+    failed: bool,
 }
 
 impl ChangeStream {
@@ -280,6 +337,7 @@ impl ChangeStream {
             rx,
             position: Position::default(),
             ready: Vec::new().into_iter(),
+            failed: false,
         }
     }
 }
@@ -288,6 +346,9 @@ impl Stream for ChangeStream {
     type Item = Result<encoded::GatewayChange, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.failed {
+            return Poll::Ready(None);
+        }
         loop {
             if let Some((shard, sequence, change)) = self.ready.next() {
                 self.position.advance(shard, sequence);
@@ -299,6 +360,10 @@ impl Stream for ChangeStream {
             match self.rx.poll_recv(cx) {
                 Poll::Ready(Some(Merged::From(position))) => self.position = position,
                 Poll::Ready(Some(Merged::Changes(batch))) => self.ready = batch.into_iter(),
+                Poll::Ready(Some(Merged::Failed(status))) => {
+                    self.failed = true;
+                    return Poll::Ready(Some(Err(status)));
+                }
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
             }
@@ -418,6 +483,71 @@ mod tests {
             }
             proptest::prop_assert_eq!(Position::parse(&position.token()).unwrap(), position);
         }
+    }
+
+    #[test]
+    fn transient_failures_are_retried_less_and_less_often_without_end() {
+        let mut retry = Retry::default();
+        let now = std::time::Instant::now();
+        let waits: Vec<u64> = (0..8)
+            .map(|i| {
+                let at = now + Duration::from_secs(i * 60);
+                let wait = retry.after(Status::unavailable("restarting"), Duration::ZERO, at);
+                wait.unwrap().as_millis() as u64
+            })
+            .collect();
+        assert_eq!(waits, [200, 400, 800, 1600, 2000, 2000, 2000, 2000]);
+        // A subscription that held for the grace starts afresh.
+        let wait = retry.after(Status::aborted("moved"), REFUSAL_GRACE, now);
+        assert_eq!(wait.unwrap(), FIRST_BACKOFF);
+    }
+
+    #[test]
+    fn refusals_end_the_stream_once_they_outlast_the_grace() {
+        let mut retry = Retry::default();
+        let now = std::time::Instant::now();
+        let refused = || Status::not_found("no segment nope");
+        assert!(retry.after(refused(), Duration::ZERO, now).is_ok());
+        // Transient failures in between do not restart the grace.
+        assert!(
+            retry
+                .after(
+                    Status::unavailable("x"),
+                    Duration::ZERO,
+                    now + Duration::from_secs(2)
+                )
+                .is_ok()
+        );
+        let almost = now + REFUSAL_GRACE - Duration::from_millis(1);
+        assert!(retry.after(refused(), Duration::ZERO, almost).is_ok());
+        let given_up = retry.after(refused(), Duration::ZERO, now + REFUSAL_GRACE);
+        assert_eq!(given_up.unwrap_err().message(), "no segment nope");
+        // After a subscription that held for the grace, a refusal gets a new one.
+        let mut retry = Retry::default();
+        assert!(retry.after(refused(), Duration::ZERO, now).is_ok());
+        let later = now + 2 * REFUSAL_GRACE;
+        assert!(retry.after(refused(), REFUSAL_GRACE, later).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_failure_ends_the_client_stream_after_the_changes_before_it() {
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(Merged::From(Position::default())).await.unwrap();
+        tx.send(Merged::Changes(vec![(1, 1, Bytes::from_static(b"a"))]))
+            .await
+            .unwrap();
+        tx.send(Merged::Failed(Status::data_loss("a node sent garbage")))
+            .await
+            .unwrap();
+        let mut stream = ChangeStream::new(rx);
+        use tokio_stream::StreamExt;
+        let first = stream.next().await.unwrap().unwrap();
+        assert_eq!(first.resume_token, "v1:1.1");
+        let failed = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(failed.code(), tonic::Code::DataLoss);
+        // Ended, though the sender is still there.
+        assert!(stream.next().await.is_none());
+        drop(tx);
     }
 
     #[test]

@@ -42,8 +42,32 @@ pub fn lazy(endpoint: Endpoint, credentials: Credentials) -> Conn {
     with_credentials(endpoint.connect_lazy(), credentials)
 }
 
+/// Whether a call answered with `code` was refused for what it asked (an
+/// unknown segment, a malformed token, missing rights, unreadable data), so
+/// asking the same again gets the same answer; the other codes (a server
+/// restarting, a moved shard, a cut connection, an overload) may pass by
+/// themselves. A stream that follows the cluster retries the second kind and
+/// gives up on the first.
+pub fn is_refusal(code: tonic::Code) -> bool {
+    use tonic::Code;
+    matches!(
+        code,
+        Code::InvalidArgument
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::FailedPrecondition
+            | Code::OutOfRange
+            | Code::Unimplemented
+            | Code::DataLoss
+    )
+}
+
 #[cfg(test)]
 mod tests {
+    use tonic::Code;
+
     use super::*;
 
     #[test]
@@ -51,5 +75,28 @@ mod tests {
         assert_eq!(url("127.0.0.1:7102", false), "http://127.0.0.1:7102");
         assert_eq!(url("127.0.0.1:7102", true), "https://127.0.0.1:7102");
         assert_eq!(url("https://gw:443", false), "https://gw:443");
+    }
+
+    #[test]
+    fn refusals_are_what_the_request_asked_and_the_rest_may_pass() {
+        for code in [
+            Code::NotFound,
+            Code::InvalidArgument,
+            Code::DataLoss,
+            Code::PermissionDenied,
+        ] {
+            assert!(is_refusal(code), "{code:?}");
+        }
+        for code in [
+            Code::Unavailable,
+            Code::Aborted,
+            Code::Cancelled,
+            Code::Unknown,
+            Code::Internal,
+            Code::DeadlineExceeded,
+            Code::ResourceExhausted,
+        ] {
+            assert!(!is_refusal(code), "{code:?}");
+        }
     }
 }
