@@ -394,8 +394,8 @@ mod tests {
             event("", "anon-7"),
             event("alice", "ignored"),
             Bytes::from_static(&[0x12, 0x05, b'b', b'o', b'b']),
-            // A message id that is not UTF-8: routed by its user; its node
-            // refuses it (the gateway does not read what routing needs not).
+            // A message id that is not UTF-8: routed by its user, and its
+            // node refuses it (the gateway reads only what routing needs).
             Bytes::from_static(&[0x0a, 0x02, 0xff, 0xfe, 0x12, 0x03, b'c', b'a', b't']),
         ];
         let Split {

@@ -32,6 +32,10 @@ mod field {
     pub(super) const PREVIOUS_ID: u32 = 9;
 }
 
+/// Most map entries a conversion makes room for up front (see
+/// `EventView::properties`).
+const MAX_PRESIZED_ENTRIES: usize = 16;
+
 /// Lists may nest, but not without bound: decoding is recursive (the same
 /// bound as the conversion from `pb::Value`).
 const MAX_VALUE_DEPTH: usize = 16;
@@ -219,7 +223,10 @@ impl<'a> EventView<'a> {
         if count == 0 {
             return Ok(Properties::new());
         }
-        let mut props = Properties::with_capacity(count);
+        // Sized by the entries, but not past a handful: repeated keys count
+        // each time, and bytes of many tiny repeated entries must not buy a
+        // large allocation before the limits are checked.
+        let mut props = Properties::with_capacity(count.min(MAX_PRESIZED_ENTRIES));
         self.entries(number, unknown, |key, value| {
             props.insert(key, value);
             Ok(())
