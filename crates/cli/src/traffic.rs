@@ -97,19 +97,16 @@ impl Sample {
         self.field_count = fields.len();
     }
 
-    fn message_prefix(run: u64) -> String {
-        format!("demo-{run}-")
-    }
-
-    /// The event as a typed message.
-    pub fn to_pb(&self, run: u64) -> pb::Event {
+    /// The event as a typed message; `prefix` is its run's message-id prefix
+    /// (`demo-{run}-`).
+    pub fn to_pb(&self, prefix: &str) -> pb::Event {
         let fields = self
             .fields()
             .iter()
             .map(|(name, value)| ((*name).to_owned(), value.to_pb()))
             .collect();
         let mut event = pb::Event {
-            message_id: format!("{}{}", Sample::message_prefix(run), self.sequence),
+            message_id: format!("{prefix}{}", self.sequence),
             user_id: format!("user{}", self.user),
             r#type: self.kind as i32,
             event: self.name.to_owned(),
@@ -124,8 +121,8 @@ impl Sample {
         event
     }
 
-    /// Appends the event's encoding to `buf`; `prefix` is the run's message-id
-    /// prefix ([`Traffic::message_prefix`]).
+    /// Appends the event's encoding to `buf`; `prefix` as for
+    /// [`Sample::to_pb`].
     pub fn encode(&self, prefix: &str, buf: &mut Vec<u8>) {
         let mut writer = EventWriter::new(buf);
         writer
@@ -151,7 +148,7 @@ pub struct Traffic {
     rng: Rng,
     users: u64,
     sequence: u64,
-    run: u64,
+    /// The message-id prefix of this run's events.
     prefix: String,
 }
 
@@ -162,25 +159,19 @@ impl Traffic {
             rng: Rng(seed.max(1)),
             users: users.max(1),
             sequence: 0,
-            run: seed,
-            prefix: Sample::message_prefix(seed),
+            prefix: format!("demo-{seed}-"),
         }
     }
 
     /// The next event, at wall-clock time `now_ms`.
     pub fn next_event(&mut self, now_ms: i64) -> pb::Event {
-        self.next_sample(now_ms).to_pb(self.run)
+        self.next_sample(now_ms).to_pb(&self.prefix)
     }
 
     /// Appends the next event's encoding to `buf`, at wall-clock time `now_ms`.
     pub fn encode_next(&mut self, now_ms: i64, buf: &mut Vec<u8>) {
         let sample = self.next_sample(now_ms);
         sample.encode(&self.prefix, buf);
-    }
-
-    /// The message-id prefix of this generator's events.
-    pub fn message_prefix(&self) -> &str {
-        &self.prefix
     }
 
     /// The next draw, at wall-clock time `now_ms`.

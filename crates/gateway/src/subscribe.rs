@@ -18,7 +18,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dynseg_proto::encoded::{self, ChangeView, EncodedChange};
@@ -189,18 +189,13 @@ const MOST_BACKOFF: Duration = Duration::from_secs(2);
 #[derive(Debug, Default)]
 struct Retry {
     backoff: Duration,
-    refused_since: Option<std::time::Instant>,
+    refused_since: Option<Instant>,
 }
 
 impl Retry {
     /// What to do after a subscription that ran for `ran` ended with
     /// `failure` at `now`: wait this long, or give up with this status.
-    fn after(
-        &mut self,
-        failure: Status,
-        ran: Duration,
-        now: std::time::Instant,
-    ) -> Result<Duration, Status> {
+    fn after(&mut self, failure: Status, ran: Duration, now: Instant) -> Result<Duration, Status> {
         if ran >= REFUSAL_GRACE {
             *self = Retry::default();
         }
@@ -253,7 +248,7 @@ pub async fn merge(
     }
     let mut retry = Retry::default();
     loop {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let table = routing.borrow_and_update().clone();
         let layout = table.shards_by_node();
         let (tx, mut changes) = mpsc::channel(NODE_BATCHES);
@@ -292,7 +287,7 @@ pub async fn merge(
                         }
                     }
                     Some(Err(status)) => {
-                        match retry.after(status, started.elapsed(), std::time::Instant::now()) {
+                        match retry.after(status, started.elapsed(), Instant::now()) {
                             Ok(wait) => break wait,
                             Err(status) => {
                                 let _ = out.send(Merged::Failed(status)).await;
@@ -488,7 +483,7 @@ mod tests {
     #[test]
     fn transient_failures_are_retried_less_and_less_often_without_end() {
         let mut retry = Retry::default();
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         let waits: Vec<u64> = (0..8)
             .map(|i| {
                 let at = now + Duration::from_secs(i * 60);
@@ -505,7 +500,7 @@ mod tests {
     #[test]
     fn refusals_end_the_stream_once_they_outlast_the_grace() {
         let mut retry = Retry::default();
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         let refused = || Status::not_found("no segment nope");
         assert!(retry.after(refused(), Duration::ZERO, now).is_ok());
         // Transient failures in between do not restart the grace.

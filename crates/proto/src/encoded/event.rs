@@ -19,17 +19,18 @@ use super::wire::{FIXED64, Malformed, Reader, expect};
 use crate::ConvertError;
 use crate::pb;
 
-/// Field numbers of `Event` in proto/dynseg/v1/events.proto.
-mod field {
-    pub(super) const MESSAGE_ID: u32 = 1;
-    pub(super) const USER_ID: u32 = 2;
-    pub(super) const ANONYMOUS_ID: u32 = 3;
-    pub(super) const TYPE: u32 = 4;
-    pub(super) const EVENT: u32 = 5;
-    pub(super) const TIMESTAMP_MS: u32 = 6;
-    pub(super) const PROPERTIES: u32 = 7;
-    pub(super) const TRAITS: u32 = 8;
-    pub(super) const PREVIOUS_ID: u32 = 9;
+/// Field numbers of `Event` in proto/dynseg/v1/events.proto (read here,
+/// written by [`super::EventWriter`]).
+pub(super) mod field {
+    pub(in crate::encoded) const MESSAGE_ID: u32 = 1;
+    pub(in crate::encoded) const USER_ID: u32 = 2;
+    pub(in crate::encoded) const ANONYMOUS_ID: u32 = 3;
+    pub(in crate::encoded) const TYPE: u32 = 4;
+    pub(in crate::encoded) const EVENT: u32 = 5;
+    pub(in crate::encoded) const TIMESTAMP_MS: u32 = 6;
+    pub(in crate::encoded) const PROPERTIES: u32 = 7;
+    pub(in crate::encoded) const TRAITS: u32 = 8;
+    pub(in crate::encoded) const PREVIOUS_ID: u32 = 9;
 }
 
 /// Most map entries a conversion makes room for up front (see

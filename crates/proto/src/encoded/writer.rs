@@ -9,6 +9,7 @@
 
 use prost::encoding::{encode_varint, encoded_len_varint};
 
+use super::event::field;
 use super::wire::{FIXED64, LEN, VARINT};
 use crate::pb;
 
@@ -88,68 +89,68 @@ impl<'b> EventWriter<'b> {
         EventWriter { buf }
     }
 
-    /// Field 1, the idempotency key.
+    /// `message_id`, the idempotency key.
     pub fn message_id(&mut self, id: &str) -> &mut Self {
-        string(self.buf, 1, id);
+        string(self.buf, field::MESSAGE_ID, id);
         self
     }
 
-    /// Field 1 as `prefix` followed by `number` in decimal, formatted in
+    /// `message_id` as `prefix` followed by `number` in decimal, formatted in
     /// place (ids of the form `run-7-12345` without a `format!`).
     pub fn message_id_numbered(&mut self, prefix: &str, number: u64) -> &mut Self {
-        self.numbered(1, prefix, number)
+        self.numbered(field::MESSAGE_ID, prefix, number)
     }
 
-    /// Field 2, the user.
+    /// `user_id`.
     pub fn user_id(&mut self, user: &str) -> &mut Self {
-        string(self.buf, 2, user);
+        string(self.buf, field::USER_ID, user);
         self
     }
 
-    /// Field 2 as `prefix` followed by `number` in decimal.
+    /// `user_id` as `prefix` followed by `number` in decimal.
     pub fn user_id_numbered(&mut self, prefix: &str, number: u64) -> &mut Self {
-        self.numbered(2, prefix, number)
+        self.numbered(field::USER_ID, prefix, number)
     }
 
-    /// Field 4, the event's type.
+    /// `type`.
     pub fn kind(&mut self, kind: pb::EventType) -> &mut Self {
         if kind as i32 != 0 {
-            key(self.buf, 4, VARINT);
+            key(self.buf, field::TYPE, VARINT);
             encode_varint(kind as i64 as u64, self.buf);
         }
         self
     }
 
-    /// Field 5, a track event's name.
+    /// `event`: a track event's name.
     pub fn name(&mut self, name: &str) -> &mut Self {
-        string(self.buf, 5, name);
+        string(self.buf, field::EVENT, name);
         self
     }
 
-    /// Field 6, the event time in milliseconds since the Unix epoch.
+    /// `timestamp_ms`: the event time in milliseconds since the Unix epoch.
     pub fn timestamp_ms(&mut self, ms: i64) -> &mut Self {
         if ms != 0 {
-            key(self.buf, 6, VARINT);
+            key(self.buf, field::TIMESTAMP_MS, VARINT);
             encode_varint(ms as u64, self.buf);
         }
         self
     }
 
-    /// One entry of field 7, the track properties.
+    /// One entry of `properties` (a track event's).
     pub fn property(&mut self, name: &str, value: ScalarRef<'_>) -> &mut Self {
-        self.map_entry(7, name, value)
+        self.map_entry(field::PROPERTIES, name, value)
     }
 
-    /// One entry of field 8, the identify traits.
+    /// One entry of `traits` (an identify's).
     pub fn trait_value(&mut self, name: &str, value: ScalarRef<'_>) -> &mut Self {
-        self.map_entry(8, name, value)
+        self.map_entry(field::TRAITS, name, value)
     }
 
-    fn map_entry(&mut self, field: u32, name: &str, value: ScalarRef<'_>) -> &mut Self {
+    fn map_entry(&mut self, map: u32, name: &str, value: ScalarRef<'_>) -> &mut Self {
         let value_len = value.encoded_len();
         let entry_len =
             string_len(name.len()) + 1 + encoded_len_varint(value_len as u64) + value_len;
-        key(self.buf, field, LEN);
+        key(self.buf, map, LEN);
         encode_varint(entry_len as u64, self.buf);
         string(self.buf, 1, name);
         key(self.buf, 2, LEN);
@@ -158,7 +159,7 @@ impl<'b> EventWriter<'b> {
         self
     }
 
-    fn numbered(&mut self, field: u32, prefix: &str, number: u64) -> &mut Self {
+    fn numbered(&mut self, id_field: u32, prefix: &str, number: u64) -> &mut Self {
         let mut digits = [0u8; 20];
         let mut at = digits.len();
         let mut rest = number;
@@ -171,7 +172,7 @@ impl<'b> EventWriter<'b> {
             }
         }
         let digits = &digits[at..];
-        key(self.buf, field, LEN);
+        key(self.buf, id_field, LEN);
         encode_varint((prefix.len() + digits.len()) as u64, self.buf);
         self.buf.extend_from_slice(prefix.as_bytes());
         self.buf.extend_from_slice(digits);
