@@ -330,10 +330,7 @@ pub async fn move_out_tail(
         let store = node.shard_store(shard)?;
         if store.fenced()? != attempt {
             store.set_fenced(attempt)?;
-            let node = node.clone();
-            tokio::task::spawn_blocking(move || node.store().sync())
-                .await
-                .map_err(|e| NodeError::Unavailable(format!("syncing the fence: {e}")))??;
+            node.sync_store().await?;
         }
     }
     Ok(response)
@@ -395,10 +392,7 @@ async fn settle(
             return Ok(());
         }
         store.set_fenced(0)?;
-        let synced = node.clone();
-        tokio::task::spawn_blocking(move || synced.store().sync())
-            .await
-            .map_err(|e| NodeError::Unavailable(format!("syncing the fence: {e}")))??;
+        node.sync_store().await?;
         tracing::info!(
             shard,
             attempt = fenced,

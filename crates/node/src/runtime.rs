@@ -243,6 +243,15 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Runs store work on a blocking thread and returns its result.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
+) -> Result<T, NodeError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| NodeError::Unavailable(format!("store work failed: {e}")))?
+}
+
 /// A shard opened from the store under the plan of its stored rule version.
 fn open_shard(store: &Store, shard: u32, config: &NodeConfig) -> Result<Shard, NodeError> {
     let shard_store = store.shard(shard)?;
@@ -694,13 +703,7 @@ impl Node {
         if self.inner.clock.is_manual() {
             self.inner.store.set_clock(self.now().millis())?;
         }
-        // Flushing sled and syncing its files takes a while under load: off
-        // the async workers, which meanwhile go on serving ingest (with two
-        // workers, one blocked here halved the node for as long).
-        let store = self.inner.store.clone();
-        tokio::task::spawn_blocking(move || store.sync())
-            .await
-            .map_err(|e| NodeError::Unavailable(format!("syncing the store failed: {e}")))??;
+        self.sync_store().await?;
         for (handle, through) in written {
             handle.log.checkpointed(through);
         }
@@ -840,12 +843,20 @@ impl Node {
             handle.epoch.store(epoch, Ordering::SeqCst);
             return Ok(());
         }
-        let mut opened = open_shard(&self.inner.store, shard, &self.inner.config)?;
+        // Opening reads the store and the checkpoint writes it: off the async
+        // workers, as `sync_store` says.
+        let (store, config) = (self.inner.store.clone(), self.inner.config.clone());
+        let mut opened = blocking(move || open_shard(&store, shard, &config)).await?;
         opened.set_epoch(epoch.max(opened.epoch()));
         // Its changes are stored by the checkpoint below.
         self.catch_up_rules(&mut opened).await?;
-        opened.checkpoint(self.now())?;
-        self.inner.store.sync()?;
+        let now = self.now();
+        let opened = blocking(move || {
+            opened.checkpoint(now)?;
+            Ok::<_, NodeError>(opened)
+        })
+        .await?;
+        self.sync_store().await?;
         write(&self.inner.owners).remove(&shard);
         let log = Arc::new(ChangeLog::new(
             opened.store().clone(),
@@ -870,7 +881,7 @@ impl Node {
     ) -> Result<(), NodeError> {
         let handle = self.handle(shard)?;
         self.ask(&handle, |reply| Command::Stop { reply }).await?;
-        self.inner.store.sync()?;
+        self.sync_store().await?;
         // The owner is recorded before the shard leaves the map: a client
         // refused in between must already be told where the shard went.
         if let Some(owner) = new_owner {
@@ -880,6 +891,14 @@ impl Node {
         handle.log.close();
         handle.log.wait_idle().await;
         Ok(())
+    }
+
+    /// Flushes the store and syncs its files, on a blocking thread: under
+    /// load that takes tens of milliseconds, and on one of the async workers
+    /// (two on a two-core machine) it would halve the node for as long.
+    pub(crate) async fn sync_store(&self) -> Result<(), NodeError> {
+        let store = self.inner.store.clone();
+        blocking(move || Ok::<_, NodeError>(store.sync()?)).await
     }
 
     /// The store of a shard this node holds data for.

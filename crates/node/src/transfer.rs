@@ -110,7 +110,7 @@ pub async fn import(
     }
     let users = store.user_count()?;
     store.set_epoch(epoch)?;
-    node.store().sync()?;
+    node.sync_store().await?;
     node.assign_shard(shard, epoch + 1).await?;
     Ok(pb::ImportShardResponse { shard, users })
 }
