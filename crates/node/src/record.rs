@@ -66,9 +66,18 @@ impl WalRecord {
     }
 }
 
+/// Room left before an encoded batch for its log record's header: the keys
+/// and varints of `shard` (up to 6 bytes), `now_ms` (11) and the batch's
+/// length (6).
+const RECORD_HEADER_ROOM: usize = 23;
+
 /// Encodes an `EventBatch` from borrowed encoded events: ingest logs the
 /// events it was given as they arrived, copied once, never decoded into a
 /// message and encoded again.
+///
+/// The buffer starts with room for the header of the log record that will
+/// carry the batch, so the record is the same buffer (see
+/// [`EncodedBatch::into_record`]): the events are not copied a second time.
 pub struct BatchEncoder {
     buf: Vec<u8>,
 }
@@ -82,7 +91,8 @@ impl BatchEncoder {
     /// A batch for `shard` at `epoch` with room for `event_bytes` of events
     /// (their keys and lengths included), so pushing them never regrows it.
     pub fn with_capacity(shard: u32, epoch: u64, event_bytes: usize) -> BatchEncoder {
-        let mut buf = Vec::with_capacity(16 + event_bytes);
+        let mut buf = Vec::with_capacity(RECORD_HEADER_ROOM + 16 + event_bytes);
+        buf.resize(RECORD_HEADER_ROOM, 0);
         // Fields in tag order and zero values left out, as prost does.
         if shard != 0 {
             prost::encoding::uint32::encode(1, &shard, &mut buf);
@@ -117,28 +127,49 @@ impl BatchEncoder {
     }
 
     /// The encoded batch.
-    pub fn finish(self) -> Vec<u8> {
-        self.buf
+    pub fn finish(self) -> EncodedBatch {
+        EncodedBatch { buf: self.buf }
     }
 }
 
-/// The bytes of `WalRecord { shard, now_ms, input: Some(Input::Batch(b)) }`
-/// where `batch` is the encoding of `b` (from [`BatchEncoder`]): an embedded
-/// message is written as its length and bytes, so the batch is copied once
-/// and never decoded or encoded again.
-pub fn batch_record(shard: u32, now_ms: i64, batch: &[u8]) -> bytes::Bytes {
-    use prost::encoding::{WireType, encode_key, encode_varint};
-    let mut out = Vec::with_capacity(batch.len() + 32);
-    if shard != 0 {
-        prost::encoding::uint32::encode(1, &shard, &mut out);
+/// An encoded `EventBatch`, with room before it for its log record's header.
+pub struct EncodedBatch {
+    buf: Vec<u8>,
+}
+
+impl EncodedBatch {
+    /// The batch's encoding.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[RECORD_HEADER_ROOM..]
     }
-    if now_ms != 0 {
-        prost::encoding::int64::encode(2, &now_ms, &mut out);
+
+    /// The bytes of `WalRecord { shard, now_ms, input: Some(Input::Batch(b)) }`
+    /// where `b` is this batch. An embedded message is written as its length
+    /// and bytes, so the header goes into the room before the batch and the
+    /// record is the batch's own buffer.
+    pub fn into_record(self, shard: u32, now_ms: i64) -> Bytes {
+        use bytes::Buf;
+        use prost::encoding::{WireType, encode_key, encode_varint};
+        let mut header = [0u8; RECORD_HEADER_ROOM];
+        let written = {
+            let mut free = &mut header[..];
+            if shard != 0 {
+                prost::encoding::uint32::encode(1, &shard, &mut free);
+            }
+            if now_ms != 0 {
+                prost::encoding::int64::encode(2, &now_ms, &mut free);
+            }
+            encode_key(3, WireType::LengthDelimited, &mut free);
+            encode_varint((self.buf.len() - RECORD_HEADER_ROOM) as u64, &mut free);
+            RECORD_HEADER_ROOM - free.len()
+        };
+        let start = RECORD_HEADER_ROOM - written;
+        let mut buf = self.buf;
+        buf[start..RECORD_HEADER_ROOM].copy_from_slice(&header[..written]);
+        let mut record = Bytes::from(buf);
+        record.advance(start);
+        record
     }
-    encode_key(3, WireType::LengthDelimited, &mut out);
-    encode_varint(batch.len() as u64, &mut out);
-    out.extend_from_slice(batch);
-    out.into()
 }
 
 #[cfg(test)]
@@ -170,6 +201,8 @@ mod tests {
             (3, 1, 1_700_000_000_000, 1),
             (255, 7, -5, 10),
             (u32::MAX, u64::MAX, i64::MAX, 100),
+            // The longest header: every varint at its longest.
+            (u32::MAX, 1, i64::MIN, 3),
         ] {
             let events: Vec<pb::Event> = (0..n).map(|i| event(i, i as i64 * 1000)).collect();
             let mut encoder = BatchEncoder::new(shard, epoch);
@@ -182,16 +215,27 @@ mod tests {
                 events,
             };
             let encoded = encoder.finish();
-            assert_eq!(encoded, batch.encode_to_vec(), "batch of {n}");
+            assert_eq!(encoded.as_bytes(), batch.encode_to_vec(), "batch of {n}");
             let record = WalRecord {
                 shard,
                 now_ms,
                 input: Some(Input::Batch(encoded::EventBatch::from(&batch))),
             };
-            let raw = batch_record(shard, now_ms, &encoded);
+            let raw = encoded.into_record(shard, now_ms);
             assert_eq!(&raw[..], &record.to_bytes()[..], "record of {n}");
             assert_eq!(WalRecord::from_slice(&raw[..]).unwrap(), record);
         }
+    }
+
+    #[test]
+    fn the_room_before_a_batch_holds_the_longest_record_header() {
+        use prost::encoding::{encoded_len_varint, int64, key_len, uint32};
+        // A batch's length is bounded by a gRPC message (well under 4 GiB).
+        let longest = uint32::encoded_len(1, &u32::MAX)
+            + int64::encoded_len(2, &i64::MIN)
+            + key_len(3)
+            + encoded_len_varint(u64::from(u32::MAX));
+        assert_eq!(RECORD_HEADER_ROOM, longest);
     }
 
     #[test]
@@ -215,7 +259,7 @@ mod tests {
                 e
             })
             .collect();
-        let decoded = pb::EventBatch::decode(&encoder.finish()[..]).unwrap();
+        let decoded = pb::EventBatch::decode(encoder.finish().as_bytes()).unwrap();
         assert_eq!(
             decoded,
             pb::EventBatch {

@@ -47,7 +47,7 @@ pub(crate) enum Command {
         events: Vec<Event>,
         /// The accepted events as the log carries them: an encoded
         /// `EventBatch` (see `record::BatchEncoder`).
-        batch: Vec<u8>,
+        batch: crate::record::EncodedBatch,
         rejected: Vec<pb::RejectedEvent>,
         reply: Reply<pb::IngestResponse>,
     },
@@ -1303,7 +1303,7 @@ impl ShardTask {
                     return;
                 }
                 let now = self.clock.now();
-                let record = crate::record::batch_record(self.shard.id(), now.millis(), &batch);
+                let record = batch.into_record(self.shard.id(), now.millis());
                 let outcome = match self.shard.apply_batch(now, &events, record.clone()) {
                     Ok(outcome) => outcome,
                     Err(e) => {
