@@ -13,7 +13,7 @@
 //! flight, so a checkpoint's state matches exactly the records before its
 //! `replay_from`.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -592,14 +592,37 @@ impl Node {
         let mut shutdown = self.inner.shutdown.subscribe();
         let every = self.inner.config.checkpoint_every;
         let join = tokio::spawn(async move {
+            // Shards take turns, spread evenly over each period, and each is
+            // synced on its own. Checkpointing every shard at once wrote all
+            // their users to sled in one burst (hundreds of MiB at 100k busy
+            // users), and the log's syncs, so every acknowledgement, queued
+            // behind it: at 250k events/s, ack p99 46 to 51 ms with that burst
+            // in the run, 10 to 19 ms without.
             loop {
-                tokio::select! {
-                    _ = shutdown.changed() => return,
-                    _ = tokio::time::sleep(every) => {
-                        if let Err(e) = node.checkpoint().await {
-                            tracing::error!(error = %e, "checkpoint failed");
+                let handles = node.handles();
+                let gap = every / u32::try_from(handles.len().max(1)).unwrap_or(u32::MAX);
+                let keep_bytes = node.inner.config.memory_budget / handles.len().max(1);
+                let mut replay_points = HashMap::with_capacity(handles.len());
+                let mut complete = true;
+                for (shard, handle) in &handles {
+                    tokio::select! {
+                        _ = shutdown.changed() => return,
+                        _ = tokio::time::sleep(gap) => {}
+                    }
+                    match node.checkpoint_shard(handle, keep_bytes).await {
+                        Ok(done) => {
+                            replay_points.insert(*shard, done.replay_from);
+                        }
+                        Err(e) => {
+                            complete = false;
+                            tracing::error!(shard, error = %e, "checkpoint failed");
                         }
                     }
+                }
+                // A shard whose checkpoint failed may still need the log from
+                // where its last one left it: nothing is dropped this round.
+                if complete && let Err(e) = node.truncate_log(&replay_points).await {
+                    tracing::error!(error = %e, "dropping old log segments failed");
                 }
             }
         });
@@ -608,6 +631,48 @@ impl Node {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(join);
+    }
+
+    /// Checkpoints one shard and makes it durable: the background turns.
+    async fn checkpoint_shard(
+        &self,
+        handle: &ShardHandle,
+        keep_bytes: usize,
+    ) -> Result<Checkpointed, NodeError> {
+        let done = self
+            .ask(handle, |reply| Command::Checkpoint { keep_bytes, reply })
+            .await?;
+        if self.inner.clock.is_manual() {
+            self.inner.store.set_clock(self.now().millis())?;
+        }
+        self.sync_store().await?;
+        handle.log.checkpointed(done.through);
+        Ok(done)
+    }
+
+    /// Deletes the log segments no served shard needs to replay and no stored
+    /// shard retains. `checkpointed` holds shards' replay points from
+    /// checkpoints just made durable; a shard served now without one there
+    /// (assigned since) counts from its stored checkpoint.
+    async fn truncate_log(&self, checkpointed: &HashMap<u32, Lsn>) -> Result<(), NodeError> {
+        let served: Vec<u32> = self.handles().into_iter().map(|(id, _)| id).collect();
+        let store = self.inner.store.clone();
+        let checkpointed = checkpointed.clone();
+        let needed = blocking(move || {
+            let mut replay_points = Vec::with_capacity(served.len());
+            for id in served {
+                replay_points.push(match checkpointed.get(&id) {
+                    Some(at) => *at,
+                    None => store.shard(id)?.meta()?.replay_from,
+                });
+            }
+            log_needed_from(&store, replay_points)
+        })
+        .await?;
+        if let Some(min) = needed {
+            self.inner.committer.truncate_before(min).await?;
+        }
+        Ok(())
     }
 
     pub(crate) fn handle(&self, shard: u32) -> Result<ShardHandle, NodeError> {
@@ -691,13 +756,13 @@ impl Node {
     pub async fn checkpoint(&self) -> Result<(), NodeError> {
         let handles = self.handles();
         let keep_bytes = self.inner.config.memory_budget / handles.len().max(1);
-        let mut min: Option<Lsn> = None;
+        let mut replay_points = HashMap::with_capacity(handles.len());
         let mut written = Vec::with_capacity(handles.len());
-        for (_, handle) in &handles {
+        for (id, handle) in &handles {
             let done = self
                 .ask(handle, |reply| Command::Checkpoint { keep_bytes, reply })
                 .await?;
-            min = Some(min.map_or(done.replay_from, |m| m.min(done.replay_from)));
+            replay_points.insert(*id, done.replay_from);
             written.push((handle, done.through));
         }
         if self.inner.clock.is_manual() {
@@ -707,14 +772,7 @@ impl Node {
         for (handle, through) in written {
             handle.log.checkpointed(through);
         }
-        let store = self.inner.store.clone();
-        let needed = tokio::task::spawn_blocking(move || log_needed_from(&store, min))
-            .await
-            .map_err(|e| NodeError::Unavailable(format!("reading the store failed: {e}")))??;
-        if let Some(min) = needed {
-            self.inner.committer.truncate_before(min).await?;
-        }
-        Ok(())
+        self.truncate_log(&replay_points).await
     }
 
     /// Moves a manual clock to `to` and returns once every change due by then is
@@ -1588,5 +1646,112 @@ impl ShardTask {
             end: out.tail.len() as u64,
             fenced: out.fenced,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::service::NodeService;
+    use dynseg_proto::BatchRef;
+
+    const START: &str = "2026-01-01T00:00:00Z";
+
+    /// A user id on `shard` of two.
+    fn user_on(shard: u32) -> String {
+        (0..)
+            .map(|n| format!("user{n}"))
+            .find(|user| dynseg_proto::shard_for(user, 2) == shard)
+            .unwrap()
+    }
+
+    /// Ingests `count` events of one user on `shard` in one batch.
+    async fn ingest(service: &NodeService, shard: u32, id: &str, count: usize) {
+        let events: Vec<_> = (0..count)
+            .map(|n| {
+                dynseg_proto::encoded::encode(&pb::Event {
+                    message_id: format!("{id}-{n}"),
+                    user_id: user_on(shard),
+                    r#type: pb::EventType::Track.into(),
+                    event: "order_completed".into(),
+                    timestamp_ms: Timestamp::parse_rfc3339(START).unwrap().millis(),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        let results = service
+            .ingest_batches(&[BatchRef {
+                shard,
+                epoch: 1,
+                events: &events,
+            }])
+            .await
+            .unwrap();
+        assert!(results.results[0].response.is_some(), "{results:?}");
+    }
+
+    fn log_segments(dir: &std::path::Path) -> Vec<u64> {
+        let mut found: Vec<u64> = std::fs::read_dir(dir.join("wal"))
+            .unwrap()
+            .filter_map(|entry| {
+                let name = entry.unwrap().file_name().into_string().unwrap();
+                name.strip_prefix("wal-")?
+                    .strip_suffix(".log")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        found.sort_unstable();
+        found
+    }
+
+    /// The background checkpoints take shards in turns and drop the log
+    /// after a round; a shard served without a checkpoint in that round (one
+    /// assigned after it began) must keep the log from its stored replay
+    /// point, or a crash would lose its batches since.
+    #[tokio::test]
+    async fn a_shard_left_out_of_a_round_keeps_the_log_it_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = NodeConfig::new(
+            dir.path().to_owned(),
+            "127.0.0.1:0".parse().unwrap(),
+            Clock::manual(Timestamp::parse_rfc3339(START).unwrap()),
+        );
+        config.shard_count = 2;
+        config.shards = vec![(0, 1), (1, 1)];
+        config.checkpoint_every = Duration::from_secs(3600);
+        // A segment per record or two.
+        config.wal_segment_bytes = 256;
+        let (node, guard) = Node::start(config).await.unwrap();
+        let service = NodeService::new(node.clone());
+
+        // Shard 1's batch, filling the first segment, not checkpointed; then
+        // shard 0's, in later segments, checkpointed.
+        ingest(&service, 1, "left-out", 8).await;
+        for n in 0..4 {
+            ingest(&service, 0, &format!("later-{n}"), 1).await;
+        }
+        let left_out_from = node.shard_store(1).unwrap().meta().unwrap().replay_from;
+        let shard0 = node.handle(0).unwrap();
+        let done = node.checkpoint_shard(&shard0, usize::MAX).await.unwrap();
+        let first_of_shard0 = node.shard_store(0).unwrap().first_logged().unwrap();
+        assert!(
+            first_of_shard0.is_some_and(|at| at.segment > left_out_from.segment),
+            "shard 0's batches ({first_of_shard0:?}) come after the segment shard 1 replays from"
+        );
+
+        node.truncate_log(&HashMap::from([(0, done.replay_from)]))
+            .await
+            .unwrap();
+        let kept = log_segments(dir.path());
+        assert!(
+            kept.first()
+                .is_some_and(|&first| first <= left_out_from.segment),
+            "shard 1 replays from segment {}, the log starts at {kept:?}",
+            left_out_from.segment
+        );
+        guard.shutdown().await;
     }
 }
