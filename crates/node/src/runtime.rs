@@ -609,6 +609,10 @@ impl Node {
                         _ = shutdown.changed() => return,
                         _ = tokio::time::sleep(gap) => {}
                     }
+                    if node.handle(*shard).is_err() {
+                        // Released since the round began: nothing to do here.
+                        continue;
+                    }
                     match node.checkpoint_shard(handle, keep_bytes).await {
                         Ok(done) => {
                             replay_points.insert(*shard, done.replay_from);
