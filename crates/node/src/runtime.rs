@@ -600,7 +600,14 @@ impl Node {
             // in the run, 10 to 19 ms without.
             loop {
                 let handles = node.handles();
-                let gap = every / u32::try_from(handles.len().max(1)).unwrap_or(u32::MAX);
+                if handles.is_empty() {
+                    // No shard here yet (or any more): wait a period.
+                    tokio::select! {
+                        _ = shutdown.changed() => return,
+                        _ = tokio::time::sleep(every) => continue,
+                    }
+                }
+                let gap = every / u32::try_from(handles.len()).unwrap_or(u32::MAX);
                 let keep_bytes = node.inner.config.memory_budget / handles.len().max(1);
                 let mut replay_points = HashMap::with_capacity(handles.len());
                 let mut complete = true;
