@@ -1718,6 +1718,45 @@ mod tests {
         found
     }
 
+    /// A node of two shards in `dir`, on the manual clock, with log segments
+    /// of a record or two.
+    fn two_shards(dir: &std::path::Path, checkpoint_every: Duration) -> NodeConfig {
+        let mut config = NodeConfig::new(
+            dir.to_owned(),
+            "127.0.0.1:0".parse().unwrap(),
+            Clock::manual(Timestamp::parse_rfc3339(START).unwrap()),
+        );
+        config.shard_count = 2;
+        config.shards = vec![(0, 1), (1, 1)];
+        config.checkpoint_every = checkpoint_every;
+        config.wal_segment_bytes = 256;
+        config
+    }
+
+    /// The background rounds reach every shard while ingest goes on: each
+    /// shard's stored checkpoint comes to cover its batches.
+    #[tokio::test]
+    async fn background_rounds_checkpoint_every_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = two_shards(dir.path(), Duration::from_millis(200));
+        let (node, guard) = Node::start(config).await.unwrap();
+        let service = NodeService::new(node.clone());
+        let replay_from = |shard| node.shard_store(shard).unwrap().meta().unwrap().replay_from;
+        let before = [replay_from(0), replay_from(1)];
+        ingest(&service, 0, "zero", 2).await;
+        ingest(&service, 1, "one", 2).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while replay_from(0) <= before[0] || replay_from(1) <= before[1] {
+            assert!(
+                Instant::now() < deadline,
+                "no checkpoint covered both shards' batches in 20 s: replay points {:?} from {before:?}",
+                [replay_from(0), replay_from(1)]
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        guard.shutdown().await;
+    }
+
     /// The background checkpoints take shards in turns and drop the log
     /// after a round; a shard served without a checkpoint in that round (one
     /// assigned after it began) must keep the log from its stored replay
@@ -1725,16 +1764,7 @@ mod tests {
     #[tokio::test]
     async fn a_shard_left_out_of_a_round_keeps_the_log_it_needs() {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = NodeConfig::new(
-            dir.path().to_owned(),
-            "127.0.0.1:0".parse().unwrap(),
-            Clock::manual(Timestamp::parse_rfc3339(START).unwrap()),
-        );
-        config.shard_count = 2;
-        config.shards = vec![(0, 1), (1, 1)];
-        config.checkpoint_every = Duration::from_secs(3600);
-        // A segment per record or two.
-        config.wal_segment_bytes = 256;
+        let config = two_shards(dir.path(), Duration::from_secs(3600));
         let (node, guard) = Node::start(config).await.unwrap();
         let service = NodeService::new(node.clone());
 
