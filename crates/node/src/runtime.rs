@@ -34,7 +34,7 @@ use crate::config::NodeConfig;
 use crate::error::NodeError;
 use crate::moves::{MoveOutSessions, MovesIn};
 use crate::record::{Input, Tick, WalRecord};
-use crate::shard::{Logged, Shard};
+use crate::shard::{Logged, Shard, ShardConfig};
 use crate::store::{ShardStore, Store};
 use crate::wal::{Lsn, Wal};
 
@@ -253,7 +253,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// A shard opened from the store under the plan of its stored rule version.
-fn open_shard(store: &Store, shard: u32, config: &NodeConfig) -> Result<Shard, NodeError> {
+fn open_shard(store: &Store, shard: u32, config: &ShardConfig) -> Result<Shard, NodeError> {
     let shard_store = store.shard(shard)?;
     let version = shard_store.meta()?.rule_version;
     let defs = if version == 0 {
@@ -262,7 +262,7 @@ fn open_shard(store: &Store, shard: u32, config: &NodeConfig) -> Result<Shard, N
         store.rules_version(version)?.unwrap_or_default()
     };
     let plan = compile(version, &defs)?;
-    Ok(Shard::open(shard, shard_store, plan, config.shard.clone())?)
+    Ok(Shard::open(shard, shard_store, plan, config.clone())?)
 }
 
 /// The oldest write-ahead log position still needed: the given replay points
@@ -365,7 +365,7 @@ impl Node {
                 store.drop_shard(id)?;
                 continue;
             }
-            let mut shard = open_shard(&store, id, &config)?;
+            let mut shard = open_shard(&store, id, &config.shard)?;
             if epoch > shard.epoch() {
                 shard.set_epoch(epoch);
             }
@@ -632,7 +632,7 @@ impl Node {
                 }
                 // A shard whose checkpoint failed may still need the log from
                 // where its last one left it: nothing is dropped this round.
-                if complete && let Err(e) = node.truncate_log(&replay_points).await {
+                if complete && let Err(e) = node.truncate_log(replay_points).await {
                     tracing::error!(error = %e, "dropping old log segments failed");
                 }
             }
@@ -653,22 +653,27 @@ impl Node {
         let done = self
             .ask(handle, |reply| Command::Checkpoint { keep_bytes, reply })
             .await?;
+        self.make_checkpoints_durable().await?;
+        handle.log.checkpointed(done.through);
+        Ok(done)
+    }
+
+    /// Makes the checkpoints written so far durable: syncs the store, with
+    /// a manual clock's time first, so a restart resumes at it.
+    async fn make_checkpoints_durable(&self) -> Result<(), NodeError> {
         if self.inner.clock.is_manual() {
             self.inner.store.set_clock(self.now().millis())?;
         }
-        self.sync_store().await?;
-        handle.log.checkpointed(done.through);
-        Ok(done)
+        self.sync_store().await
     }
 
     /// Deletes the log segments no served shard needs to replay and no stored
     /// shard retains. `checkpointed` holds shards' replay points from
     /// checkpoints just made durable; a shard served now without one there
     /// (assigned since) counts from its stored checkpoint.
-    async fn truncate_log(&self, checkpointed: &HashMap<u32, Lsn>) -> Result<(), NodeError> {
+    async fn truncate_log(&self, checkpointed: HashMap<u32, Lsn>) -> Result<(), NodeError> {
         let served: Vec<u32> = self.handles().into_iter().map(|(id, _)| id).collect();
         let store = self.inner.store.clone();
-        let checkpointed = checkpointed.clone();
         let needed = blocking(move || {
             let mut replay_points = Vec::with_capacity(served.len());
             for id in served {
@@ -776,14 +781,11 @@ impl Node {
             replay_points.insert(*id, done.replay_from);
             written.push((handle, done.through));
         }
-        if self.inner.clock.is_manual() {
-            self.inner.store.set_clock(self.now().millis())?;
-        }
-        self.sync_store().await?;
+        self.make_checkpoints_durable().await?;
         for (handle, through) in written {
             handle.log.checkpointed(through);
         }
-        self.truncate_log(&replay_points).await
+        self.truncate_log(replay_points).await
     }
 
     /// Moves a manual clock to `to` and returns once every change due by then is
@@ -914,7 +916,7 @@ impl Node {
         }
         // Opening reads the store and the checkpoint writes it: off the async
         // workers, as `sync_store` says.
-        let (store, config) = (self.inner.store.clone(), self.inner.config.clone());
+        let (store, config) = (self.inner.store.clone(), self.inner.config.shard.clone());
         let mut opened = blocking(move || open_shard(&store, shard, &config)).await?;
         opened.set_epoch(epoch.max(opened.epoch()));
         // Its changes are stored by the checkpoint below.
@@ -1783,7 +1785,7 @@ mod tests {
             "shard 0's batches ({first_of_shard0:?}) come after the segment shard 1 replays from"
         );
 
-        node.truncate_log(&HashMap::from([(0, done.replay_from)]))
+        node.truncate_log(HashMap::from([(0, done.replay_from)]))
             .await
             .unwrap();
         let kept = log_segments(dir.path());
