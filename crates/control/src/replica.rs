@@ -22,7 +22,7 @@ use crate::config::ControlConfig;
 use crate::error::ControlError;
 use crate::logger::raft_logger;
 use crate::state::{ClusterState, Command, Revised};
-use crate::storage::RaftStorage;
+use crate::storage::{self, RaftStorage};
 use crate::transport::{Report, Transport};
 
 /// Requests queued for the raft task before callers wait.
@@ -235,10 +235,7 @@ impl Drop for ReplicaTask {
 /// Opens storage under `config.data_dir`, bootstraps a founding member on first
 /// start, and spawns the raft task.
 pub fn start(config: &ControlConfig) -> Result<(ReplicaHandle, ReplicaTask), ControlError> {
-    let db = sled::Config::new()
-        .path(config.data_dir.join("raft"))
-        .cache_capacity(16 << 20)
-        .open()?;
+    let db = storage::open_db(&config.data_dir.join("raft"))?;
     let mut storage = RaftStorage::open(&db)?;
     if !storage.is_initialized() && !config.join {
         bootstrap(&mut storage, config)?;

@@ -40,6 +40,38 @@ fn encode<M: protobuf::Message>(message: &M) -> Result<Vec<u8>, ControlError> {
         .map_err(|e| ControlError::Corrupt(format!("encode: {e}")))
 }
 
+/// How long [`open_db`] waits for another holder's lock.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Opens (creating) the member's sled database at `path`.
+///
+/// A database another holder has locked is waited for, up to [`LOCK_WAIT`]:
+/// sled 0.34 lets go of its lock only when its background threads have
+/// stopped, a moment after the last handle drops, so a member restarted in
+/// place (in-process clusters, tests) would otherwise fail to start. Held
+/// longer (another process on the same directory), it is an error.
+pub fn open_db(path: &std::path::Path) -> Result<sled::Db, ControlError> {
+    let config = sled::Config::new().path(path).cache_capacity(16 << 20);
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match config.open() {
+            Ok(db) => return Ok(db),
+            Err(e) if is_lock_conflict(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// sled's error for a directory locked by another open database (sled 0.34
+/// has no kind of its own for it: an `Other` I/O error with this message).
+fn is_lock_conflict(error: &sled::Error) -> bool {
+    matches!(error, sled::Error::Io(e)
+        if e.kind() == std::io::ErrorKind::Other
+            && e.to_string().starts_with("could not acquire lock"))
+}
+
 /// The raft log and its metadata, persisted in a sled tree.
 pub struct RaftStorage {
     db: sled::Db,
@@ -349,7 +381,9 @@ mod tests {
             .unwrap();
             s.sync().unwrap();
         }
-        let db = sled::open(dir.path()).unwrap();
+        // Reopened at once, as a member restarted in place: sled may still
+        // hold the lock from the database dropped above.
+        let db = open_db(dir.path()).unwrap();
         let s = RaftStorage::open(&db).unwrap();
         assert!(s.is_initialized());
         assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (1, 2));
