@@ -51,8 +51,15 @@ pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// place (in-process clusters, tests) would otherwise fail to start. Held
 /// longer (another process on the same directory), it is an error.
 pub fn open_db(path: &std::path::Path) -> Result<sled::Db, ControlError> {
+    open_db_within(path, LOCK_WAIT)
+}
+
+fn open_db_within(
+    path: &std::path::Path,
+    lock_wait: std::time::Duration,
+) -> Result<sled::Db, ControlError> {
     let config = sled::Config::new().path(path).cache_capacity(16 << 20);
-    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let deadline = std::time::Instant::now() + lock_wait;
     loop {
         match config.open() {
             Ok(db) => return Ok(db),
@@ -399,6 +406,35 @@ mod tests {
         assert!(s.entries(1, 4, None, ctx()).is_err());
         // A size limit still returns at least one entry.
         assert_eq!(s.entries(1, 3, Some(1), ctx()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_database_let_go_of_while_opening_is_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = open_db(dir.path()).unwrap();
+        // The lock is held: a bare open fails at once.
+        let bare = sled::Config::new().path(dir.path()).open();
+        assert!(bare.is_err_and(|e| is_lock_conflict(&e)));
+        let holder = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            drop(held);
+        });
+        let db = open_db(dir.path());
+        holder.join().unwrap();
+        assert!(db.is_ok(), "{:?}", db.err());
+    }
+
+    #[test]
+    fn a_database_held_past_the_wait_is_an_error_naming_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = open_db(dir.path()).unwrap();
+        let started = std::time::Instant::now();
+        let error = open_db_within(dir.path(), std::time::Duration::from_millis(50)).unwrap_err();
+        assert!(started.elapsed() >= std::time::Duration::from_millis(50));
+        assert!(
+            error.to_string().contains("could not acquire lock"),
+            "{error}"
+        );
     }
 
     #[test]
