@@ -320,26 +320,22 @@ impl ClusterState {
                 limits.max_segments
             )));
         }
-        // The new rules' references, then everything they reach.
-        let mut references = Vec::with_capacity(specs.len());
-        for spec in specs {
-            let wrap = |error| {
-                ControlError::InvalidRule(
-                    dynseg_rules::Error::Rule {
-                        segment: SegmentId::from(spec.id.as_str()),
-                        error,
-                    }
-                    .to_string(),
-                )
-            };
-            let rule = parse_rule(&spec.rule, limits).map_err(wrap)?;
-            let refs = check_rule(&rule, limits, &Schema::default()).map_err(wrap)?;
-            references.push(
-                refs.into_iter()
-                    .map(|(id, _)| id.as_str().to_owned())
-                    .collect(),
-            );
-        }
+        // The new rules' references, then everything they reach. A rule in
+        // error reads nothing here: `check_set` below reports it, with every
+        // other rule in error (one answer names every rule to fix).
+        let references: Vec<Vec<String>> = specs
+            .iter()
+            .map(|spec| {
+                parse_rule(&spec.rule, limits)
+                    .and_then(|rule| check_rule(&rule, limits, &Schema::default()))
+                    .map(|refs| {
+                        refs.into_iter()
+                            .map(|(id, _)| id.as_str().to_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
+            .collect();
         let mut reached: BTreeMap<&str, SegmentDef> = BTreeMap::new();
         let mut queue: Vec<&str> = references
             .iter()
@@ -733,6 +729,30 @@ mod tests {
             )]))
             .unwrap_err();
         assert!(matches!(err, ControlError::InvalidRule(_)), "{err}");
+        assert_eq!(state, before);
+    }
+
+    #[test]
+    fn every_rule_in_error_is_reported_a_line_each_in_the_order_given() {
+        let mut state = ClusterState::default();
+        let before = state.clone();
+        let err = state
+            .apply(&Command::PutSegments(vec![
+                spec("first", "count(order_completed) >="),
+                spec("fine", "exists(login)"),
+                spec("second", "sum(order_completed.revenue) in last 30 > 5"),
+                spec("third", "in_segment(\"nope\")"),
+            ]))
+            .unwrap_err();
+        let ControlError::InvalidRule(message) = &err else {
+            panic!("{err}");
+        };
+        let lines: Vec<&str> = message.lines().collect();
+        assert_eq!(lines.len(), 3, "{message}");
+        assert!(lines[0].starts_with("segment first: 1:"), "{message}");
+        assert!(lines[1].starts_with("segment second: 1:"), "{message}");
+        assert!(lines[2].starts_with("segment third: 1:"), "{message}");
+        assert!(lines[2].contains("not defined"), "{message}");
         assert_eq!(state, before);
     }
 

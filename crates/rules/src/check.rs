@@ -61,6 +61,32 @@ pub struct CheckedSet {
     pub segments: Vec<CheckedSegment>,
 }
 
+/// One segment's rule, parsed and checked, with the indexes in `index` of the
+/// segments it reads.
+fn check_one(
+    def: &SegmentDef,
+    index: &HashMap<&str, usize>,
+    limits: &Limits,
+    schema: &Schema,
+) -> Result<(Rule, Vec<usize>), RuleError> {
+    let rule = parse_rule(&def.rule, limits)?;
+    let refs = check_rule(&rule, limits, schema)?;
+    let mut depends_on = Vec::new();
+    for (id, pos) in refs {
+        let Some(&dep) = index.get(id.as_str()) else {
+            return Err(RuleError::of(
+                RuleErrorKind::UnknownSegment,
+                pos,
+                format!("in_segment(\"{id}\") names a segment that is not defined"),
+            ));
+        };
+        if !depends_on.contains(&dep) {
+            depends_on.push(dep);
+        }
+    }
+    Ok((rule, depends_on))
+}
+
 /// Parses and checks a set of segments.
 pub fn check_set(
     defs: &[SegmentDef],
@@ -84,28 +110,21 @@ pub fn check_set(
             return Err(Error::DuplicateSegment(def.id.clone()));
         }
     }
+    // Every rule is checked before any error is returned, so that one answer
+    // names every rule to fix.
     let mut parsed = Vec::with_capacity(defs.len());
+    let mut errors = Vec::new();
     for def in defs {
-        let wrap = |error| Error::Rule {
-            segment: def.id.clone(),
-            error,
-        };
-        let rule = parse_rule(&def.rule, limits).map_err(wrap)?;
-        let refs = check_rule(&rule, limits, schema).map_err(wrap)?;
-        let mut depends_on = Vec::new();
-        for (id, pos) in refs {
-            let Some(&dep) = index.get(id.as_str()) else {
-                return Err(wrap(RuleError::of(
-                    RuleErrorKind::UnknownSegment,
-                    pos,
-                    format!("in_segment(\"{id}\") names a segment that is not defined"),
-                )));
-            };
-            if !depends_on.contains(&dep) {
-                depends_on.push(dep);
-            }
+        match check_one(def, &index, limits, schema) {
+            Ok(checked) => parsed.push(checked),
+            Err(error) => errors.push(Error::Rule {
+                segment: def.id.clone(),
+                error,
+            }),
         }
-        parsed.push((rule, depends_on));
+    }
+    if let Some(error) = Error::all(errors) {
+        return Err(error);
     }
     let order = topological_order(defs, &parsed)?;
     let mut position = vec![0; defs.len()];
@@ -666,6 +685,44 @@ mod tests {
             Err(Error::Rule { error, .. }) => (error.kind, error.to_string()),
             Err(other) => panic!("{other}"),
         }
+    }
+
+    #[test]
+    fn every_segment_in_error_is_named_in_the_order_given() {
+        let err = check(&[
+            ("a", "count(x) >="),
+            ("b", "exists(login)"),
+            ("c", "in_segment(\"nope\")"),
+            ("d", "sum(x.v) in last 0d > 1"),
+        ])
+        .unwrap_err();
+        let Error::Rules(errors) = &err else {
+            panic!("{err}");
+        };
+        let named: Vec<(&str, RuleErrorKind)> = errors
+            .iter()
+            .map(|e| match e {
+                Error::Rule { segment, error } => (segment.as_str(), error.kind),
+                other => panic!("{other}"),
+            })
+            .collect();
+        assert_eq!(
+            named,
+            vec![
+                ("a", RuleErrorKind::Syntax),
+                ("c", RuleErrorKind::UnknownSegment),
+                ("d", RuleErrorKind::Window),
+            ]
+        );
+        // Shown a line each, each as the error alone would be.
+        let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(err.to_string(), lines.join("\n"));
+        assert_eq!(err.rule_error(), errors[0].rule_error());
+        // One error alone is itself, not a list of one.
+        assert!(matches!(
+            check(&[("a", "count(x) >="), ("b", "exists(login)")]),
+            Err(Error::Rule { .. })
+        ));
     }
 
     #[test]

@@ -65,6 +65,10 @@ pub enum Error {
         /// Where and why.
         error: RuleError,
     },
+    /// Several segments' rules are invalid: one error per segment, in the
+    /// order given, shown a line each (so one answer names every rule to fix).
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Rules(Vec<Error>),
     /// Two segments share an id.
     #[error("segment id {0} is defined twice")]
     DuplicateSegment(SegmentId),
@@ -82,11 +86,22 @@ pub enum Error {
 }
 
 impl Error {
-    /// The positioned rule error, when there is one.
+    /// The positioned rule error, when there is one (the first, of several).
     pub fn rule_error(&self) -> Option<&RuleError> {
         match self {
             Error::Rule { error, .. } => Some(error),
+            Error::Rules(errors) => errors.first().and_then(Error::rule_error),
             _ => None,
+        }
+    }
+
+    /// One error for `errors` found checking rules one by one: none, the one,
+    /// or [`Error::Rules`] holding them all.
+    pub fn all(mut errors: Vec<Error>) -> Option<Error> {
+        match errors.len() {
+            0 => None,
+            1 => errors.pop(),
+            _ => Some(Error::Rules(errors)),
         }
     }
 }
