@@ -414,3 +414,65 @@ async fn tail_resumes_by_itself_across_a_cluster_restart() {
     seen.sort();
     assert_eq!(seen, ["u0", "u1", "u2", "u3", "u4"]);
 }
+
+/// `dynseg segment validate`, `preview` and `apply` with a file of two broken
+/// rules (one a literal block): exit 1, one error per broken rule at its line and column
+/// in the file with the file's line and a caret under it, and nothing applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_rules_are_each_shown_at_their_place_in_the_file_and_nothing_is_applied() {
+    let dev = start_dev("manual=2026-01-01T00:00:00Z");
+    let file = dev.dir.path().join("segments.yaml");
+    let text = "\
+- id: fine
+  rule: exists(login)
+- id: first
+  rule: count(order_completed) in last 90d >=
+- id: second
+  rule: |
+    exists(login)
+    and sum(order_completed.revenue) in last 30 > 5
+";
+    std::fs::write(&file, text).unwrap();
+    let path = file.to_str().unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    for action in ["validate", "preview", "apply"] {
+        let argv = ["segment", action, "-f", path, "--addr", &dev.gateway];
+        let (code, stderr) = run_to_exit(&argv, Duration::from_secs(30));
+        assert_eq!(code, Some(1), "{action}: {stderr}");
+        let shown: Vec<&str> = stderr.lines().collect();
+        for (segment, line, after) in [("first", 4, ">="), ("second", 8, "last 30")] {
+            let at = format!("{path}:{line}:");
+            let i = shown
+                .iter()
+                .position(|l| l.contains(&at))
+                .unwrap_or_else(|| panic!("{action}: no error at {at}: {stderr}"));
+            let rest = &shown[i][shown[i].find(&at).unwrap() + at.len()..];
+            let (column, message) = rest.split_once(": ").unwrap();
+            let column: usize = column.parse().unwrap();
+            assert!(
+                message.starts_with(&format!("segment {segment}: ")),
+                "{stderr}"
+            );
+            // The file's line, then a caret under the column, which is at or
+            // after the part of the rule in error.
+            assert_eq!(shown[i + 1], format!("  {}", lines[line - 1]), "{stderr}");
+            assert_eq!(
+                shown[i + 2],
+                format!("  {}^", " ".repeat(column - 1)),
+                "{stderr}"
+            );
+            assert!(column > lines[line - 1].find(after).unwrap(), "{stderr}");
+        }
+    }
+    let (code, out) = support::run_cli(&[
+        "segment",
+        "list",
+        "--addr",
+        &dev.gateway,
+        "--output",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed["segments"], serde_json::json!([]), "{out}");
+}

@@ -106,15 +106,14 @@ pub async fn segment(args: &Args, out: Output) -> Result<(), CliError> {
                 .ok_or_else(|| CliError::User(format!("segment {action} needs -f FILE")))?;
             let text = std::fs::read_to_string(path)
                 .map_err(|e| CliError::User(format!("{path}: {e}")))?;
-            let defs = segments_file::parse(&text)?;
+            let file = segments_file::SegmentsFile::read(path, &text)?;
+            let defs = &file.defs;
             let request = pb::SegmentsRequest {
                 segments: defs.clone(),
             };
             let mut client = control(args).await?;
             let explain = |status: tonic::Status| match status.code() {
-                tonic::Code::InvalidArgument => {
-                    CliError::User(segments_file::explain(status.message(), &defs))
-                }
+                tonic::Code::InvalidArgument => CliError::User(file.explain(status.message())),
                 _ => CliError::from(status),
             };
             if action == "validate" {
@@ -158,17 +157,15 @@ pub async fn segment(args: &Args, out: Output) -> Result<(), CliError> {
                 .ok_or_else(|| CliError::User("segment preview needs -f FILE".into()))?;
             let text = std::fs::read_to_string(path)
                 .map_err(|e| CliError::User(format!("{path}: {e}")))?;
-            let defs = segments_file::parse(&text)?;
+            let file = segments_file::SegmentsFile::read(path, &text)?;
             let reply = gateway(args)
                 .await?
                 .preview_segments(pb::PreviewSegmentsRequest {
-                    segments: defs.clone(),
+                    segments: file.defs.clone(),
                 })
                 .await
                 .map_err(|status| match status.code() {
-                    tonic::Code::InvalidArgument => {
-                        CliError::User(segments_file::explain(status.message(), &defs))
-                    }
+                    tonic::Code::InvalidArgument => CliError::User(file.explain(status.message())),
                     _ => CliError::from(status),
                 })?
                 .into_inner();
