@@ -476,3 +476,57 @@ async fn broken_rules_are_each_shown_at_their_place_in_the_file_and_nothing_is_a
     let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(listed["segments"], serde_json::json!([]), "{out}");
 }
+
+/// `dynseg ingest` with a file of good and bad lines: the good events are
+/// ingested, every bad line is listed with its reason, and the exit code is 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_takes_the_good_lines_lists_the_bad_ones_and_exits_1() {
+    let dev = start_dev("manual=2026-01-01T00:00:00Z");
+    apply_segment(&dev.gateway, "buyers", "count(order_completed) >= 2").await;
+    let file = dev.dir.path().join("events.ndjson");
+    let lines = [
+        r#"{"userId":"ann","event":"order_completed","timestamp":"2025-12-30T10:00:00Z"}"#,
+        "not json",
+        r#"{"userId":"ann","event":"order_completed","timestamp":"2025-12-31T10:00:00Z"}"#,
+        "",
+        r#"{"event":"order_completed"}"#,
+        r#"{"userId":"bob","event":"order_completed","timestamp":"2025-12-31T11:00:00Z"}"#,
+    ];
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let path = file.to_str().unwrap();
+    let argv = ["ingest", path, "--addr", &dev.gateway, "--output", "json"];
+    let (code, out) = support::run_cli(&argv);
+    assert_eq!(code, 1, "{out}");
+    let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (&summary["accepted"], &summary["refused"]),
+        (&3.into(), &2.into()),
+        "{out}"
+    );
+    let refused: Vec<u64> = summary["refusals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(refused, vec![2, 5], "{out}");
+    assert!(
+        summary["refusals"][1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("user_id"),
+        "{out}"
+    );
+    // The good lines are in: ann has two orders, bob one.
+    let mut gateway = GatewayClient::connect(format!("http://{}", dev.gateway))
+        .await
+        .unwrap();
+    assert_eq!(
+        members(&mut gateway, "buyers").await,
+        vec!["ann".to_owned()]
+    );
+    // A file with nothing wrong exits 0.
+    std::fs::write(&file, lines[5]).unwrap();
+    let (code, out) = support::run_cli(&argv);
+    assert_eq!(code, 0, "{out}");
+}

@@ -280,7 +280,7 @@ pub async fn segment(args: &Args, out: Output) -> Result<(), CliError> {
 }
 
 /// `dynseg ingest FILE.ndjson`: batches of events, a progress line, and a
-/// summary of what was refused and why.
+/// summary of what was refused and why; exits 1 if anything was refused.
 pub async fn ingest(args: &Args, out: Output) -> Result<(), CliError> {
     let path = args
         .positional
@@ -361,7 +361,16 @@ pub async fn ingest(args: &Args, out: Output) -> Result<(), CliError> {
             }
         }
     }
-    Ok(())
+    // Refused lines are the file's errors: a script learns of them from the
+    // exit code (1), after everything else is ingested.
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::User(format!(
+            "{} event(s) refused (listed above); the other {accepted} are ingested",
+            refused.len()
+        )))
+    }
 }
 
 /// How long a batch is retried while the cluster is unavailable.
