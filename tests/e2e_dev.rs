@@ -416,8 +416,9 @@ async fn tail_resumes_by_itself_across_a_cluster_restart() {
 }
 
 /// `dynseg segment validate`, `preview` and `apply` with a file of two broken
-/// rules (one a literal block): exit 1, one error per broken rule at its line and column
-/// in the file with the file's line and a caret under it, and nothing applied.
+/// rules (one a literal block): exit 1, one error per broken rule at its line
+/// and column in the file with the file's line and a caret under it, and
+/// nothing applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_rules_are_each_shown_at_their_place_in_the_file_and_nothing_is_applied() {
     let dev = start_dev("manual=2026-01-01T00:00:00Z");
