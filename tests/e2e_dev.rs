@@ -152,7 +152,8 @@ async fn the_dev_cluster_matches_the_reference_through_ingest_and_clock_moves() 
 }
 
 /// `dynseg bench` against a dev cluster on the system clock: it reports the
-/// load and the changes it caused, counting only what follows its warm-up.
+/// load and the changes it caused, counting only what follows its warm-up,
+/// and names the shard and node counts it ran against.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bench_counts_only_what_follows_its_warm_up() {
     let dev = start_dev("system");
@@ -202,6 +203,12 @@ async fn the_bench_counts_only_what_follows_its_warm_up() {
     // Fresh users enter segments on their first events; those that enter
     // after the warm-up are timed.
     assert!(report["changes"].as_u64().unwrap() > 0, "{report}");
+    // The report says what it measured: this cluster's 16 shards, one node.
+    assert_eq!(
+        (&report["shards"], &report["nodes"]),
+        (&16.into(), &1.into()),
+        "{report}"
+    );
 }
 
 /// Applies one segment through the control API at `addr` (a control member or
