@@ -80,6 +80,7 @@ const RECORD_HEADER_ROOM: usize = 23;
 /// [`EncodedBatch::into_record`]): the events are not copied a second time.
 pub struct BatchEncoder {
     buf: Vec<u8>,
+    events_at: usize,
 }
 
 impl BatchEncoder {
@@ -100,7 +101,10 @@ impl BatchEncoder {
         if epoch != 0 {
             prost::encoding::uint64::encode(2, &epoch, &mut buf);
         }
-        BatchEncoder { buf }
+        BatchEncoder {
+            events_at: buf.len(),
+            buf,
+        }
     }
 
     /// Appends an encoded event.
@@ -128,19 +132,31 @@ impl BatchEncoder {
 
     /// The encoded batch.
     pub fn finish(self) -> EncodedBatch {
-        EncodedBatch { buf: self.buf }
+        EncodedBatch {
+            events_at: self.events_at,
+            buf: self.buf,
+        }
     }
 }
 
 /// An encoded `EventBatch`, with room before it for its log record's header.
 pub struct EncodedBatch {
     buf: Vec<u8>,
+    /// Where the events start in `buf` (after the room, shard and epoch).
+    events_at: usize,
 }
 
 impl EncodedBatch {
     /// The batch's encoding.
     pub fn as_bytes(&self) -> &[u8] {
         &self.buf[RECORD_HEADER_ROOM..]
+    }
+
+    /// Appends `other`'s events after this batch's (its shard and epoch are
+    /// taken to be this batch's): one batch, and so one log record, for
+    /// batches a shard takes together.
+    pub fn append(&mut self, other: &EncodedBatch) {
+        self.buf.extend_from_slice(&other.buf[other.events_at..]);
     }
 
     /// The bytes of `WalRecord { shard, now_ms, input: Some(Input::Batch(b)) }`
@@ -224,6 +240,43 @@ mod tests {
             let raw = encoded.into_record(shard, now_ms);
             assert_eq!(&raw[..], &record.to_bytes()[..], "record of {n}");
             assert_eq!(WalRecord::from_slice(&raw[..]).unwrap(), record);
+        }
+    }
+
+    #[test]
+    fn appended_batches_are_one_batch_of_all_their_events_in_order() {
+        for (shard, epoch, sizes) in [
+            (0, 0, &[2usize, 3][..]),
+            (7, 3, &[1, 0, 4]),
+            (u32::MAX, u64::MAX, &[0, 0]),
+        ] {
+            let mut all = Vec::new();
+            let mut merged: Option<EncodedBatch> = None;
+            for (part, &n) in sizes.iter().enumerate() {
+                let events: Vec<pb::Event> = (0..n)
+                    .map(|i| event((part * 10 + i) as u64, 1000))
+                    .collect();
+                let mut encoder = BatchEncoder::new(shard, epoch);
+                for e in &events {
+                    encoder.push(&e.encode_to_vec());
+                }
+                all.extend(events);
+                let encoded = encoder.finish();
+                match merged.as_mut() {
+                    Some(merged) => merged.append(&encoded),
+                    None => merged = Some(encoded),
+                }
+            }
+            let batch = pb::EventBatch {
+                shard,
+                epoch,
+                events: all,
+            };
+            assert_eq!(
+                merged.unwrap().as_bytes(),
+                batch.encode_to_vec(),
+                "{sizes:?}"
+            );
         }
     }
 

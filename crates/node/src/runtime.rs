@@ -1021,9 +1021,10 @@ struct Inflight {
 }
 
 enum Done {
-    /// A batch of events, with its sequence among the shard's retained
-    /// batches.
-    Ingest(Reply<pb::IngestResponse>, pb::IngestResponse, u64),
+    /// Batches of events logged as one (see [`ShardTask::ingest`]): each
+    /// caller's reply and answer, and the batch's sequence among the shard's
+    /// retained batches.
+    Ingest(Vec<(Reply<pb::IngestResponse>, pb::IngestResponse)>, u64),
     Unit(Option<Reply<()>>),
     /// Called with the outcome once the record is durable (or failed).
     Answer(Box<dyn FnOnce(Result<(), NodeError>) + Send>),
@@ -1036,6 +1037,51 @@ impl Done {
             let _ = reply.send(outcome.map(|()| response));
         }))
     }
+}
+
+/// Whether a shard task goes on after a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flow {
+    Go,
+    Stopped,
+}
+
+/// Most events of the batches a shard takes together: the node's default
+/// limit for one call, so a gathered batch is no larger than one a client
+/// may send.
+const MAX_GATHERED_EVENTS: usize = 10_000;
+
+/// `first` and the batches of events queued right behind it, to be applied
+/// and logged as one: under load a shard finds one or two more batches
+/// waiting about half the time, and each batch otherwise costs its own log
+/// record, durable wait and turn of the task's loop (docs/performance.md).
+/// The first command of another kind, or a batch that would make the
+/// gathering larger than [`MAX_GATHERED_EVENTS`], stops it and is left in
+/// `taken`.
+fn take_waiting_batches(
+    first: Command,
+    rx: &mut mpsc::Receiver<Command>,
+    taken: &mut Option<Command>,
+) -> Vec<Command> {
+    let events = |command: &Command| match command {
+        Command::Ingest { events, .. } => Some(events.len()),
+        _ => None,
+    };
+    let mut total = events(&first).unwrap_or(0);
+    let mut batches = vec![first];
+    while let Ok(next) = rx.try_recv() {
+        match events(&next) {
+            Some(n) if total + n <= MAX_GATHERED_EVENTS => {
+                total += n;
+                batches.push(next);
+            }
+            _ => {
+                *taken = Some(next);
+                break;
+            }
+        }
+    }
+    batches
 }
 
 struct ShardTask {
@@ -1067,7 +1113,16 @@ impl ShardTask {
         // the watch's waiter list (a lock each way) for every batch.
         let stopping = shutdown.changed();
         tokio::pin!(stopping);
+        // A command taken from the queue while gathering batches, which is
+        // handled next, before anything queued after it.
+        let mut taken: Option<Command> = None;
         loop {
+            if let Some(command) = taken.take() {
+                match self.dispatch(command, &mut rx, &mut taken).await {
+                    Flow::Go => continue,
+                    Flow::Stopped => return,
+                }
+            }
             let fenced = self.move_out.as_ref().is_some_and(|m| m.fenced);
             let next_timer = if self.clock.is_manual() || fenced {
                 None
@@ -1095,13 +1150,10 @@ impl ShardTask {
                     self.finish_front(durable);
                 }
                 command = rx.recv() => match command {
-                    Some(Command::Stop { reply }) => {
-                        self.drain().await;
-                        let result = self.write_checkpoint().await.map(|_| ());
-                        let _ = reply.send(result);
-                        return;
-                    }
-                    Some(command) => self.handle(command).await,
+                    Some(command) => match self.dispatch(command, &mut rx, &mut taken).await {
+                        Flow::Go => {}
+                        Flow::Stopped => return,
+                    },
                     None => break,
                 },
                 _ = &mut timer, if wait.is_some() && armed.is_some() => {
@@ -1120,6 +1172,34 @@ impl ShardTask {
         self.drain().await;
         if let Err(e) = self.write_checkpoint().await {
             tracing::error!(shard = self.shard.id(), error = %e, "checkpoint at shutdown failed");
+        }
+    }
+
+    /// Handles `command`. A batch of events takes with it the batches queued
+    /// right behind it (see [`ShardTask::take_waiting_batches`]); a command
+    /// of another kind met there is left in `taken`, to be handled next.
+    async fn dispatch(
+        &mut self,
+        command: Command,
+        rx: &mut mpsc::Receiver<Command>,
+        taken: &mut Option<Command>,
+    ) -> Flow {
+        match command {
+            Command::Stop { reply } => {
+                self.drain().await;
+                let result = self.write_checkpoint().await.map(|_| ());
+                let _ = reply.send(result);
+                Flow::Stopped
+            }
+            command @ Command::Ingest { .. } => {
+                let batches = take_waiting_batches(command, rx, taken);
+                self.ingest(batches).await;
+                Flow::Go
+            }
+            command => {
+                self.handle(command).await;
+                Flow::Go
+            }
         }
     }
 
@@ -1182,9 +1262,11 @@ impl ShardTask {
                 }
                 self.log.publish(&item.changes);
                 match item.done {
-                    Done::Ingest(reply, response, batch) => {
+                    Done::Ingest(answers, batch) => {
                         self.shard.batch_logged(batch, lsn);
-                        let _ = reply.send(Ok(response));
+                        for (reply, response) in answers {
+                            let _ = reply.send(Ok(response));
+                        }
                     }
                     Done::Unit(Some(reply)) => {
                         let _ = reply.send(Ok(()));
@@ -1196,28 +1278,29 @@ impl ShardTask {
             Ok(Err(e)) => {
                 tracing::error!(shard = self.shard.id(), error = %e, "write-ahead log failed; the shard stops accepting writes");
                 self.failed = Some(e.to_string());
-                self.fail(item.done, NodeError::Wal(e));
+                self.fail(item.done, || NodeError::Wal(e.clone()));
             }
             Err(_) => {
                 self.failed = Some("the write-ahead log stopped".into());
-                self.fail(
-                    item.done,
-                    NodeError::Unavailable("the write-ahead log stopped".into()),
-                );
+                self.fail(item.done, || {
+                    NodeError::Unavailable("the write-ahead log stopped".into())
+                });
             }
         }
     }
 
-    fn fail(&self, done: Done, error: NodeError) {
+    fn fail(&self, done: Done, error: impl Fn() -> NodeError) {
         match done {
-            Done::Ingest(reply, _, _) => {
-                let _ = reply.send(Err(error));
+            Done::Ingest(answers, _) => {
+                for (reply, _) in answers {
+                    let _ = reply.send(Err(error()));
+                }
             }
             Done::Unit(Some(reply)) => {
-                let _ = reply.send(Err(error));
+                let _ = reply.send(Err(error()));
             }
             Done::Unit(None) => {}
-            Done::Answer(answer) => answer(Err(error)),
+            Done::Answer(answer) => answer(Err(error())),
         }
     }
 
@@ -1269,6 +1352,87 @@ impl ShardTask {
             changes,
             done,
         });
+    }
+
+    /// Applies batches of events (`Command::Ingest`, taken together from the
+    /// queue: see [`ShardTask::take_waiting_batches`]) as one batch with one
+    /// log record, and answers each caller for its own events once that record
+    /// is durable. A batch the shard may not take (a stale epoch, a fence) is
+    /// refused alone.
+    async fn ingest(&mut self, batches: Vec<Command>) {
+        let now = self.clock.now();
+        let mut events = Vec::new();
+        let mut ends = Vec::with_capacity(batches.len());
+        let mut encoded: Option<crate::record::EncodedBatch> = None;
+        let mut callers = Vec::with_capacity(batches.len());
+        for command in batches {
+            let Command::Ingest {
+                epoch,
+                events: part,
+                batch,
+                rejected,
+                reply,
+            } = command
+            else {
+                continue;
+            };
+            if let Err(e) = self.writable(epoch) {
+                let _ = reply.send(Err(e));
+                continue;
+            }
+            let accepted = part.len() as u32;
+            if events.is_empty() {
+                events = part;
+            } else {
+                events.extend(part);
+            }
+            ends.push(events.len());
+            match encoded.as_mut() {
+                Some(first) => first.append(&batch),
+                None => encoded = Some(batch),
+            }
+            callers.push((reply, accepted, rejected));
+        }
+        let Some(encoded) = encoded else {
+            return;
+        };
+        let record = encoded.into_record(self.shard.id(), now.millis());
+        let applied = self
+            .shard
+            .apply_batch_parts(now, &events, &ends, record.clone());
+        let (outcome, duplicates) = match applied {
+            Ok(applied) => applied,
+            Err(e) => {
+                // The first caller gets the store's error; the others were
+                // applied with it, and may retry.
+                let message = e.to_string();
+                let mut first = Some(NodeError::from(e));
+                for (reply, _, _) in callers {
+                    let error = first.take().unwrap_or_else(|| {
+                        NodeError::Unavailable(format!(
+                            "a batch applied together with this one failed: {message}"
+                        ))
+                    });
+                    let _ = reply.send(Err(error));
+                }
+                return;
+            }
+        };
+        let answers = callers
+            .into_iter()
+            .zip(duplicates)
+            .map(|((reply, accepted, rejected), duplicates)| {
+                let response = pb::IngestResponse {
+                    shard: self.shard.id(),
+                    accepted,
+                    duplicates,
+                    rejected,
+                };
+                (reply, response)
+            })
+            .collect();
+        let done = Done::Ingest(answers, outcome.batch);
+        self.log_bytes(record, outcome.changes, done).await;
     }
 
     async fn tick(&mut self, now: Timestamp, reply: Option<Reply<()>>) {
@@ -1362,35 +1526,7 @@ impl ShardTask {
 
     async fn handle(&mut self, command: Command) {
         match command {
-            Command::Ingest {
-                epoch,
-                events,
-                batch,
-                rejected,
-                reply,
-            } => {
-                if let Err(e) = self.writable(epoch) {
-                    let _ = reply.send(Err(e));
-                    return;
-                }
-                let now = self.clock.now();
-                let record = batch.into_record(self.shard.id(), now.millis());
-                let outcome = match self.shard.apply_batch(now, &events, record.clone()) {
-                    Ok(outcome) => outcome,
-                    Err(e) => {
-                        let _ = reply.send(Err(e.into()));
-                        return;
-                    }
-                };
-                let response = pb::IngestResponse {
-                    shard: self.shard.id(),
-                    accepted: outcome.applied + outcome.duplicates,
-                    duplicates: outcome.duplicates,
-                    rejected,
-                };
-                let done = Done::Ingest(reply, response, outcome.batch);
-                self.log_bytes(record, outcome.changes, done).await;
-            }
+            command @ Command::Ingest { .. } => self.ingest(vec![command]).await,
             Command::MergeOut { request, reply } => {
                 if let Err(e) = self.writable(request.epoch) {
                     let _ = reply.send(Err(e));
@@ -1794,6 +1930,136 @@ mod tests {
                 .is_some_and(|&first| first <= left_out_from.segment),
             "shard 1 replays from segment {}, the log starts at {kept:?}",
             left_out_from.segment
+        );
+        guard.shutdown().await;
+    }
+
+    /// An ingest command of `n` events (their contents do not matter here).
+    fn batch_of(
+        n: usize,
+    ) -> (
+        Command,
+        oneshot::Receiver<Result<pb::IngestResponse, NodeError>>,
+    ) {
+        let (reply, answer) = oneshot::channel();
+        let events = (0..n)
+            .map(|i| {
+                Event::track(
+                    format!("m{i}").as_str(),
+                    "u",
+                    "e",
+                    Timestamp::parse_rfc3339(START).unwrap(),
+                    Default::default(),
+                )
+            })
+            .collect();
+        let command = Command::Ingest {
+            epoch: 1,
+            events,
+            batch: crate::record::BatchEncoder::new(0, 1).finish(),
+            rejected: Vec::new(),
+            reply,
+        };
+        (command, answer)
+    }
+
+    fn sizes(batches: &[Command]) -> Vec<usize> {
+        batches
+            .iter()
+            .map(|c| match c {
+                Command::Ingest { events, .. } => events.len(),
+                _ => usize::MAX,
+            })
+            .collect()
+    }
+
+    /// A batch takes the batches queued right behind it, up to the first
+    /// command of another kind (left to be handled next, in order) or the
+    /// event limit (the batch over it is left too).
+    #[test]
+    fn a_batch_takes_the_batches_waiting_behind_it_and_no_other_command() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut answers = Vec::new();
+        for n in [2, 3] {
+            let (command, answer) = batch_of(n);
+            tx.try_send(command).ok().unwrap();
+            answers.push(answer);
+        }
+        let (reply, _status) = oneshot::channel();
+        tx.try_send(Command::Status { reply }).ok().unwrap();
+        let (after, _answer) = batch_of(1);
+        tx.try_send(after).ok().unwrap();
+
+        let (first, _answer) = batch_of(1);
+        let mut taken = None;
+        let batches = take_waiting_batches(first, &mut rx, &mut taken);
+        assert_eq!(sizes(&batches), vec![1, 2, 3]);
+        assert!(matches!(taken, Some(Command::Status { .. })));
+        // The batch behind the other command is still queued, for later.
+        assert!(matches!(rx.try_recv(), Ok(Command::Ingest { .. })));
+
+        // The limit: a batch that would take the gathering over it stays.
+        let (big, _answer) = batch_of(MAX_GATHERED_EVENTS - 5);
+        tx.try_send(big).ok().unwrap();
+        let (over, _answer) = batch_of(6);
+        tx.try_send(over).ok().unwrap();
+        let (first, _answer) = batch_of(5);
+        let mut taken = None;
+        let batches = take_waiting_batches(first, &mut rx, &mut taken);
+        assert_eq!(sizes(&batches), vec![5, MAX_GATHERED_EVENTS - 5]);
+        assert!(matches!(&taken, Some(Command::Ingest { events, .. }) if events.len() == 6));
+        assert!(rx.try_recv().is_err());
+    }
+
+    /// Batches a shard takes together are answered each for its own events:
+    /// its repeats (of its own events or of a batch taken with it) and its
+    /// refusals; the memberships are those of the batches one by one.
+    #[tokio::test]
+    async fn batches_taken_together_are_each_answered_for_their_own_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = two_shards(dir.path(), Duration::from_secs(3600));
+        let (node, guard) = Node::start(config).await.unwrap();
+        let service = NodeService::new(node.clone());
+        let user = user_on(0);
+        let at = Timestamp::parse_rfc3339(START).unwrap().millis();
+        let event = |id: &str| {
+            dynseg_proto::encoded::encode(&pb::Event {
+                message_id: id.into(),
+                user_id: user.clone(),
+                r#type: pb::EventType::Track.into(),
+                event: "order_completed".into(),
+                timestamp_ms: at,
+                ..Default::default()
+            })
+        };
+        let bad = bytes::Bytes::from_static(b"\xff\xff");
+        let batches = [
+            vec![event("a"), event("b")],
+            vec![event("b"), bad.clone(), event("c")],
+            vec![event("c"), event("c"), event("d"), bad],
+        ];
+        // One call submits every batch before the shard's task runs (this
+        // test's runtime has one thread): the task finds them all queued.
+        let refs: Vec<BatchRef<'_>> = batches
+            .iter()
+            .map(|events| BatchRef {
+                shard: 0,
+                epoch: 1,
+                events,
+            })
+            .collect();
+        let results = service.ingest_batches(&refs).await.unwrap().results;
+        let answered: Vec<(u32, u32, Vec<u32>)> = results
+            .iter()
+            .map(|r| {
+                let response = r.response.as_ref().unwrap();
+                let rejected = response.rejected.iter().map(|r| r.index).collect();
+                (response.accepted, response.duplicates, rejected)
+            })
+            .collect();
+        assert_eq!(
+            answered,
+            vec![(2, 0, vec![]), (2, 1, vec![1]), (3, 2, vec![3])]
         );
         guard.shutdown().await;
     }

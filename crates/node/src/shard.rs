@@ -364,6 +364,24 @@ impl Shard {
         events: &[Event],
         record: bytes::Bytes,
     ) -> Result<BatchOutcome, StoreError> {
+        self.apply_batch_parts(now, events, &[events.len()], record)
+            .map(|(outcome, _)| outcome)
+    }
+
+    /// [`Shard::apply_batch`] for a batch made of parts (batches the shard
+    /// task took together, one record for all): `ends` are where each part
+    /// ends in `events`; each part's repeats are counted apart, in the second
+    /// value. Applying the parts together is applying the whole batch, as
+    /// replaying its record does.
+    pub fn apply_batch_parts(
+        &mut self,
+        now: Timestamp,
+        events: &[Event],
+        ends: &[usize],
+        record: bytes::Bytes,
+    ) -> Result<(BatchOutcome, Vec<u32>), StoreError> {
+        let mut part_duplicates = vec![0u32; ends.len()];
+        let mut part = 0;
         let day = day_of(now);
         // Retained by a day that never goes back (see `last_day`); message ids
         // by the clock's own day, as backfill reads them from the records.
@@ -379,15 +397,22 @@ impl Shard {
         let plan = self.plan.clone();
         let mut changes = std::mem::take(&mut self.scratch);
         let mut hashes = [0u128; PREFETCH_RUN];
-        for run in events.chunks(PREFETCH_RUN) {
+        for (run_index, run) in events.chunks(PREFETCH_RUN).enumerate() {
             for (event, hash) in run.iter().zip(&mut hashes) {
                 *hash = message_hash(event.message_id.as_str());
             }
             self.prefetch(run, &hashes);
-            for (event, &hash) in run.iter().zip(&hashes) {
+            for (i, (event, &hash)) in run.iter().zip(&hashes).enumerate() {
                 let entry = self.activate(&event.user)?;
                 if entry.seen.check_and_insert(hash, day, oldest_day) {
                     outcome.duplicates += 1;
+                    let index = run_index * PREFETCH_RUN + i;
+                    while ends.get(part).is_some_and(|&end| index >= end) {
+                        part += 1;
+                    }
+                    if let Some(count) = part_duplicates.get_mut(part) {
+                        *count += 1;
+                    }
                     continue;
                 }
                 let before = entry.state.next_wakeup();
@@ -399,7 +424,7 @@ impl Shard {
             }
         }
         self.scratch = changes;
-        Ok(outcome)
+        Ok((outcome, part_duplicates))
     }
 
     /// Starts loading what applying `run` will read: each active user's map
@@ -1250,6 +1275,46 @@ mod tests {
         assert_eq!(duplicates, 5);
         assert_eq!(summary(&together.changes), summary(&changes));
         assert_eq!(whole.counts(), single.counts());
+    }
+
+    #[test]
+    fn batches_applied_as_parts_of_one_count_each_parts_repeats() {
+        let rules = [("buyer", "count(order_completed) in last 1d >= 2")];
+        let now = t("2026-01-01T00:00:00Z");
+        // 40 events over 5 users, repeats within parts and across them.
+        let events: Vec<Event> = (0..40u32)
+            .map(|i| {
+                let id = if i % 7 == 6 { i - 4 } else { i };
+                order(&format!("m{id}"), &format!("user{}", id % 5), now)
+            })
+            .collect();
+        // Parts of 0, 9, 1, 14 (two prefetch runs) and 16 events.
+        let ends = [0, 9, 10, 24, 40];
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, mut whole) = open(dir.path(), plan(&rules, 1));
+        let record = bytes::Bytes::from_static(b"");
+        let (together, per_part) = whole
+            .apply_batch_parts(now, &events, &ends, record)
+            .unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let (_store, mut apart) = open(other.path(), plan(&rules, 1));
+        let mut starts = vec![0];
+        starts.extend_from_slice(&ends[..ends.len() - 1]);
+        let mut changes = Vec::new();
+        let mut duplicates = Vec::new();
+        for (&start, &end) in starts.iter().zip(&ends) {
+            let out = apply(&mut apart, now, &events[start..end]).unwrap();
+            duplicates.push(out.duplicates);
+            changes.extend(out.changes);
+        }
+        assert_eq!(per_part, duplicates);
+        assert_eq!(per_part.iter().sum::<u32>(), together.duplicates);
+        assert!(
+            duplicates.iter().filter(|&&d| d > 0).count() >= 2,
+            "{duplicates:?}"
+        );
+        assert_eq!(summary(&together.changes), summary(&changes));
+        assert_eq!(whole.counts(), apart.counts());
     }
 
     #[test]
