@@ -1176,7 +1176,7 @@ impl ShardTask {
     }
 
     /// Handles `command`. A batch of events takes with it the batches queued
-    /// right behind it (see [`ShardTask::take_waiting_batches`]); a command
+    /// right behind it (see [`take_waiting_batches`]); a command
     /// of another kind met there is left in `taken`, to be handled next.
     async fn dispatch(
         &mut self,
@@ -1355,7 +1355,7 @@ impl ShardTask {
     }
 
     /// Applies batches of events (`Command::Ingest`, taken together from the
-    /// queue: see [`ShardTask::take_waiting_batches`]) as one batch with one
+    /// queue: see [`take_waiting_batches`]) as one batch with one
     /// log record, and answers each caller for its own events once that record
     /// is durable. A batch the shard may not take (a stale epoch, a fence) is
     /// refused alone.
