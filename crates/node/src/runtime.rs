@@ -1403,14 +1403,19 @@ impl ShardTask {
         let (outcome, duplicates) = match applied {
             Ok(applied) => applied,
             Err(e) => {
-                // The first caller gets the store's error; the others were
-                // applied with it, and may retry.
+                // A user's stored state could not be read: the events before
+                // it are applied in memory but will never be logged (and a
+                // retry of them would be taken for a repeat). The shard stops
+                // taking writes, as when the log fails; a restart replays
+                // the log. The first caller gets the store's error.
                 let message = e.to_string();
+                tracing::error!(shard = self.shard.id(), error = %e, "reading a user's stored state failed; the shard stops accepting writes");
+                self.failed = Some(format!("reading a user's stored state failed: {message}"));
                 let mut first = Some(NodeError::from(e));
                 for (reply, _, _) in callers {
                     let error = first.take().unwrap_or_else(|| {
                         NodeError::Unavailable(format!(
-                            "a batch applied together with this one failed: {message}"
+                            "reading a user's stored state failed: {message}"
                         ))
                     });
                     let _ = reply.send(Err(error));
@@ -2061,6 +2066,67 @@ mod tests {
             answered,
             vec![(2, 0, vec![]), (2, 1, vec![1]), (3, 2, vec![3])]
         );
+        guard.shutdown().await;
+    }
+
+    /// A user's stored state that cannot be read fails the batch, and the
+    /// shard takes no more writes: the events applied before it in memory
+    /// are in no log record, and taking more would build on them.
+    #[tokio::test]
+    async fn a_shard_that_cannot_read_a_users_state_stops_taking_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = two_shards(dir.path(), Duration::from_secs(3600));
+        // Every user is let go of at each checkpoint.
+        config.memory_budget = 0;
+        let (node, guard) = Node::start(config).await.unwrap();
+        let service = NodeService::new(node.clone());
+        ingest(&service, 0, "first", 2).await;
+        node.checkpoint().await.unwrap();
+        node.shard_store(0).unwrap().damage_pages().unwrap();
+        let at = Timestamp::parse_rfc3339(START).unwrap().millis();
+        let send = |user: String, id: &str| {
+            let events = vec![dynseg_proto::encoded::encode(&pb::Event {
+                message_id: id.into(),
+                user_id: user,
+                r#type: pb::EventType::Track.into(),
+                event: "order_completed".into(),
+                timestamp_ms: at,
+                ..Default::default()
+            })];
+            let service = &service;
+            async move {
+                let batch = [BatchRef {
+                    shard: 0,
+                    epoch: 1,
+                    events: &events,
+                }];
+                let results = service.ingest_batches(&batch).await.unwrap();
+                results.results[0].clone()
+            }
+        };
+        // The user whose state was let go of, then damaged.
+        let failed = send(user_on(0), "second").await;
+        assert!(failed.response.is_none(), "{failed:?}");
+        assert_eq!(
+            tonic::Code::from(failed.error_code),
+            tonic::Code::Internal,
+            "{failed:?}"
+        );
+        // A new user on the same shard: refused too, saying why.
+        let other = (0..)
+            .map(|n| format!("other{n}"))
+            .find(|user| dynseg_proto::shard_for(user, 2) == 0)
+            .unwrap();
+        let refused = send(other, "third").await;
+        assert!(refused.response.is_none(), "{refused:?}");
+        assert_eq!(
+            tonic::Code::from(refused.error_code),
+            tonic::Code::Unavailable,
+            "{refused:?}"
+        );
+        assert!(refused.error.contains("stored state"), "{refused:?}");
+        // The other shard is not concerned.
+        ingest(&service, 1, "fourth", 1).await;
         guard.shutdown().await;
     }
 }

@@ -645,6 +645,17 @@ impl ShardStore {
         }
     }
 
+    /// Overwrites every page of users' records with bytes that do not
+    /// decode, as a damaged disk might (tests of what reading them does).
+    #[cfg(test)]
+    pub(crate) fn damage_pages(&self) -> Result<(), StoreError> {
+        for item in self.tree.scan_prefix([PAGE]) {
+            let (key, _) = item?;
+            self.tree.insert(key, &b"\xff damaged"[..])?;
+        }
+        Ok(())
+    }
+
     /// The shard's bookkeeping (zeroes for a new shard).
     pub fn meta(&self) -> Result<ShardMeta, StoreError> {
         Ok(ShardMeta {
