@@ -1461,7 +1461,11 @@ impl ShardTask {
                 };
                 self.log_input(record, changes, Done::Unit(reply)).await;
             }
+            // As for a batch (see `ingest`): users before the one that could
+            // not be read moved on in memory, in no log record.
             Err(e) => {
+                tracing::error!(shard = self.shard.id(), error = %e, "reading a user's stored state failed; the shard stops accepting writes");
+                self.failed = Some(format!("reading a user's stored state failed: {e}"));
                 if let Some(reply) = reply {
                     let _ = reply.send(Err(e.into()));
                 }
@@ -1821,6 +1825,15 @@ mod tests {
             .unwrap()
     }
 
+    /// A user id on `shard` of two other than [`user_on`]'s (a user with no
+    /// stored state).
+    fn other_on(shard: u32) -> String {
+        (0..)
+            .map(|n| format!("other{n}"))
+            .find(|user| dynseg_proto::shard_for(user, 2) == shard)
+            .unwrap()
+    }
+
     /// Ingests `count` events of one user on `shard` in one batch.
     async fn ingest(service: &NodeService, shard: u32, id: &str, count: usize) {
         let events: Vec<_> = (0..count)
@@ -2113,11 +2126,7 @@ mod tests {
             "{failed:?}"
         );
         // A new user on the same shard: refused too, saying why.
-        let other = (0..)
-            .map(|n| format!("other{n}"))
-            .find(|user| dynseg_proto::shard_for(user, 2) == 0)
-            .unwrap();
-        let refused = send(other, "third").await;
+        let refused = send(other_on(0), "third").await;
         assert!(refused.response.is_none(), "{refused:?}");
         assert_eq!(
             tonic::Code::from(refused.error_code),
@@ -2127,6 +2136,50 @@ mod tests {
         assert!(refused.error.contains("stored state"), "{refused:?}");
         // The other shard is not concerned.
         ingest(&service, 1, "fourth", 1).await;
+        guard.shutdown().await;
+    }
+
+    /// The same when time, not a batch, reaches a user whose stored state
+    /// cannot be read.
+    #[tokio::test]
+    async fn a_shard_whose_clock_reaches_an_unreadable_user_stops_taking_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = two_shards(dir.path(), Duration::from_secs(3600));
+        config.memory_budget = 0;
+        let (node, guard) = Node::start(config).await.unwrap();
+        let (progress, _progress) = mpsc::channel(64);
+        let rule = SegmentDef::new("recent", "exists(order_completed) in last 1d");
+        node.apply_rules(1, vec![rule], progress).await.unwrap();
+        let service = NodeService::new(node.clone());
+        ingest(&service, 0, "first", 1).await;
+        node.checkpoint().await.unwrap();
+        node.shard_store(0).unwrap().damage_pages().unwrap();
+        // The user's exit is due a day on: its state must be read.
+        let later = Timestamp::parse_rfc3339("2026-01-03T00:00:00Z").unwrap();
+        assert!(node.advance_clock(later).await.is_err());
+        let refused = service
+            .ingest_batches(&[BatchRef {
+                shard: 0,
+                epoch: 1,
+                events: &[dynseg_proto::encoded::encode(&pb::Event {
+                    message_id: "second".into(),
+                    user_id: other_on(0),
+                    r#type: pb::EventType::Track.into(),
+                    event: "order_completed".into(),
+                    timestamp_ms: later.millis(),
+                    ..Default::default()
+                })],
+            }])
+            .await
+            .unwrap()
+            .results
+            .remove(0);
+        assert_eq!(
+            tonic::Code::from(refused.error_code),
+            tonic::Code::Unavailable,
+            "{refused:?}"
+        );
+        assert!(refused.error.contains("stored state"), "{refused:?}");
         guard.shutdown().await;
     }
 }
