@@ -1118,10 +1118,10 @@ impl ShardTask {
         let mut taken: Option<Command> = None;
         loop {
             if let Some(command) = taken.take() {
-                match self.dispatch(command, &mut rx, &mut taken).await {
-                    Flow::Go => continue,
-                    Flow::Stopped => return,
+                if self.dispatch(command, &mut rx, &mut taken).await == Flow::Stopped {
+                    return;
                 }
+                continue;
             }
             let fenced = self.move_out.as_ref().is_some_and(|m| m.fenced);
             let next_timer = if self.clock.is_manual() || fenced {
@@ -1150,10 +1150,11 @@ impl ShardTask {
                     self.finish_front(durable);
                 }
                 command = rx.recv() => match command {
-                    Some(command) => match self.dispatch(command, &mut rx, &mut taken).await {
-                        Flow::Go => {}
-                        Flow::Stopped => return,
-                    },
+                    Some(command) => {
+                        if self.dispatch(command, &mut rx, &mut taken).await == Flow::Stopped {
+                            return;
+                        }
+                    }
                     None => break,
                 },
                 _ = &mut timer, if wait.is_some() && armed.is_some() => {
@@ -1276,8 +1277,7 @@ impl ShardTask {
                 }
             }
             Ok(Err(e)) => {
-                tracing::error!(shard = self.shard.id(), error = %e, "write-ahead log failed; the shard stops accepting writes");
-                self.failed = Some(e.to_string());
+                self.stop_writes(e.to_string());
                 self.fail(item.done, || NodeError::Wal(e.clone()));
             }
             Err(_) => {
@@ -1287,6 +1287,14 @@ impl ShardTask {
                 });
             }
         }
+    }
+
+    /// Refuses every later write with `reason` (until the node restarts and
+    /// replays its log): what is applied in memory can no longer be trusted
+    /// to match the log.
+    fn stop_writes(&mut self, reason: String) {
+        tracing::error!(shard = self.shard.id(), %reason, "the shard stops accepting writes");
+        self.failed = Some(reason);
     }
 
     fn fail(&self, done: Done, error: impl Fn() -> NodeError) {
@@ -1380,7 +1388,14 @@ impl ShardTask {
                 let _ = reply.send(Err(e));
                 continue;
             }
-            let accepted = part.len() as u32;
+            let response = pb::IngestResponse {
+                shard: self.shard.id(),
+                accepted: part.len() as u32,
+                duplicates: 0,
+                rejected,
+            };
+            // The first batch's events are taken as they are, not copied:
+            // the common case is a batch alone.
             if events.is_empty() {
                 events = part;
             } else {
@@ -1391,7 +1406,7 @@ impl ShardTask {
                 Some(first) => first.append(&batch),
                 None => encoded = Some(batch),
             }
-            callers.push((reply, accepted, rejected));
+            callers.push((reply, response));
         }
         let Some(encoded) = encoded else {
             return;
@@ -1405,38 +1420,24 @@ impl ShardTask {
             Err(e) => {
                 // A user's stored state could not be read: the events before
                 // it are applied in memory but will never be logged (and a
-                // retry of them would be taken for a repeat). The shard stops
-                // taking writes, as when the log fails; a restart replays
-                // the log. The first caller gets the store's error.
-                let message = e.to_string();
-                tracing::error!(shard = self.shard.id(), error = %e, "reading a user's stored state failed; the shard stops accepting writes");
-                self.failed = Some(format!("reading a user's stored state failed: {message}"));
+                // retry of them would be taken for a repeat). The first
+                // caller gets the store's error, later writes the reason.
+                let reason = format!("reading a user's stored state failed: {e}");
+                self.stop_writes(reason.clone());
                 let mut first = Some(NodeError::from(e));
-                for (reply, _, _) in callers {
-                    let error = first.take().unwrap_or_else(|| {
-                        NodeError::Unavailable(format!(
-                            "reading a user's stored state failed: {message}"
-                        ))
-                    });
+                for (reply, _) in callers {
+                    let error = first
+                        .take()
+                        .unwrap_or_else(|| NodeError::Unavailable(reason.clone()));
                     let _ = reply.send(Err(error));
                 }
                 return;
             }
         };
-        let answers = callers
-            .into_iter()
-            .zip(duplicates)
-            .map(|((reply, accepted, rejected), duplicates)| {
-                let response = pb::IngestResponse {
-                    shard: self.shard.id(),
-                    accepted,
-                    duplicates,
-                    rejected,
-                };
-                (reply, response)
-            })
-            .collect();
-        let done = Done::Ingest(answers, outcome.batch);
+        for ((_, response), duplicates) in callers.iter_mut().zip(duplicates) {
+            response.duplicates = duplicates;
+        }
+        let done = Done::Ingest(callers, outcome.batch);
         self.log_bytes(record, outcome.changes, done).await;
     }
 
@@ -1464,8 +1465,7 @@ impl ShardTask {
             // As for a batch (see `ingest`): users before the one that could
             // not be read moved on in memory, in no log record.
             Err(e) => {
-                tracing::error!(shard = self.shard.id(), error = %e, "reading a user's stored state failed; the shard stops accepting writes");
-                self.failed = Some(format!("reading a user's stored state failed: {e}"));
+                self.stop_writes(format!("reading a user's stored state failed: {e}"));
                 if let Some(reply) = reply {
                     let _ = reply.send(Err(e.into()));
                 }
@@ -1834,29 +1834,45 @@ mod tests {
             .unwrap()
     }
 
+    /// An encoded `order_completed` of `user` with message id `id` at `at_ms`.
+    fn order(id: &str, user: String, at_ms: i64) -> bytes::Bytes {
+        dynseg_proto::encoded::encode(&pb::Event {
+            message_id: id.into(),
+            user_id: user,
+            r#type: pb::EventType::Track.into(),
+            event: "order_completed".into(),
+            timestamp_ms: at_ms,
+            ..Default::default()
+        })
+    }
+
+    /// What the node answers one batch of `events` for `shard` (epoch 1).
+    async fn send(
+        service: &NodeService,
+        shard: u32,
+        events: &[bytes::Bytes],
+    ) -> pb::ShardBatchResult {
+        let batch = [BatchRef {
+            shard,
+            epoch: 1,
+            events,
+        }];
+        service
+            .ingest_batches(&batch)
+            .await
+            .unwrap()
+            .results
+            .remove(0)
+    }
+
     /// Ingests `count` events of one user on `shard` in one batch.
     async fn ingest(service: &NodeService, shard: u32, id: &str, count: usize) {
+        let at = Timestamp::parse_rfc3339(START).unwrap().millis();
         let events: Vec<_> = (0..count)
-            .map(|n| {
-                dynseg_proto::encoded::encode(&pb::Event {
-                    message_id: format!("{id}-{n}"),
-                    user_id: user_on(shard),
-                    r#type: pb::EventType::Track.into(),
-                    event: "order_completed".into(),
-                    timestamp_ms: Timestamp::parse_rfc3339(START).unwrap().millis(),
-                    ..Default::default()
-                })
-            })
+            .map(|n| order(&format!("{id}-{n}"), user_on(shard), at))
             .collect();
-        let results = service
-            .ingest_batches(&[BatchRef {
-                shard,
-                epoch: 1,
-                events: &events,
-            }])
-            .await
-            .unwrap();
-        assert!(results.results[0].response.is_some(), "{results:?}");
+        let result = send(service, shard, &events).await;
+        assert!(result.response.is_some(), "{result:?}");
     }
 
     fn log_segments(dir: &std::path::Path) -> Vec<u64> {
@@ -2040,16 +2056,7 @@ mod tests {
         let service = NodeService::new(node.clone());
         let user = user_on(0);
         let at = Timestamp::parse_rfc3339(START).unwrap().millis();
-        let event = |id: &str| {
-            dynseg_proto::encoded::encode(&pb::Event {
-                message_id: id.into(),
-                user_id: user.clone(),
-                r#type: pb::EventType::Track.into(),
-                event: "order_completed".into(),
-                timestamp_ms: at,
-                ..Default::default()
-            })
-        };
+        let event = |id: &str| order(id, user.clone(), at);
         let bad = bytes::Bytes::from_static(b"\xff\xff");
         let batches = [
             vec![event("a"), event("b")],
@@ -2097,28 +2104,8 @@ mod tests {
         node.checkpoint().await.unwrap();
         node.shard_store(0).unwrap().damage_pages().unwrap();
         let at = Timestamp::parse_rfc3339(START).unwrap().millis();
-        let send = |user: String, id: &str| {
-            let events = vec![dynseg_proto::encoded::encode(&pb::Event {
-                message_id: id.into(),
-                user_id: user,
-                r#type: pb::EventType::Track.into(),
-                event: "order_completed".into(),
-                timestamp_ms: at,
-                ..Default::default()
-            })];
-            let service = &service;
-            async move {
-                let batch = [BatchRef {
-                    shard: 0,
-                    epoch: 1,
-                    events: &events,
-                }];
-                let results = service.ingest_batches(&batch).await.unwrap();
-                results.results[0].clone()
-            }
-        };
         // The user whose state was let go of, then damaged.
-        let failed = send(user_on(0), "second").await;
+        let failed = send(&service, 0, &[order("second", user_on(0), at)]).await;
         assert!(failed.response.is_none(), "{failed:?}");
         assert_eq!(
             tonic::Code::from(failed.error_code),
@@ -2126,7 +2113,7 @@ mod tests {
             "{failed:?}"
         );
         // A new user on the same shard: refused too, saying why.
-        let refused = send(other_on(0), "third").await;
+        let refused = send(&service, 0, &[order("third", other_on(0), at)]).await;
         assert!(refused.response.is_none(), "{refused:?}");
         assert_eq!(
             tonic::Code::from(refused.error_code),
@@ -2157,23 +2144,7 @@ mod tests {
         // The user's exit is due a day on: its state must be read.
         let later = Timestamp::parse_rfc3339("2026-01-03T00:00:00Z").unwrap();
         assert!(node.advance_clock(later).await.is_err());
-        let refused = service
-            .ingest_batches(&[BatchRef {
-                shard: 0,
-                epoch: 1,
-                events: &[dynseg_proto::encoded::encode(&pb::Event {
-                    message_id: "second".into(),
-                    user_id: other_on(0),
-                    r#type: pb::EventType::Track.into(),
-                    event: "order_completed".into(),
-                    timestamp_ms: later.millis(),
-                    ..Default::default()
-                })],
-            }])
-            .await
-            .unwrap()
-            .results
-            .remove(0);
+        let refused = send(&service, 0, &[order("second", other_on(0), later.millis())]).await;
         assert_eq!(
             tonic::Code::from(refused.error_code),
             tonic::Code::Unavailable,
